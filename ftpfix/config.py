@@ -1,0 +1,279 @@
+"""The configuration: one TOML file, loaded into frozen dataclasses.
+
+Every section is a dataclass whose fields carry their own parser in their
+metadata, so the schema, the defaults and the validation are written once, side
+by side. Every error is a ConfigError that names the file and the key, as in
+``ftpfix.toml: [passive] ports: 50000-49999 runs backwards``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 and older
+    import tomli as tomllib
+
+from .ports import PortRange
+
+DEFAULT_PATH = Path("/etc/ftpfix/ftpfix.toml")
+ENVIRONMENT_VARIABLE = "FTPFIX_CONFIG"
+
+#: Passive ports must be unprivileged: the backend's own range usually sits
+#: there too, and ports under 1024 would need root for every bind.
+PASSIVE_PORT_FLOOR = 1024
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names file and key."""
+
+
+# -- value parsers: each takes the raw TOML value and returns the typed one,
+#    or raises ValueError with a message that completes "key: ..." ----------
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"{value!r} is not a TCP port (0-65535)")
+    return value
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def _ipv4(value: Any) -> ipaddress.IPv4Address:
+    address = ipaddress.ip_address(_ip(value))
+    if not isinstance(address, ipaddress.IPv4Address):
+        # A 227 reply can only carry an IPv4 address (RFC 959 section 4.1.2).
+        raise ValueError(f"{value!r} is not an IPv4 address, and a 227 reply can only carry IPv4")
+    return address
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host(value: Any) -> str:
+    """An IP address, or a host name as RFC 1123 section 2.1 allows."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    if re.fullmatch(r"[0-9.]+", value) or ":" in value:
+        return _ip(value)
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    return value
+
+
+def _port_range(value: Any) -> PortRange:
+    if isinstance(value, int) and not isinstance(value, bool):
+        first = last = value
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)):
+        first, last = int(match.group(1)), int(match.group(2))
+    else:
+        raise ValueError(f'{value!r} is not a port range like "50000-50019"')
+    if first > last:
+        raise ValueError(f'"{first}-{last}" runs backwards; write "{last}-{first}"')
+    if first < PASSIVE_PORT_FLOOR or last > 65535:
+        raise ValueError(f'"{first}-{last}" is outside {PASSIVE_PORT_FLOOR}-65535')
+    return PortRange(first, last)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{value!r} is not a positive number of seconds")
+    return float(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{value!r} is not a positive integer")
+    return value
+
+
+_VERB = re.compile(r"[!-~]{1,16}")
+
+
+def _aliases(value: Any) -> Mapping[bytes, bytes]:
+    if not isinstance(value, dict):
+        raise ValueError('is not a table like {"P@SW" = "PASV"}')
+    aliases = {}
+    for received, sent in value.items():
+        if not isinstance(sent, str) or not _VERB.fullmatch(received) or not _VERB.fullmatch(sent):
+            raise ValueError(f"{received!r} = {sent!r} is not a pair of command verbs")
+        # Verbs are case-insensitive (RFC 959 section 5.3), so match upper case.
+        aliases[received.upper().encode("ascii")] = sent.upper().encode("ascii")
+    return MappingProxyType(aliases)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _key(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A config key: its parser, its default (none means required) and its help."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: parse(default), metadata={"parse": parse, "help": help})
+    return field(default=default, metadata={"parse": parse, "help": help})
+
+
+# -- the sections ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    address: str = _key(_ip, "0.0.0.0", "address the control listener binds")
+    port: int = _key(_port, 21, "control port; the router forwards it here")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    address: str = _key(_host, help="the legacy FTP server (required)")
+    port: int = _key(_port, 21, "its control port")
+    connect_timeout: float = _key(_seconds, 10.0, "seconds to reach it before the client gets 421")
+
+
+@dataclass(frozen=True, slots=True)
+class Passive:
+    public_address: ipaddress.IPv4Address = _key(_ipv4, help="address put in every 227 (required)")
+    ports: PortRange = _key(_port_range, PortRange(50000, 50019), "public passive ports; forward them on the router")
+    listen_address: str | None = _key(_ip, None, "address the passive listeners bind (default: [listen] address)")
+    accept_timeout: float = _key(_seconds, 30.0, "seconds a leased port waits for the client")
+
+
+@dataclass(frozen=True, slots=True)
+class Commands:
+    aliases: Mapping[bytes, bytes] = _key(_aliases, {"P@SW": "PASV"}, "verbs rewritten before the backend sees them")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = _key(_positive_int, 4096, "longest command line, in bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str = _key(_choice("debug", "info", "warning", "error"), "info", "lowest level logged")
+    format: str = _key(_choice("auto", "json", "console"), "auto", "auto: JSON unless stdout is a terminal")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen
+    backend: Backend
+    passive: Passive
+    commands: Commands
+    limits: Limits
+    log: Log
+    path: Path | None = None
+
+    @property
+    def passive_listen_address(self) -> str:
+        return self.passive.listen_address or self.listen.address
+
+
+SECTIONS: dict[str, type] = {
+    "listen": Listen,
+    "backend": Backend,
+    "passive": Passive,
+    "commands": Commands,
+    "limits": Limits,
+    "log": Log,
+}
+
+
+def _build_section(name: str, cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, raw in table.items():
+        if key not in known:
+            raise ConfigError(f"{where}: [{name}] {key}: unknown key (known: {', '.join(known)})")
+        try:
+            values[key] = known[key].metadata["parse"](raw)
+        except ValueError as error:
+            raise ConfigError(f"{where}: [{name}] {key}: {error}") from None
+    for key, spec in known.items():
+        if key not in values and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: [{name}] {key}: missing, and it has no default")
+    return cls(**values)
+
+
+def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Build a Config from a parsed TOML document; ``path`` only names errors."""
+    where = str(path) if path is not None else "<config>"
+    for name in document:
+        if name not in SECTIONS:
+            raise ConfigError(f"{where}: [{name}]: unknown section (known: {', '.join(SECTIONS)})")
+    for required in ("backend", "passive"):
+        if required not in document:
+            raise ConfigError(f"{where}: [{required}]: missing section")
+    sections = {name: _build_section(name, cls, document.get(name, {}), where) for name, cls in SECTIONS.items()}
+    return Config(**sections, path=path)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the TOML file at ``path``."""
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        document = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse_config(document, path)
+
+
+def default_path() -> Path:
+    """``$FTPFIX_CONFIG`` if set, else /etc/ftpfix/ftpfix.toml."""
+    return Path(os.environ.get(ENVIRONMENT_VARIABLE) or DEFAULT_PATH)
+
+
+def render(config: Config) -> str:
+    """The effective configuration, as TOML, for ``ftpfix check``."""
+    lines = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for spec in dataclasses.fields(section):
+            value = getattr(section, spec.name)
+            comment = f"  # {spec.metadata['help']}" if spec.metadata.get("help") else ""
+            if value is None:
+                lines.append(f"# {spec.name} is not set{comment}")
+                continue
+            lines.append(f"{spec.name} = {_toml_value(value)}{comment}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        pairs = ", ".join(f"{_toml_value(k.decode())} = {_toml_value(v.decode())}" for k, v in value.items())
+        return "{ " + pairs + " }" if pairs else "{}"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,63 @@
+"""Logging: structlog, JSON lines when stdout is not a terminal, console when it is.
+
+A container's stdout goes to a log collector, which wants one JSON object a
+line; a person at a terminal wants colours and aligned columns. Session fields
+(``session``, ``client``) are bound once per session with
+``structlog.contextvars``, so every line a session's tasks write carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+#: Field names whose values are never written, whoever logs them.
+SECRET_FIELDS = frozenset({"password", "pass"})
+
+
+def mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor that masks passwords, wherever they appear.
+
+    The core already masks PASS arguments; this is the second lock, for a
+    command line logged whole.
+    """
+    for key in SECRET_FIELDS & event.keys():
+        event[key] = "****"
+    for key in ("line", "command"):
+        value = event.get(key)
+        if isinstance(value, str) and value[:5].upper() in ("PASS ", "ACCT "):
+            event[key] = value[:5] + "****"
+    return event
+
+
+def configure(level: str = "info", format: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog for the process. ``format`` is auto, json or console."""
+    stream = stream if stream is not None else sys.stdout
+    if format == "auto":
+        format = "console" if stream.isatty() else "json"
+    renderer: Any
+    if format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            mask_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "ftpfix") -> Any:
+    return structlog.get_logger(name)

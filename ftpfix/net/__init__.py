@@ -1,0 +1,1 @@
+"""The trio shell around ``ftpfix.protocol``: sockets, tasks, timeouts."""

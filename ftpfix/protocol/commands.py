@@ -1,0 +1,79 @@
+"""What the core asks the shell to do.
+
+These are plain values with no behaviour (compare mitmproxy's ``proxy/commands.py``).
+The shell executes them in order, in one ``match``, and fails loudly on anything
+it does not know.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Side(enum.Enum):
+    """The two peers of a proxied control connection."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+    @property
+    def other(self) -> Side:
+        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
+
+
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """Write ``data`` to ``side``'s control connection."""
+
+    side: Side
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPassive:
+    """The backend answered PASV: open a public data port that relays to it.
+
+    ``backend_port`` is the port the backend advertised. ``advertised_host`` is
+    the address it named, kept only for the log: the shell always dials the
+    backend's control address, so a backend (or anything that can inject a 227)
+    cannot make ftpfix connect elsewhere (RFC 2577, section 3).
+
+    The core pauses until the shell answers with ``Session.passive_opened`` or
+    ``Session.passive_failed``.
+    """
+
+    advertised_host: str
+    backend_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishTransfer:
+    """Wait until the current data relay has delivered everything to the client.
+
+    Emitted just before the final reply to a transfer command (RETR, STOR, LIST,
+    ...) goes to the client. A backend sends "226 Transfer complete" once its own
+    data socket is drained, but ftpfix may still be relaying the tail of the
+    file; a client that believed the 226 and closed the data connection would
+    keep a truncated file.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the session, after sending what was queued before this command."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something worth a log line. Logging is a command so tests can see it."""
+
+    event: str
+    level: str = "info"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Command = SendTo | OpenPassive | FinishTransfer | Close | Note
