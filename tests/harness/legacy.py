@@ -1,0 +1,265 @@
+"""Real legacy FTP servers from Debian's packages, run from folders the tests own.
+
+vsftpd, pure-ftpd and ProFTPD conflict as Debian packages, so none is
+installed: ``tests/run`` fetches each .deb with ``apt-get download`` and unpacks
+it with ``dpkg -x`` into ``tests/.cache/debs/<package>/``, and installs only the
+shared libraries they link against, which do not conflict.
+
+Each server gets a throwaway working folder with its config, its account and a
+data folder that is the FTP root, so a test can put a file there and read back
+what was uploaded. Their passive ports are left at the default: the backend
+picks any port above 1023, which is exactly the problem ftpfix solves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .netns import in_netns
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache"
+DEBS = CACHE / "debs"
+
+#: Debian package that holds each server, and its binary inside the package.
+PACKAGES = {
+    "vsftpd": ("vsftpd", "usr/sbin/vsftpd"),
+    "pure-ftpd": ("pure-ftpd", "usr/sbin/pure-ftpd"),
+    "proftpd": ("proftpd-core", "usr/sbin/proftpd"),
+}
+#: ProFTPD's mod_proxy, the peer the benchmarks measure against.
+MOD_PROXY = ("proftpd-mod-proxy", "usr/lib/proftpd/mod_proxy.so")
+
+SERVERS = tuple(PACKAGES)
+
+#: The unprivileged account the servers map their users to.
+NOBODY_UID = 65534
+NOBODY_GID = 65534
+
+USER = "alice"
+PASSWORD = "wonderland"
+
+
+class NotInstalled(RuntimeError):
+    """The server's package has not been unpacked: run tests/run first."""
+
+
+def package_root(package: str) -> Path:
+    return DEBS / package
+
+
+def binary(kind: str) -> Path:
+    package, path = PACKAGES[kind]
+    binary = package_root(package) / path
+    if not binary.exists():
+        raise NotInstalled(f"{kind} is not unpacked at {binary}; run tests/run (it calls tests/install-servers)")
+    return binary
+
+
+def installed() -> list[str]:
+    """The server kinds whose binaries are unpacked."""
+    return [kind for kind, (package, path) in PACKAGES.items() if (package_root(package) / path).exists()]
+
+
+@dataclass
+class LegacyServer:
+    """A running legacy FTP server and what a client needs to use it."""
+
+    kind: str
+    host: str
+    port: int
+    user: str
+    password: str
+    files: Path
+    workdir: Path
+    process: subprocess.Popen[bytes]
+    netns: str | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.workdir / "server.log"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # ProFTPD and pure-ftpd fork one process per session: end those too.
+        subprocess.run(["pkill", "-f", str(self.workdir)], check=False)
+
+
+def start(kind: str, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None) -> LegacyServer:
+    """Start a ``kind`` server listening on ``host:port`` and wait for its banner."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = workdir / "files"
+    files.mkdir(exist_ok=True)
+    port = port if port is not None else free_port(host)
+    command, user, password = _prepare[kind](workdir, files, host, port)
+    log = (workdir / "server.log").open("ab")
+    process = subprocess.Popen(in_netns(netns, command), stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    server = LegacyServer(kind, host, port, user, password, files, workdir, process, netns)
+    try:
+        wait_for_banner(host, port, netns=netns, process=process)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"{kind} did not start; its log:\n{server.log.read_text(errors='replace')}") from None
+    return server
+
+
+def put_file(server: LegacyServer, name: str, data: bytes) -> Path:
+    """Place a file in the server's FTP root, readable by its unprivileged user."""
+    path = server.files / name
+    path.write_bytes(data)
+    os.chown(path, NOBODY_UID, NOBODY_GID)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_banner(host: str, port: int, *, netns: str | None = None, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
+    """Wait until ``host:port`` answers with a 220 greeting."""
+    if netns is not None:
+        probe = (
+            "import socket,sys,time\n"
+            f"end=time.monotonic()+{timeout}\n"
+            "while True:\n"
+            "    try:\n"
+            f"        s=socket.create_connection(({host!r},{port}),1); b=s.recv(4)\n"
+            "        sys.exit(0 if b.startswith(b'220') else 1)\n"
+            "    except OSError:\n"
+            "        if time.monotonic()>end: sys.exit(1)\n"
+            "        time.sleep(0.05)\n"
+        )
+        subprocess.run(in_netns(netns, ["python3", "-c", probe]), check=True, timeout=timeout + 5)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1) as sock:
+                banner = sock.recv(512)
+        except OSError:
+            banner = b""
+        if banner.startswith(b"220"):
+            return
+        if banner:
+            raise RuntimeError(f"the server greeted with {banner!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no FTP banner on {host}:{port}")
+        time.sleep(0.05)
+
+
+# -- one function per server: write its config, return (argv, user, password)
+
+
+def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+    # run_as_launching_user: vsftpd runs as whoever starts it and needs no
+    # system account, which keeps it inside its folder. It then serves
+    # anonymous users only; any password is accepted.
+    empty = workdir / "empty"
+    empty.mkdir(exist_ok=True)
+    (workdir / "vsftpd.conf").write_text(
+        "\n".join(
+            [
+                "listen=YES",
+                "listen_ipv6=NO",
+                f"listen_address={host}",
+                f"listen_port={port}",
+                "run_as_launching_user=YES",
+                "anonymous_enable=YES",
+                "local_enable=NO",
+                "no_anon_password=YES",
+                "ftp_username=nobody",
+                f"anon_root={files}",
+                "write_enable=YES",
+                "anon_upload_enable=YES",
+                "anon_mkdir_write_enable=YES",
+                "anon_other_write_enable=YES",
+                "anon_umask=022",
+                f"secure_chroot_dir={empty}",
+                "seccomp_sandbox=NO",
+                "background=NO",
+                "xferlog_enable=NO",
+                "pasv_enable=YES",
+                "port_enable=YES",
+                "connect_from_port_20=NO",
+                "",
+            ]
+        )
+    )
+    return [str(binary("vsftpd")), str(workdir / "vsftpd.conf")], "anonymous", "ftpfix@example.org"
+
+
+def _pure_ftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+    os.chown(files, NOBODY_UID, NOBODY_GID)
+    pure_pw = package_root("pure-ftpd") / "usr/bin/pure-pw"
+    passwd, pdb = workdir / "pureftpd.passwd", workdir / "pureftpd.pdb"
+    passwd.unlink(missing_ok=True)
+    subprocess.run(
+        [str(pure_pw), "useradd", USER, "-u", str(NOBODY_UID), "-g", str(NOBODY_GID), "-d", str(files), "-f", str(passwd), "-m", "-F", str(pdb)],
+        input=f"{PASSWORD}\n{PASSWORD}\n".encode(),
+        check=True,
+        capture_output=True,
+    )
+    # -E: no anonymous logins; -H: no reverse DNS; -A: chroot everyone.
+    return [str(binary("pure-ftpd")), "-S", f"{host},{port}", "-l", f"puredb:{pdb}", "-E", "-H", "-A"], USER, PASSWORD
+
+
+def _proftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+    os.chown(files, NOBODY_UID, NOBODY_GID)
+    hashed = subprocess.run(["openssl", "passwd", "-6", PASSWORD], check=True, capture_output=True, text=True).stdout.strip()
+    passwd = workdir / "ftpd.passwd"
+    passwd.write_text(f"{USER}:{hashed}:{NOBODY_UID}:{NOBODY_GID}::{files}:/bin/sh\n")
+    passwd.chmod(0o600)
+    (workdir / "proftpd.conf").write_text(proftpd_config(workdir, host, port, passwd))
+    return [str(binary("proftpd")), "--nodaemon", "-c", str(workdir / "proftpd.conf")], USER, PASSWORD
+
+
+def proftpd_config(workdir: Path, host: str, port: int, passwd: Path | None, extra: str = "") -> str:
+    """A minimal standalone ProFTPD config in ``workdir``; mod_proxy adds ``extra``."""
+    auth = f"AuthOrder mod_auth_file.c\nAuthUserFile {passwd}\n" if passwd else ""
+    return f"""\
+ServerType standalone
+DefaultServer on
+DefaultAddress {host}
+SocketBindTight on
+Port {port}
+User nobody
+Group nogroup
+PidFile {workdir}/proftpd.pid
+ScoreboardFile {workdir}/proftpd.scoreboard
+DelayTable none
+WtmpLog off
+UseIPv6 off
+UseReverseDNS off
+RequireValidShell off
+{auth}DefaultRoot ~
+AllowOverwrite on
+MaxInstances 500
+<IfModule mod_auth_pam.c>
+AuthPAM off
+</IfModule>
+{extra}
+"""
+
+
+_prepare = {"vsftpd": _vsftpd, "pure-ftpd": _pure_ftpd, "proftpd": _proftpd}
+
+
+def ensure_clean(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
