@@ -1,0 +1,258 @@
+"""The control-channel core, as transcripts: client says, server says, ftpfix does."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from types import MappingProxyType
+
+import pytest
+
+from ftpfix.protocol import BackendError, Close, FinishTransfer, Note, OpenPassive, Policy, Session, Side
+
+from .transcript import Client, ClientClosed, Failed, Opened, Server, ServerClosed, both_ways, replay, to_client, to_server
+
+GREETING = Server(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n")
+LOGIN = [GREETING, Client(b"USER alice\r\n"), Server(b"331 Password required\r\n"), Client(b"PASS secret\r\n"), Server(b"230 Logged in\r\n")]
+LOGIN_OUT = [
+    to_client(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n"),
+    to_server(b"USER alice\r\n"),
+    to_client(b"331 Password required\r\n"),
+    to_server(b"PASS secret\r\n"),
+    to_client(b"230 Logged in\r\n"),
+]
+PUBLIC_227 = b"227 Entering Passive Mode (203,0,113,1,195,80).\r\n"
+
+
+def test_login_is_relayed_unchanged() -> None:
+    assert both_ways(LOGIN) == LOGIN_OUT
+
+
+def test_pasv_227_is_rewritten_to_the_public_address_and_leased_port() -> None:
+    out = both_ways([*LOGIN, Client(b"PASV\r\n"), Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"), Opened("203.0.113.1", 50000)])
+    assert out[len(LOGIN_OUT) :] == [
+        to_server(b"PASV\r\n"),
+        OpenPassive(advertised_host="192.168.123.1", backend_port=30000),
+        to_client(PUBLIC_227),
+    ]
+
+
+@pytest.mark.parametrize("spelling", [b"P@SW", b"p@sw", b"P@sw", b"pasv"])
+def test_smc_mangled_pasv_reaches_the_backend_as_pasv(spelling: bytes) -> None:
+    out = both_ways([GREETING, Client(spelling + b"\r\n")])
+    assert out[-1] == to_server(b"PASV\r\n") if spelling.upper() == b"P@SW" else to_server(spelling + b"\r\n")
+
+
+def test_aliases_come_from_the_policy() -> None:
+    policy = Policy(aliases=MappingProxyType({b"XPWD": b"PWD"}))
+    out = both_ways([GREETING, Client(b"xpwd\r\nP@SW\r\n")], policy=policy)
+    assert out[1:] == [to_server(b"PWD\r\nP@SW\r\n")]
+
+
+def test_alias_keeps_the_argument() -> None:
+    policy = Policy(aliases=MappingProxyType({b"XMKD": b"MKD"}))
+    assert both_ways([GREETING, Client(b"XMKD a b\r\n")], policy=policy)[-1] == to_server(b"MKD a b\r\n")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"227 Entering Passive Mode (192,168,123,1,117,48).",
+        b"227 Entering Passive Mode (192,168,123,1,117,48)",
+        b"227 Entering Passive Mode 192,168,123,1,117,48",
+        b"227 =192,168,123,1,117,48",
+        b"227 Passive mode on: 192,168,123,001,117,048 - have fun",
+        b"227-Entering Passive Mode\r\n227 (192,168,123,1,117,48)",
+        b"227-Some servers announce\r\n 192,168,123,1,117,48\r\n227 on a continuation line",
+    ],
+)
+def test_every_227_form_of_rfc_1123_is_understood(reply: bytes) -> None:
+    out = both_ways([GREETING, Client(b"PASV\r\n"), Server(reply + b"\r\n"), Opened("203.0.113.1", 50000)])
+    assert out[2:] == [OpenPassive("192.168.123.1", 30000), to_client(PUBLIC_227)]
+
+
+@pytest.mark.parametrize("reply", [b"227 Entering Passive Mode (192,168,123,300,117,48).", b"227 Entering Passive Mode (192,168,123,1,256,0)", b"227 no numbers at all", b"227 (1,2,3,4,0,0)"])
+def test_an_unusable_227_gets_425_and_opens_nothing(reply: bytes) -> None:
+    out = both_ways([GREETING, Client(b"PASV\r\nNOOP\r\n"), Server(reply + b"\r\n200 NOOP ok\r\n")])
+    assert not any(isinstance(command, OpenPassive) for command in out)
+    assert out[-1] == to_client(b"425 Can't open data connection: the server's passive reply was unusable.\r\n200 NOOP ok\r\n")
+
+
+@pytest.mark.parametrize(
+    "command, reply",
+    [
+        (b"RETR 227 (10,0,0,1,0,22)", b"550 227 (10,0,0,1,0,22): No such file or directory"),
+        (b"RETR 10,0,0,1,0,22", b"550 10,0,0,1,0,22: No such file or directory"),
+        (b"SITE 227 (10,0,0,1,0,22)", b"227 (10,0,0,1,0,22)"),
+        (b"CWD x", b"250-227 Entering Passive Mode (10,0,0,1,0,22)\r\n250 CWD ok"),
+    ],
+)
+def test_an_injected_227_never_opens_a_mapping(command: bytes, reply: bytes) -> None:
+    out = both_ways([GREETING, Client(command + b"\r\n"), Server(reply + b"\r\n")])
+    assert not any(isinstance(item, OpenPassive) for item in out)
+    assert out[-1] == to_client(reply + b"\r\n")
+
+
+def test_a_banner_with_six_numbers_opens_nothing() -> None:
+    out = both_ways([Server(b"220-Welcome 10,0,0,1,0,22\r\n227 (10,0,0,1,0,22)\r\n220 ready\r\n"), Client(b"NOOP\r\n")])
+    assert not any(isinstance(item, OpenPassive) for item in out)
+
+
+def test_pipelined_commands_keep_their_replies_in_order() -> None:
+    out = both_ways(
+        [
+            GREETING,
+            Client(b"PASV\r\nNOOP\r\nPWD\r\n"),
+            Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n200 NOOP ok\r\n257 \"/\"\r\n"),
+            Opened("203.0.113.1", 50000),
+        ]
+    )
+    assert out[1:] == [
+        to_server(b"PASV\r\nNOOP\r\nPWD\r\n"),
+        OpenPassive("192.168.123.1", 30000),
+        to_client(PUBLIC_227 + b'200 NOOP ok\r\n257 "/"\r\n'),
+    ]
+
+
+def test_replies_after_a_227_wait_until_the_port_is_open() -> None:
+    session = Session()
+    session.receive_data(Side.SERVER, GREETING.data)
+    session.receive_data(Side.CLIENT, b"PASV\r\nNOOP\r\n")
+    out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n200 NOOP ok\r\n")
+    assert out == [OpenPassive("192.168.123.1", 30000)]
+    assert session.paused
+    assert session.receive_data(Side.SERVER, b"") == []
+    assert session.passive_opened(IPv4Address("203.0.113.1"), 50000) == [to_client(PUBLIC_227), to_client(b"200 NOOP ok\r\n")]
+
+
+def test_a_command_split_across_segments() -> None:
+    out = replay([GREETING, Client(b"RE"), Client(b"TR some"), Client(b" file.bin\r"), Client(b"\n")])
+    assert out[1:] == [to_server(b"RETR some file.bin\r\n")]
+
+
+def test_bare_lf_line_endings_become_crlf_both_ways() -> None:
+    out = both_ways([Server(b"220 hi\n"), Client(b"NOOP\n"), Server(b"200-a\n200 b\n")])
+    assert out == [to_client(b"220 hi\r\n"), to_server(b"NOOP\r\n"), to_client(b"200-a\r\n200 b\r\n")]
+
+
+def test_rfc_959_multi_line_reply_with_digits_on_a_continuation_line() -> None:
+    reply = b"123-First line\r\nSecond line\r\n234 A line beginning with numbers\r\n123 The last line\r\n"
+    out = both_ways([GREETING, Client(b"HELP\r\nNOOP\r\n"), Server(reply + b"200 ok\r\n")])
+    assert out[-1] == to_client(reply + b"200 ok\r\n")
+
+
+def test_a_locally_answered_command_waits_for_earlier_replies() -> None:
+    out = both_ways([GREETING, Client(b"NOOP\r\n\r\nSYST\r\n"), Server(b"200 NOOP ok\r\n215 UNIX\r\n")])
+    assert out[1:] == [
+        to_server(b"NOOP\r\nSYST\r\n"),
+        to_client(b"200 NOOP ok\r\n500 Empty command line.\r\n215 UNIX\r\n"),
+    ]
+
+
+def test_an_over_long_line_gets_500_and_the_session_goes_on() -> None:
+    policy = Policy(max_line=64)
+    out = both_ways([GREETING, Client(b"STOR " + b"x" * 100 + b"\r\nNOOP\r\n"), Server(b"200 ok\r\n")], policy=policy)
+    assert out == [
+        to_client(GREETING.data + b"500 Command line too long (the limit is 64 bytes).\r\n"),
+        to_server(b"NOOP\r\n"),
+        to_client(b"200 ok\r\n"),
+    ]
+
+
+def test_a_client_that_keeps_sending_over_long_lines_is_closed() -> None:
+    policy = Policy(max_line=16, max_long_lines=3)
+    out = both_ways([GREETING, Client((b"y" * 40 + b"\r\n") * 4)], policy=policy)
+    assert out[-1] == Close("client kept sending over-long lines")
+    assert out[-2] == to_client(GREETING.data + b"500 Command line too long (the limit is 16 bytes).\r\n" * 3)
+
+
+def test_a_line_that_never_ends_is_bounded() -> None:
+    session = Session(Policy(max_line=1024))
+    for _ in range(100):
+        session.receive_data(Side.CLIENT, b"A" * 1000)
+    assert session._client_lines.pending <= 2048
+
+
+def test_the_final_reply_to_a_transfer_waits_for_the_data_relay() -> None:
+    out = both_ways([GREETING, Client(b"RETR f\r\n"), Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n")])
+    assert out[1:] == [to_server(b"RETR f\r\n"), to_client(b"150 Opening BINARY mode\r\n"), FinishTransfer(), to_client(b"226 Transfer complete\r\n")]
+
+
+def test_a_non_transfer_reply_is_not_held() -> None:
+    out = both_ways([GREETING, Client(b"SIZE f\r\n"), Server(b"213 42\r\n")])
+    assert FinishTransfer() not in out
+
+
+def test_epsv_is_answered_from_a_backend_pasv() -> None:
+    out = both_ways([GREETING, Client(b"EPSV\r\n"), Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"), Opened("203.0.113.1", 50001)])
+    assert out[1:] == [to_server(b"PASV\r\n"), OpenPassive("192.168.123.1", 30000), to_client(b"229 Entering Extended Passive Mode (|||50001|)\r\n")]
+
+
+def test_epsv_for_ipv6_gets_522_and_epsv_all_locks_out_pasv() -> None:
+    out = both_ways([GREETING, Client(b"EPSV 2\r\nEPSV ALL\r\nPASV\r\nPORT 1,2,3,4,5,6\r\nEPSV\r\n")])
+    assert out == [
+        to_client(GREETING.data + b"522 Network protocol not supported, use (1)\r\n200 EPSV ALL command successful.\r\n503 PASV not allowed after EPSV ALL.\r\n503 PORT not allowed after EPSV ALL.\r\n"),
+        to_server(b"PASV\r\n"),
+    ]
+
+
+def test_an_exhausted_pool_gets_425() -> None:
+    out = both_ways([GREETING, Client(b"PASV\r\n"), Server(b"227 (192,168,123,1,117,48)\r\n"), Failed("no free passive port, try again later")])
+    assert out[-1] == to_client(b"425 Can't open data connection: no free passive port, try again later.\r\n")
+
+
+def test_a_new_pasv_asks_for_a_new_mapping() -> None:
+    reply = Server(b"227 (192,168,123,1,117,48)\r\n")
+    out = both_ways([GREETING, Client(b"PASV\r\n"), reply, Opened("203.0.113.1", 50000), Client(b"PASV\r\n"), reply, Opened("203.0.113.1", 50001)])
+    assert [item for item in out if isinstance(item, OpenPassive)] == [OpenPassive("192.168.123.1", 30000)] * 2
+
+
+def test_the_backend_dying_mid_session_gets_421() -> None:
+    out = both_ways([*LOGIN, Client(b"RETR f\r\n"), Server(b"150 Opening\r\n"), ServerClosed()])
+    assert out[-2:] == [to_client(b"150 Opening\r\n421 Service not available, the server closed the connection.\r\n"), Close("backend closed the connection")]
+
+
+def test_the_backend_closing_after_quit_is_a_normal_end() -> None:
+    out = both_ways([*LOGIN, Client(b"QUIT\r\n"), Server(b"221 Goodbye.\r\n"), ServerClosed()])
+    assert out[-3:] == [to_server(b"QUIT\r\n"), to_client(b"221 Goodbye.\r\n"), Close("backend closed the connection")]
+
+
+def test_a_client_that_half_closes_after_quit_still_gets_its_221() -> None:
+    out = both_ways([*LOGIN, Client(b"QUIT\r\n"), ClientClosed(), Server(b"221 Goodbye.\r\n")])
+    assert out[-3:] == [to_server(b"QUIT\r\n"), to_client(b"221 Goodbye.\r\n"), Close("client closed the connection")]
+
+
+def test_a_malformed_backend_line_is_a_backend_error_with_a_421() -> None:
+    session = Session()
+    with pytest.raises(BackendError) as caught:
+        session.receive_data(Side.SERVER, b"HTTP/1.1 400 Bad Request\r\n")
+    assert caught.value.reply.startswith(b"421 ")
+
+
+def test_nul_bytes_and_invalid_utf8_pass_as_bytes() -> None:
+    out = both_ways([GREETING, Client(b"DELE caf\xe9\x00\xff\xfe.bin\r\n"), Server(b"550 caf\xe9\x00\xff\xfe.bin: nope\r\n")])
+    assert out[1:] == [to_server(b"DELE caf\xe9\x00\xff\xfe.bin\r\n"), to_client(b"550 caf\xe9\x00\xff\xfe.bin: nope\r\n")]
+
+
+def test_telnet_interrupt_before_abor_does_not_hide_the_verb() -> None:
+    out = both_ways([GREETING, Client(b"RETR f\r\n"), Client(b"\xff\xf4\xff\xf2ABOR\r\n"), Server(b"150 ok\r\n426 aborted\r\n226 ABOR ok\r\n")])
+    assert out[1:4] == [to_server(b"RETR f\r\n\xff\xf4\xff\xf2ABOR\r\n"), to_client(b"150 ok\r\n"), FinishTransfer()]
+    assert out[-1] == to_client(b"426 aborted\r\n226 ABOR ok\r\n")
+
+
+def test_the_password_is_never_in_a_note() -> None:
+    out = replay([GREETING, Client(b"USER alice\r\nPASS hunter2\r\n")], notes=True)
+    notes = [item for item in out if isinstance(item, Note)]
+    assert notes and "hunter2" not in repr(notes)
+
+
+def test_the_user_name_is_kept_for_the_session_summary() -> None:
+    session = Session()
+    session.receive_data(Side.CLIENT, b"USER alice\r\n")
+    assert session.user == "alice"
+
+
+def test_passive_answers_without_a_pending_mapping_are_a_shell_bug() -> None:
+    with pytest.raises(RuntimeError):
+        Session().passive_opened(IPv4Address("203.0.113.1"), 50000)
+    with pytest.raises(RuntimeError):
+        Session().passive_failed("x")
