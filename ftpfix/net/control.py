@@ -152,7 +152,7 @@ class ControlChannel:
         # never used, and frees its port at once.
         previous = self._mapping
         if previous is not None and not previous.accepted.is_set():
-            previous.cancel_scope.cancel()
+            previous.cancel(self.pool)
         opened = open_passive_listener(self.pool, self.config.passive_listen_address)
         if opened is None:
             self.log.warning("passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased)

@@ -44,6 +44,31 @@ class PassiveMapping:
     accepted: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    released: bool = False
+
+    def release(self, pool: PortPool) -> None:
+        """Stop listening and give the port back, once.
+
+        Idempotent, so the session can free a replaced mapping's port at once
+        while its task's ``finally`` runs later and must not release the port
+        again: by then a newer mapping may hold it.
+        """
+        if self.released:
+            return
+        self.released = True
+        self.close_listener()
+        pool.release(self.public_port)
+
+    def close_listener(self) -> None:
+        """Stop accepting; a task waiting on the listener is woken first."""
+        if self.listener.fileno() != -1:
+            trio.lowlevel.notify_closing(self.listener)
+            self.listener.close()
+
+    def cancel(self, pool: PortPool) -> None:
+        """End the mapping now: its task is cancelled and its port freed."""
+        self.cancel_scope.cancel()
+        self.release(pool)
 
 
 def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket] | None:
@@ -124,7 +149,9 @@ async def serve_mapping(
             if waiting.cancelled_caught:
                 log.info("passive port released: the client never connected", public_port=mapping.public_port)
                 return
-            mapping.listener.close()
+            # One data connection per mapping: stop listening at once. The
+            # port stays leased until the transfer ends.
+            mapping.close_listener()
             mapping.accepted.set()
             try:
                 backend = await connect(mapping.backend, connect_timeout)
@@ -133,11 +160,10 @@ async def serve_mapping(
                 return
             await relay(client, backend, mapping.stats)
     finally:
-        mapping.listener.close()
         for sock in (client, backend):
             if sock is not None:
                 sock.close()
-        pool.release(mapping.public_port)
+        mapping.release(pool)
         mapping.stats.backend_done.set()
         mapping.finished.set()
 

@@ -30,10 +30,20 @@ class Ftpfix:
                 self.process.kill()
                 self.process.wait()
 
-    def events(self) -> list[dict]:
-        """Every JSON log line written so far."""
+    def events(self, name: str | None = None) -> list[dict]:
+        """The JSON log lines written so far, or only those for event ``name``."""
         lines = self.log.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        events = [json.loads(line) for line in lines if line.startswith("{")]
+        return [event for event in events if name is None or event["event"] == name]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict]:
+        """Wait until event ``name`` has been logged ``count`` times."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(name)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name!r} logged {len(found)} times, not {count}:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        return found
 
 
 def config_text(
@@ -42,6 +52,7 @@ def config_text(
     backend: tuple[str, int],
     public_address: str,
     ports: str,
+    passive_extra: str = "",
     extra: str = "",
 ) -> str:
     return f"""\
@@ -56,7 +67,7 @@ port = {backend[1]}
 [passive]
 public_address = "{public_address}"
 ports = "{ports}"
-
+{passive_extra}
 [log]
 level = "debug"
 format = "json"
