@@ -58,7 +58,7 @@ def transfer(
 
 def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
     url = f"ftp://{e.host}:{e.port}/{remote}"
-    argv = ["curl", "--silent", "--show-error", "--user", f"{e.user}:{e.password}", "--no-ftp-skip-pasv-ip", "--max-time", "100"]
+    argv = ["curl", "--silent", "--show-error", "--user", f"{e.user}:{e.password}", "--no-ftp-skip-pasv-ip", "--connect-timeout", "10", "--max-time", "100"]
     argv += {"pasv": ["--disable-epsv"], "epsv": []}[mode]
     argv += ["--output", str(local), url] if direction == "get" else ["--upload-file", str(local), url]
     return argv

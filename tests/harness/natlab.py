@@ -1,0 +1,130 @@
+"""A NAT lab in network namespaces that reproduces the SMC Barricade problem.
+
+::
+
+    wan  198.51.100.10 --veth-- 198.51.100.1  router  192.0.2.1 (br0) --veth-- lan
+                                203.0.113.1 (public)                      192.0.2.10 ftpfix
+                                                                          192.0.2.20 backend
+
+The router, like the consumer routers of the problem, forwards only TCP port
+21 and the passive range to the LAN (nftables dnat), lets the LAN out with
+masquerade, and drops every other new connection from the WAN. Its forward
+hook also reproduces the SMC bug in the kernel: a segment to port 21 that
+starts with PASV (or pasv) leaves the router as P@SW (or p@sw).
+
+Only documentation ranges are used (RFC 5737): 198.51.100.0/24 is the
+Internet, 203.0.113.1 the router's public address, and 192.0.2.0/24 plays the
+private LAN that 192.168.123.0/24 is in the field.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+from .netns import in_netns
+
+CLIENT = "198.51.100.10"
+ROUTER_WAN = "198.51.100.1"
+PUBLIC = "203.0.113.1"
+ROUTER_LAN = "192.0.2.1"
+FTPFIX_HOST = "192.0.2.10"
+BACKEND_HOST = "192.0.2.20"
+PASSIVE_PORTS = "50000-50019"
+
+
+def _run(*argv: str, input: str | None = None) -> None:
+    result = subprocess.run(argv, input=input, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+@dataclass
+class NatLab:
+    """The three namespaces; ``forward_control_to`` picks what port 21 reaches."""
+
+    prefix: str
+
+    @property
+    def wan(self) -> str:
+        return f"{self.prefix}-wan"
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}-router"
+
+    @property
+    def lan(self) -> str:
+        return f"{self.prefix}-lan"
+
+    def up(self) -> None:
+        self.down()
+        for ns in (self.wan, self.router, self.lan):
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        # WAN link: the client and the router's Internet side.
+        _run("ip", "link", "add", "w0", "netns", self.wan, "type", "veth", "peer", "name", "rw0", "netns", self.router)
+        _run("ip", "-n", self.wan, "addr", "add", f"{CLIENT}/24", "dev", "w0")
+        _run("ip", "-n", self.wan, "link", "set", "w0", "up")
+        _run("ip", "-n", self.wan, "route", "add", "default", "via", ROUTER_WAN)
+        _run("ip", "-n", self.router, "addr", "add", f"{ROUTER_WAN}/24", "dev", "rw0")
+        _run("ip", "-n", self.router, "addr", "add", f"{PUBLIC}/32", "dev", "rw0")
+        _run("ip", "-n", self.router, "link", "set", "rw0", "up")
+        # LAN: a bridge on the router, as a home router's switch ports are.
+        _run("ip", "-n", self.router, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.router, "addr", "add", f"{ROUTER_LAN}/24", "dev", "br0")
+        _run("ip", "link", "add", "rl0", "netns", self.router, "type", "veth", "peer", "name", "l0", "netns", self.lan)
+        _run("ip", "-n", self.router, "link", "set", "rl0", "master", "br0")
+        for link in ("br0", "rl0"):
+            _run("ip", "-n", self.router, "link", "set", link, "up")
+        for host in (FTPFIX_HOST, BACKEND_HOST):
+            _run("ip", "-n", self.lan, "addr", "add", f"{host}/24", "dev", "l0")
+        _run("ip", "-n", self.lan, "link", "set", "l0", "up")
+        _run("ip", "-n", self.lan, "route", "add", "default", "via", ROUTER_LAN)
+        _run(*in_netns(self.router, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
+        self.forward_control_to(FTPFIX_HOST)
+
+    def forward_control_to(self, lan_host: str) -> None:
+        """Port-forward 21 and the passive range to ``lan_host``, nothing else."""
+        first, last = PASSIVE_PORTS.split("-")
+        ruleset = f"""\
+flush ruleset
+table ip nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "rw0" ip daddr {PUBLIC} tcp dport 21 dnat to {lan_host}:21
+        iifname "rw0" ip daddr {PUBLIC} tcp dport {first}-{last} dnat to {lan_host}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "rw0" ip saddr 192.0.2.0/24 masquerade
+    }}
+}}
+table inet filter {{
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "br0" accept
+        ct status dnat accept
+    }}
+}}
+# The SMC Barricade bug: PASV at the start of a segment to port 21 becomes
+# P@SW, and pasv becomes p@sw.
+table inet smc {{
+    chain forward {{
+        type filter hook forward priority mangle; policy accept;
+        tcp dport 21 @ih,0,32 0x50415356 @ih,0,32 set 0x50405357
+        tcp dport 21 @ih,0,32 0x70617376 @ih,0,32 set 0x70407377
+    }}
+}}
+"""
+        _run(*in_netns(self.router, ["nft", "-f", "-"]), input=ruleset)
+
+    def down(self) -> None:
+        for ns in (self.wan, self.router, self.lan):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def new_lab() -> NatLab:
+    return NatLab(prefix=f"ftpfix{os.getpid()}")

@@ -1,0 +1,141 @@
+"""The problem and its fix, end to end, behind a real (namespaced) NAT router.
+
+Without ftpfix, passive mode fails from the WAN for every server: the 227
+names a LAN address on a port the router does not forward, and ProFTPD does not
+even get that far, since the router turned PASV into P@SW. With ftpfix in front,
+every server works with every client.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_programs, require_servers
+from tests.harness import legacy, natlab
+from tests.harness.clients import CLIENTS, Endpoint, sha256, transfer
+from tests.harness.netns import in_netns
+from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
+
+pytestmark = [pytest.mark.nat, pytest.mark.root, pytest.mark.servers]
+
+PROBE = """\
+import ftplib, sys
+ftp = ftplib.FTP(timeout=10)
+ftp.connect(sys.argv[1], 21)
+ftp.login(sys.argv[2], sys.argv[3])
+try:
+    print(ftp.sendcmd("PASV"))
+except ftplib.Error as error:
+    print(error)
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[natlab.NatLab]:
+    require_servers()
+    require_programs("nft", "ip", "curl", "lftp")
+    lab = natlab.new_lab()
+    try:
+        lab.up()
+    except RuntimeError as error:
+        lab.down()
+        require(False, f"cannot build the NAT lab here: {error}")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module", params=legacy.SERVERS)
+def lan_server(request: pytest.FixtureRequest, lab: natlab.NatLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[legacy.LegacyServer]:
+    """A legacy server on the LAN at 192.0.2.20:21, as in the field."""
+    # Not under pytest's 0700 folders: ProFTPD's unprivileged user must reach it.
+    workdir = Path(tempfile.mkdtemp(prefix=f"ftpfix-lab-{request.param}-"))
+    workdir.chmod(0o755)
+    server = legacy.start(request.param, workdir, host=natlab.BACKEND_HOST, port=21, netns=lab.lan)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lan_ftpfix(lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ftpfix]:
+    """ftpfix on the LAN at 192.0.2.10:21, in front of ``lan_server``."""
+    proxy = start_ftpfix(
+        tmp_path_factory.mktemp("ftpfix"),
+        config_text(
+            listen=(natlab.FTPFIX_HOST, 21),
+            backend=(natlab.BACKEND_HOST, 21),
+            public_address=natlab.PUBLIC,
+            ports=natlab.PASSIVE_PORTS,
+        ),
+        netns=lab.lan,
+    )
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def wan_probe(lab: natlab.NatLab, server: legacy.LegacyServer) -> str:
+    """What a WAN client gets for PASV at the router's public address."""
+    argv = in_netns(lab.wan, [sys.executable, "-c", PROBE, natlab.PUBLIC, server.user, server.password])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+
+def test_the_router_forwards_only_port_21_and_the_passive_range(lab: natlab.NatLab) -> None:
+    probe = "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 1.5)\n print('open')\nexcept OSError as e:\n print(type(e).__name__)"
+    for host, port in [(natlab.PUBLIC, 2121), (natlab.PUBLIC, 50020), (natlab.BACKEND_HOST, 21), (natlab.FTPFIX_HOST, 21)]:
+        result = subprocess.run(in_netns(lab.wan, [sys.executable, "-c", probe, host, str(port)]), capture_output=True, text=True, check=True)
+        assert result.stdout.strip() != "open", (host, port)
+
+
+def test_without_ftpfix_passive_mode_fails_from_the_wan(lab: natlab.NatLab, lan_server: legacy.LegacyServer, big_file: Path, tmp_path: Path) -> None:
+    lab.forward_control_to(natlab.BACKEND_HOST)
+    try:
+        reply = wan_probe(lab, lan_server)
+        if lan_server.kind == "proftpd":
+            # The router's P@SW reaches ProFTPD, which rejects it.
+            assert reply == "500 P@SW not understood"
+        else:
+            # vsftpd and pure-ftpd accept P@SW but name their LAN address.
+            assert reply.startswith("227") and "192,0,2,20" in reply, reply
+        legacy.put_file(lan_server, "direct.bin", big_file.read_bytes()[: 1 << 20])
+        endpoint = Endpoint(natlab.PUBLIC, 21, lan_server.user, lan_server.password)
+        result = transfer("curl", "get", endpoint, "direct.bin", tmp_path / "direct.bin", netns=lab.wan, timeout=60)
+        assert result.returncode != 0, "a passive download through the bare router should fail"
+    finally:
+        lab.forward_control_to(natlab.FTPFIX_HOST)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_with_ftpfix_passive_mode_works_from_the_wan(
+    client: str, lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path
+) -> None:
+    reply = wan_probe(lab, lan_server)
+    assert reply.startswith("227 Entering Passive Mode (203,0,113,1,"), reply
+
+    legacy.put_file(lan_server, "download.bin", big_file.read_bytes())
+    endpoint = Endpoint(natlab.PUBLIC, 21, lan_server.user, lan_server.password)
+    downloaded = tmp_path / "downloaded.bin"
+    result = transfer(client, "get", endpoint, "download.bin", downloaded, netns=lab.wan)
+    assert result.returncode == 0, result.stderr
+    assert sha256(downloaded) == sha256(big_file)
+
+    remote = f"uploaded-{client}.bin"
+    result = transfer(client, "put", endpoint, remote, big_file, netns=lab.wan)
+    assert result.returncode == 0, result.stderr
+    assert sha256(lan_server.files / remote) == sha256(big_file)
+
+    # The router really did mangle the command: ftpfix logged the alias.
+    aliases = lan_ftpfix.events("command alias")
+    assert any(event["received"] in ("P@SW", "p@sw") for event in aliases)
