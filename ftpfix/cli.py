@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import socket
 import sys
 from pathlib import Path
 
 import trio
 
 from . import logs
-from .config import ENVIRONMENT_VARIABLE, ConfigError, default_path, load_config, render
+from .config import ENVIRONMENT_VARIABLE, Config, ConfigError, default_path, load_config, render
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "run the proxy in the foreground"),
         ("check", "validate the config file and print the effective config"),
+        ("health", "exit 0 if ftpfix answers on its control port with the backend's 220"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument(
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {path}: OK\n")
         print(render(config), end="")
         return 0
+    if arguments.command == "health":
+        return health(config)
     from .net.server import run
 
     logs.configure(config.log.level, config.log.format)
@@ -52,5 +57,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         # Typically the control port: taken, or privileged without the right.
         print(f"ftpfix: cannot listen on {config.listen.address}:{config.listen.port}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+#: Seconds the health check waits for the greeting; Docker's own timeout
+#: should be longer.
+HEALTH_TIMEOUT = 5.0
+
+
+def health(config: Config) -> int:
+    """Dial the control port and expect a 220: ftpfix and its backend both work."""
+    host = config.listen.address
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "::1" if ":" in host else "127.0.0.1"
+    try:
+        with socket.create_connection((host, config.listen.port), timeout=HEALTH_TIMEOUT) as sock:
+            greeting = sock.makefile("rb").readline(512)
+            sock.sendall(b"QUIT\r\n")
+    except OSError as error:
+        print(f"ftpfix: unhealthy: {host}:{config.listen.port}: {error}", file=sys.stderr)
+        return 1
+    if not greeting.startswith(b"220"):
+        print(f"ftpfix: unhealthy: greeting {greeting!r}", file=sys.stderr)
         return 1
     return 0
