@@ -128,6 +128,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True if something on this machine already listens on ``host:port``."""
+    with socket.socket() as sock:
+        # Connections of an earlier run in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_for_banner(host: str, port: int, *, netns: str | None = None, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
     """Wait until ``host:port`` answers with a 220 greeting."""
     if netns is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,15 +29,6 @@ def oci(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(OCI_BUILD), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
     require(OCI_BUILD.exists(), f"{OCI_BUILD} is not there (it comes with the workplace's shared/ folder)")
@@ -56,7 +46,7 @@ def image() -> Iterator[str]:
 def container(image: str, server_dir: Path) -> Iterator[tuple[int, legacy.LegacyServer]]:
     server = legacy.start("vsftpd", server_dir / "vsftpd")
     # Port 21 when it is free, to prove the non-root user can bind it.
-    port = 21 if port_is_free(21) else legacy.free_port()
+    port = legacy.free_port() if legacy.port_in_use(21) else 21
     config = server_dir / "ftpfix.toml"
     config.write_text(
         f'[listen]\naddress = "127.0.0.1"\nport = {port}\n'
