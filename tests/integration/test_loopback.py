@@ -55,7 +55,10 @@ def test_retr_and_stor_through_ftpfix(client: str, backend: legacy.LegacyServer,
     for mapping in mappings:
         port = int(mapping["public"].rpartition(":")[2])
         assert 50100 <= port <= 50119, mapping
+    # Commands are logged at debug level, but never the password.
+    assert backend.password not in proxy.log.read_text()
     closed = [event for event in proxy.events() if event["event"] == "session closed"]
+    assert all(event["user"] == backend.user and event["duration"] >= 0 for event in closed)
     assert sum(event["bytes_down"] for event in closed) >= big_file.stat().st_size
     assert sum(event["bytes_up"] for event in closed) >= big_file.stat().st_size
 
