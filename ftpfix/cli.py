@@ -49,16 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if arguments.command == "health":
         return health(config)
-    from .net.server import run
+    from .net.server import StartupError, run
 
     logs.configure(config.log.level, config.log.format)
+    failures: list[BaseException] = []
     try:
         trio.run(run, config)
-    except OSError as error:
-        # Typically the control port: taken, or privileged without the right.
-        print(f"ftpfix: cannot listen on {config.listen.address}:{config.listen.port}: {error.strerror or error}", file=sys.stderr)
-        return 1
-    return 0
+    except* StartupError as group:
+        failures = list(group.exceptions)
+    for error in failures:
+        print(f"ftpfix: {error}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 #: Seconds the health check waits for the greeting; Docker's own timeout
@@ -68,7 +69,7 @@ HEALTH_TIMEOUT = 5.0
 
 def health(config: Config) -> int:
     """Dial the control port and expect a 220: ftpfix and its backend both work."""
-    host = config.listen.address
+    host = config.listen.address[0]
     if ipaddress.ip_address(host).is_unspecified:
         host = "::1" if ":" in host else "127.0.0.1"
     try:

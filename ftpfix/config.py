@@ -80,6 +80,47 @@ def _host(value: Any) -> str:
     return value
 
 
+def _addresses(value: Any) -> tuple[str, ...]:
+    """One IP address, or a list of them."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{value!r} is not an IP address or a list of them")
+    return tuple(_ip(item) for item in values)
+
+
+def _public_address(value: Any) -> str:
+    """An IPv4 address, "auto", or a DNS name that resolves to one."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and (re.fullmatch(r"[0-9.]+", value) or ":" in value):
+        return str(_ipv4(value))
+    try:
+        return _host(value)
+    except ValueError:
+        raise ValueError(f'{value!r} is not an IPv4 address, a DNS name or "auto"') from None
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f'{value!r} is not a list of networks like ["192.168.123.0/24"]')
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a list of networks in CIDR notation") from None
+
+
+def _optional_port(value: Any) -> int | None:
+    if value is False:
+        return None
+    return _port(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 def _port_range(value: Any) -> PortRange:
     if isinstance(value, int) and not isinstance(value, bool):
         first = last = value
@@ -142,7 +183,7 @@ def _key(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, help: 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    address: str = _key(_ip, "0.0.0.0", "address the control listener binds")
+    address: tuple[str, ...] = _key(_addresses, ["0.0.0.0", "::"], "addresses the control listener binds")
     port: int = _key(_port, 21, "control port; the router forwards it here")
 
 
@@ -155,10 +196,23 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class Passive:
-    public_address: ipaddress.IPv4Address = _key(_ipv4, help="address put in every 227 (required)")
+    public_address: str = _key(_public_address, help='address put in every 227: IPv4, a DNS name or "auto" (required)')
+    public_address_ttl: float = _key(_seconds, 300.0, "seconds between lookups of a DNS-named public address")
     ports: PortRange = _key(_port_range, PortRange(50000, 50019), "public passive ports; forward them on the router")
-    listen_address: str | None = _key(_ip, None, "address the passive listeners bind (default: [listen] address)")
+    listen_address: str | None = _key(_ip, None, "address the passive listeners bind (default: the one the client dialed)")
     accept_timeout: float = _key(_seconds, 30.0, "seconds a leased port waits for the client")
+    internal_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        _networks, [], "clients in these networks are told the address they dialed"
+    )
+    epsv: str = _key(_choice("auto", "translate", "passthrough"), "auto", "what the backend gets for EPSV")
+
+
+@dataclass(frozen=True, slots=True)
+class Active:
+    mode: str = _key(_choice("proxy", "passthrough", "deny"), "proxy", "PORT and EPRT: relay, forward as is, or refuse")
+    source_port: int | None = _key(_optional_port, None, "local port of connections to the client, e.g. 20")
+    fix_address: bool = _key(_boolean, True, "replace a private address in PORT/EPRT by the client's own")
+    connect_timeout: float = _key(_seconds, 10.0, "seconds to reach the client's data port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,20 +236,18 @@ class Config:
     listen: Listen
     backend: Backend
     passive: Passive
+    active: Active
     commands: Commands
     limits: Limits
     log: Log
     path: Path | None = None
-
-    @property
-    def passive_listen_address(self) -> str:
-        return self.passive.listen_address or self.listen.address
 
 
 SECTIONS: dict[str, type] = {
     "listen": Listen,
     "backend": Backend,
     "passive": Passive,
+    "active": Active,
     "commands": Commands,
     "limits": Limits,
     "log": Log,
@@ -273,6 +325,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(str(item)) for item in value) + "]"
     if isinstance(value, Mapping):
         pairs = ", ".join(f"{_toml_value(k.decode())} = {_toml_value(v.decode())}" for k, v in value.items())
         return "{ " + pairs + " }" if pairs else "{}"

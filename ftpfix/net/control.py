@@ -11,6 +11,7 @@ side is not read while the loop is busy writing to a slow peer.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from structlog.typing import FilteringBoundLogger
 from ..config import Config
 from ..ports import PortPool
 from ..protocol import (
+    AbortTransfer,
     Close,
     Command,
     FinishTransfer,
     FtpfixError,
     Note,
+    OpenActive,
     OpenPassive,
     Policy,
     ProtocolError,
@@ -34,7 +37,8 @@ from ..protocol import (
     Session,
     Side,
 )
-from .data import PassiveMapping, normalize_host, open_passive_listener, serve_mapping
+from .data import DataMapping, normalize_host, open_active_listener, open_passive_listener, serve_mapping
+from .public import PublicAddress
 
 #: Bytes read from a control connection at once. Replies are short; a STAT
 #: listing is the only large thing that crosses the control channel.
@@ -51,7 +55,7 @@ class SessionTotals:
     download: int = 0
     mappings: int = 0
 
-    def add(self, mapping: PassiveMapping) -> None:
+    def add(self, mapping: DataMapping) -> None:
         self.upload += mapping.stats.upload
         self.download += mapping.stats.download
 
@@ -67,21 +71,37 @@ class ControlChannel:
         self,
         config: Config,
         pool: PortPool,
+        public: PublicAddress,
         client: trio.SocketStream,
         backend: trio.SocketStream,
         log: FilteringBoundLogger,
     ) -> None:
         self.config = config
         self.pool = pool
+        self.public = public
         self.streams = {Side.CLIENT: client, Side.SERVER: backend}
         self.log = log
-        self.core = Session(Policy(aliases=config.commands.aliases, max_line=config.limits.max_line))
         self.client_host = normalize_host(client.socket.getpeername()[0])
+        # The address the client dialed, and the one ftpfix reaches the
+        # backend from: passive ports listen on the first, active on the second.
+        self.local_host = normalize_host(client.socket.getsockname()[0])
         self.backend_host = normalize_host(backend.socket.getpeername()[0])
+        self.backend_local_host = normalize_host(backend.socket.getsockname()[0])
+        policy = Policy(
+            aliases=config.commands.aliases,
+            max_line=config.limits.max_line,
+            epsv=config.passive.epsv,
+            active=config.active.mode,
+            fix_address=config.active.fix_address,
+        )
+        self.core = Session(policy, client=ipaddress.ip_address(self.client_host))
+        self.internal = any(ipaddress.ip_address(self.client_host) in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
-        self._mapping: PassiveMapping | None = None
+        self._mapping: DataMapping | None = None
         self._nursery: trio.Nursery | None = None
+        # Set while the final reply to a transfer waits for the data relay.
+        self._finishing: trio.CancelScope | None = None
 
     async def run(self) -> None:
         """Relay until either side closes or the core asks to close."""
@@ -106,6 +126,10 @@ class ControlChannel:
         async with send:
             try:
                 while data := await self.streams[side].receive_some(CONTROL_READ_SIZE):
+                    if side is Side.CLIENT and self._finishing is not None:
+                        # The client speaks before it has all the data: it is
+                        # aborting, and waiting for the relay would deadlock.
+                        self._finishing.cancel()
                     await send.send((side, data))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # A reset, not an orderly close: nobody is left to answer.
@@ -124,11 +148,18 @@ class ControlChannel:
                 case SendTo(side=side, data=data):
                     await self._send(side, data)
                 case OpenPassive():
-                    queue.extend(reversed(await self._open_passive(command)))
+                    queue.extend(reversed(self._open_passive(command)))
+                case OpenActive():
+                    queue.extend(reversed(self._open_active(command)))
+                case AbortTransfer():
+                    if self._mapping is not None:
+                        self._mapping.cancel(self.pool)
                 case FinishTransfer():
                     mapping = self._mapping
                     if mapping is not None and mapping.accepted.is_set():
-                        await mapping.finished.wait()
+                        with trio.CancelScope() as self._finishing:
+                            await mapping.finished.wait()
+                        self._finishing = None
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
                 case Close(reason=reason):
@@ -147,51 +178,83 @@ class ControlChannel:
             self._nursery.cancel_scope.cancel()
             await trio.lowlevel.checkpoint()
 
-    async def _open_passive(self, command: OpenPassive) -> list[Command]:
-        # One pending mapping per session: a new PASV replaces one the client
-        # never used, and frees its port at once.
+    def _drop_pending_mapping(self) -> None:
+        # One pending mapping per session: a new PASV or PORT replaces one the
+        # peer never used, and frees its port before a new one is leased.
         previous = self._mapping
         if previous is not None and not previous.accepted.is_set():
             previous.cancel(self.pool)
-        opened = open_passive_listener(self.pool, self.config.passive_listen_address)
+
+    def _start_mapping(self, mapping: DataMapping) -> None:
+        self._mapping = mapping
+        self.totals.mappings += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_mapping, mapping)
+
+    def _advertised_address(self) -> ipaddress.IPv4Address | None:
+        local = ipaddress.ip_address(self.local_host)
+        if self.internal:
+            # Split horizon: a LAN client that dialed the private address
+            # must be sent back to it, not out to the router.
+            return local if isinstance(local, ipaddress.IPv4Address) else None
+        return self.public.for_connection(local)
+
+    def _open_passive(self, command: OpenPassive) -> list[Command]:
+        address = self._advertised_address()
+        if address is None and not command.extended:
+            self.log.warning("no public address to advertise", setting=self.public.setting)
+            return self.core.passive_failed("the public address is not known yet")
+        self._drop_pending_mapping()
+        opened = open_passive_listener(self.pool, self.config.passive.listen_address or self.local_host)
         if opened is None:
             self.log.warning("passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased)
             return self.core.passive_failed("no free passive port, try again later")
         port, listener = opened
-        mapping = PassiveMapping(
-            public_port=port,
-            backend=(self.backend_host, command.backend_port),
-            client_host=self.client_host,
-            listener=listener,
-        )
-        self._mapping = mapping
-        self.totals.mappings += 1
+        self._start_mapping(DataMapping(port=port, peer_host=self.client_host, target=(self.backend_host, command.backend_port), listener=listener))
         self.log.info(
             "passive mapping",
-            public=f"{self.config.passive.public_address}:{port}",
+            public=f"{address or self.local_host}:{port}",
             backend=f"{self.backend_host}:{command.backend_port}",
-            advertised=f"{command.advertised_host}:{command.backend_port}",
+            advertised=f"{command.advertised_host or self.backend_host}:{command.backend_port}",
         )
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve_mapping, mapping)
-        return self.core.passive_opened(self.config.passive.public_address, port)
+        return self.core.passive_opened(address, port)
 
-    async def _serve_mapping(self, mapping: PassiveMapping) -> None:
+    def _open_active(self, command: OpenActive) -> list[Command]:
+        self._drop_pending_mapping()
+        try:
+            port, listener = open_active_listener(self.backend_local_host)
+        except OSError as error:
+            self.log.warning("cannot listen for the backend's active connection", error=str(error))
+            return self.core.active_failed("cannot listen for the server")
+        mapping = DataMapping(
+            port=port,
+            peer_host=self.backend_host,
+            target=(command.host, command.port),
+            listener=listener,
+            active=True,
+            pooled=False,
+            source_port=self.config.active.source_port,
+        )
+        self._start_mapping(mapping)
+        self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{self.backend_local_host}:{port}")
+        return self.core.active_opened(ipaddress.ip_address(self.backend_local_host), port)
+
+    async def _serve_mapping(self, mapping: DataMapping) -> None:
         try:
             await serve_mapping(
                 mapping,
                 self.pool,
                 accept_timeout=self.config.passive.accept_timeout,
-                connect_timeout=self.config.backend.connect_timeout,
+                connect_timeout=self.config.active.connect_timeout if mapping.active else self.config.backend.connect_timeout,
                 log=self.log,
             )
         finally:
             self.totals.add(mapping)
             if mapping.stats.error:
-                self.log.info("data connection ended abruptly", public_port=mapping.public_port, error=mapping.stats.error)
+                self.log.info("data connection ended abruptly", port=mapping.port, error=mapping.stats.error)
 
 
-async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPool) -> None:
+async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPool, public: PublicAddress) -> None:
     """Serve one client connection from accept to close.
 
     Error handling: this is the shell's edge. Lost connections end the session
@@ -215,7 +278,7 @@ async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPoo
         if backend is None:
             return
         async with backend:
-            channel = ControlChannel(config, pool, stream, backend, log)
+            channel = ControlChannel(config, pool, public, stream, backend, log)
             try:
                 await channel.run()
             except ProtocolError as error:

@@ -1,8 +1,16 @@
-"""Passive data connections: listen on a leased public port, accept the right
-client, dial the backend's real data port, relay.
+"""Data connections: listen, accept only the expected peer, dial the other
+side, relay.
 
-One ``PassiveMapping`` lives per 227 that ftpfix sends. Its task runs in the
-session's nursery, so it can never outlive the session.
+Passive and active mode are the same thing seen from opposite ends:
+
+- passive: ftpfix listens on a public port leased from the pool, the client
+  connects, and ftpfix dials the port the backend advertised;
+- active: ftpfix listens on an ephemeral port where the backend can reach it,
+  the backend connects, and ftpfix dials the port the client named in PORT or
+  EPRT.
+
+One ``DataMapping`` lives per 227, 229 or PORT that ftpfix relays. Its task runs
+in the session's nursery, so it can never outlive the session.
 """
 
 from __future__ import annotations
@@ -33,13 +41,21 @@ def normalize_host(host: str) -> str:
 
 
 @dataclass(eq=False, slots=True)
-class PassiveMapping:
-    """A leased public port that relays one data connection to the backend."""
+class DataMapping:
+    """A listener that relays one data connection to ``target``.
 
-    public_port: int
-    backend: tuple[str, int]
-    client_host: str
+    ``peer_host`` is the only address that may connect. ``active`` says which
+    end the accepted connection is: the client (passive mode) or the backend
+    (active mode). ``pooled`` says whether ``port`` came from the port pool.
+    """
+
+    port: int
+    peer_host: str
+    target: tuple[str, int]
     listener: socket.socket
+    active: bool = False
+    pooled: bool = True
+    source_port: int | None = None
     stats: RelayStats = field(default_factory=RelayStats)
     accepted: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
@@ -57,7 +73,8 @@ class PassiveMapping:
             return
         self.released = True
         self.close_listener()
-        pool.release(self.public_port)
+        if self.pooled:
+            pool.release(self.port)
 
     def close_listener(self) -> None:
         """Stop accepting; a task waiting on the listener is woken first."""
@@ -71,6 +88,23 @@ class PassiveMapping:
         self.release(pool)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def open_active_listener(host: str) -> tuple[int, socket.socket]:
+    """Listen on an ephemeral port of ``host`` for the backend's data connection."""
+    listener = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        listener.setblocking(False)
+        listener.bind((host, 0))
+        listener.listen(PASSIVE_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    return listener.getsockname()[1], listener
+
+
 def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket] | None:
     """Lease a port from ``pool`` and listen on it, or None if none is free.
 
@@ -78,9 +112,8 @@ def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket
     back and the next one tried, so a stray listener in the range costs one
     port, not the service. Any other bind error is raised.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in pool.candidates():
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener = socket.socket(_family(host), socket.SOCK_STREAM)
         try:
             # SO_REUSEADDR: the port of a transfer that just ended sits in
             # TIME_WAIT, and without it the next lease of that port would fail.
@@ -98,16 +131,22 @@ def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket
     return None
 
 
-async def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-    """A non-blocking socket connected to ``address``.
+async def connect(address: tuple[str, int], timeout: float, source_port: int | None = None) -> socket.socket:
+    """A non-blocking socket connected to ``address``, from ``source_port`` if given.
 
-    Error handling: raises OSError if the connection is refused or fails, and
-    TimeoutError after ``timeout`` seconds.
+    Error handling: raises OSError if the connection is refused or fails, or
+    the source port cannot be bound, and trio.TooSlowError after ``timeout``
+    seconds.
     """
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(address[0]), socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if source_port is not None:
+            # Several sessions may dial out from port 20 at once, to
+            # different clients: the 4-tuples differ, so let them share it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", source_port))
         code = sock.connect_ex(address)
         if code == errno.EINPROGRESS:
             with trio.fail_after(timeout):
@@ -122,45 +161,48 @@ async def connect(address: tuple[str, int], timeout: float) -> socket.socket:
 
 
 async def serve_mapping(
-    mapping: PassiveMapping,
+    mapping: DataMapping,
     pool: PortPool,
     *,
     accept_timeout: float,
     connect_timeout: float,
     log: FilteringBoundLogger,
 ) -> None:
-    """Accept the client's data connection on ``mapping`` and relay it.
+    """Accept the expected peer's data connection on ``mapping`` and relay it.
 
-    Only a peer whose address is the control connection's may connect: any
-    other is closed at once and the listener keeps waiting, so a stranger who
-    races for the port (port stealing, RFC 2577 section 5) gets nothing and
-    the real client still gets its transfer.
+    Only ``mapping.peer_host`` may connect: any other peer is closed at once
+    and the listener keeps waiting, so a stranger who races for the port (port
+    stealing, RFC 2577 section 5) gets nothing and the real peer still gets
+    its transfer.
 
     Resource handling: the listener, both data sockets and the port lease are
     released in a ``finally``, whether the transfer ends, fails, times out or
-    is cancelled by a newer PASV or by the session's end. ``mapping.finished``
-    is set last.
+    is cancelled by a newer PASV, by ABOR or by the session's end.
+    ``mapping.finished`` is set last.
     """
-    client = backend = None
+    accepted = dialed = None
     try:
         with mapping.cancel_scope:
             with trio.move_on_after(accept_timeout) as waiting:
-                client = await _accept_client(mapping, log)
+                accepted = await _accept(mapping, log)
             if waiting.cancelled_caught:
-                log.info("passive port released: the client never connected", public_port=mapping.public_port)
+                who = "backend" if mapping.active else "client"
+                log.info(f"data port released: the {who} never connected", port=mapping.port)
                 return
-            # One data connection per mapping: stop listening at once. The
-            # port stays leased until the transfer ends.
+            # One data connection per mapping: stop listening at once. A
+            # passive port stays leased until the transfer ends.
             mapping.close_listener()
             mapping.accepted.set()
             try:
-                backend = await connect(mapping.backend, connect_timeout)
+                dialed = await connect(mapping.target, connect_timeout, mapping.source_port)
             except (OSError, trio.TooSlowError) as error:
-                log.warning("backend refused the data connection", backend=f"{mapping.backend[0]}:{mapping.backend[1]}", error=str(error) or "timed out")
+                who = "client" if mapping.active else "backend"
+                log.warning(f"{who} refused the data connection", target=f"{mapping.target[0]}:{mapping.target[1]}", error=str(error) or "timed out")
                 return
+            client, backend = (dialed, accepted) if mapping.active else (accepted, dialed)
             await relay(client, backend, mapping.stats)
     finally:
-        for sock in (client, backend):
+        for sock in (accepted, dialed):
             if sock is not None:
                 sock.close()
         mapping.release(pool)
@@ -168,7 +210,7 @@ async def serve_mapping(
         mapping.finished.set()
 
 
-async def _accept_client(mapping: PassiveMapping, log: FilteringBoundLogger) -> socket.socket:
+async def _accept(mapping: DataMapping, log: FilteringBoundLogger) -> socket.socket:
     while True:
         await trio.lowlevel.wait_readable(mapping.listener)
         try:
@@ -179,8 +221,8 @@ async def _accept_client(mapping: PassiveMapping, log: FilteringBoundLogger) -> 
             if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue
             raise
-        if normalize_host(peer[0]) != mapping.client_host:
-            log.warning("data connection from a stranger refused", peer=peer[0], public_port=mapping.public_port)
+        if normalize_host(peer[0]) != mapping.peer_host:
+            log.warning("data connection from a stranger refused", peer=peer[0], port=mapping.port)
             sock.close()
             continue
         sock.setblocking(False)

@@ -6,11 +6,13 @@ commands it returns (``ftpfix.protocol.commands``). Keeping it pure lets every
 transcript be tested synchronously, one byte at a time, and fuzzed.
 """
 
-from .commands import Close, Command, FinishTransfer, Note, OpenPassive, SendTo, Side
+from .commands import AbortTransfer, Close, Command, FinishTransfer, Note, OpenActive, OpenPassive, SendTo, Side
 from .errors import BackendError, ClientError, FtpfixError, ProtocolError
 from .session import Policy, Session
 
 __all__ = [
+    "AbortTransfer",
+    "OpenActive",
     "BackendError",
     "ClientError",
     "Close",

@@ -41,11 +41,33 @@ class OpenPassive:
     cannot make ftpfix connect elsewhere (RFC 2577, section 3).
 
     The core pauses until the shell answers with ``Session.passive_opened`` or
-    ``Session.passive_failed``.
+    ``Session.passive_failed``. ``extended`` says the client asked with EPSV,
+    so its 229 will carry no address.
     """
 
     advertised_host: str
     backend_port: int
+    extended: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenActive:
+    """The client asked for an active data connection to ``host:port``.
+
+    The target has passed the bounce checks (RFC 2577 section 3): it is the
+    client's own address and an unprivileged port. The shell listens where
+    the backend can reach it and answers with ``Session.active_opened`` (the
+    address to put in the backend's PORT) or ``Session.active_failed``. The
+    core reads no further commands until then.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortTransfer:
+    """The client sent ABOR: tear down the session's data connections now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,4 +98,4 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Command = SendTo | OpenPassive | FinishTransfer | Close | Note
+Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | Close | Note

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from .errors import BackendError
 
@@ -129,3 +129,95 @@ def telnet_text(line: bytes) -> bytes:
     if b"\xff" not in line:
         return line
     return _TELNET_COMMAND.sub(b"", line).replace(b"\xff\xff", b"\xff")
+
+
+# RFC 2428 section 3: the 229 reply is "(<d><d><d><tcp-port><d>)", where the
+# delimiter <d> is any ASCII character from 33 to 126, the same all four
+# times. Like the 227, it may sit anywhere in the text.
+_EPSV_REPLY = re.compile(rb"\(([\x21-\x7e])\1\1(\d{1,5})\1\)")
+
+
+def parse_229(text: bytes) -> int:
+    """The port a 229 reply announces. Raises AddressError if it names none."""
+    match = _EPSV_REPLY.search(text[3:] if text[:3].isdigit() else text)
+    if match is None:
+        raise AddressError("no (|||port|) in the 229 reply")
+    port = int(match.group(2))
+    if not 0 < port <= 65535:
+        raise AddressError(f"port {port} in the 229 reply")
+    return port
+
+
+class UnsupportedNetwork(ValueError):
+    """An EPRT for a network protocol other than IPv4 (1) or IPv6 (2)."""
+
+
+def parse_port(argument: bytes) -> tuple[IPv4Address, int]:
+    """The host and port of a PORT argument, "h1,h2,h3,h4,p1,p2" (RFC 959 section 4.1.2).
+
+    Raises AddressError if it is not six numbers from 0 to 255.
+    """
+    parts = argument.strip().split(b",")
+    if len(parts) != 6 or not all(part.strip().isdigit() for part in parts):
+        raise AddressError("PORT takes six comma-separated numbers")
+    numbers = [int(part) for part in parts]
+    if any(n > 255 for n in numbers):
+        raise AddressError("a number over 255 in PORT")
+    return IPv4Address(bytes(numbers[:4])), numbers[4] * 256 + numbers[5]
+
+
+def parse_eprt(argument: bytes) -> tuple[IPv4Address | IPv6Address, int]:
+    """The address and port of an EPRT argument, "<d><af><d><addr><d><port><d>" (RFC 2428 section 2).
+
+    Raises UnsupportedNetwork for an address family other than 1 or 2, and
+    AddressError for anything else malformed.
+    """
+    argument = argument.strip()
+    if len(argument) < 7 or not 33 <= argument[0] <= 126:
+        raise AddressError("EPRT takes <d><af><d><address><d><port><d>")
+    delimiter = argument[:1]
+    fields = argument.split(delimiter)
+    if len(fields) != 5 or fields[0] or fields[4]:
+        raise AddressError("EPRT takes <d><af><d><address><d><port><d>")
+    family, address, port = fields[1], fields[2], fields[3]
+    if family not in (b"1", b"2"):
+        raise UnsupportedNetwork(f"network protocol {family!r}")
+    try:
+        host = (IPv4Address if family == b"1" else IPv6Address)(address.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise AddressError(f"not an address for protocol {family.decode('latin-1')}") from None
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise AddressError("not a TCP port")
+    return host, int(port)
+
+
+def format_port(host: IPv4Address | IPv6Address, port: int) -> bytes:
+    """The command that asks the backend to connect to ``host:port``.
+
+    PORT for IPv4, which every legacy server knows; EPRT only for IPv6.
+    """
+    if isinstance(host, IPv4Address):
+        numbers = (*host.packed, port >> 8, port & 0xFF)
+        return b"PORT " + b",".join(b"%d" % n for n in numbers) + CRLF
+    return b"EPRT |2|%b|%d|" % (str(host).encode("ascii"), port) + CRLF
+
+
+#: FEAT lines (RFC 2389) for what ftpfix cannot relay: TLS on the control
+#: channel (RFC 4217) would hide every 227 from it, and the long forms of
+#: RFC 1639 carry addresses it does not rewrite.
+HIDDEN_FEATURES = (b"AUTH", b"PBSZ", b"PROT", b"CCC", b"LPSV", b"LPRT", b"ADAT", b"MIC", b"CONF", b"ENC")
+#: What ftpfix itself provides, whatever the backend knows.
+PROVIDED_FEATURES = (b"EPRT", b"EPSV")
+
+
+def rewrite_feat(lines: list[bytes]) -> tuple[list[bytes], bool]:
+    """A 211 FEAT reply that lists what ftpfix provides, and whether the backend knows EPSV.
+
+    ``lines`` are the reply's lines without endings; the first and last keep
+    their codes. Feature lines start with a space (RFC 2389 section 3.2).
+    """
+    features = [line for line in lines[1:-1] if line.startswith(b" ")]
+    names = {line.strip().split(b" ", 1)[0].upper() for line in features}
+    kept = [line for line in features if line.strip().split(b" ", 1)[0].upper() not in HIDDEN_FEATURES]
+    added = [b" " + name for name in PROVIDED_FEATURES if name not in names]
+    return [lines[0], *kept, *added, lines[-1]], b"EPSV" in names

@@ -38,22 +38,29 @@ last byte to the client.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from types import MappingProxyType
 
-from .commands import Close, Command, FinishTransfer, Note, OpenPassive, SendTo, Side
+from .commands import AbortTransfer, Close, Command, FinishTransfer, Note, OpenActive, OpenPassive, SendTo, Side
 from .errors import BackendError
 from .grammar import (
     CRLF,
     AddressError,
     ReplyFramer,
     ReplyLine,
+    UnsupportedNetwork,
     format_227,
     format_229,
+    format_port,
     parse_227,
+    parse_229,
+    parse_eprt,
+    parse_port,
+    rewrite_feat,
     split_command,
     telnet_text,
 )
@@ -72,15 +79,31 @@ PASSIVE_VERBS = frozenset({b"PASV", b"EPSV"})
 #: Data-connection setup commands refused after ``EPSV ALL`` (RFC 2428 section 4).
 REFUSED_AFTER_EPSV_ALL = frozenset({b"PASV", b"PORT", b"EPRT", b"LPRT", b"LPSV"})
 
+#: Commands ftpfix answers itself with a refusal, and why.
+REFUSED = {
+    # RFC 4217: after AUTH TLS the control channel is encrypted, and ftpfix
+    # could no longer see, let alone rewrite, a single 227.
+    b"AUTH": "502 AUTH is not available through this FTP proxy; use plain FTP.",
+    # RFC 1639's long forms carry addresses ftpfix does not rewrite.
+    b"LPSV": "502 LPSV is not supported; use EPSV or PASV.",
+    b"LPRT": "502 LPRT is not supported; use EPRT or PORT.",
+}
+
+#: Lowest port an active data connection may go to (RFC 2577 section 3: a
+#: PORT to a privileged port is how bounce attacks reach other services).
+ACTIVE_PORT_FLOOR = 1024
+
+#: Backend replies to EPSV that mean "I do not know EPSV" (RFC 959 4.2).
+EPSV_UNKNOWN = frozenset({500, 502})
+
 #: Longest reply line accepted from the backend. A directory listing sent on
 #: the control channel (STAT) has one file per line, and paths are at most
 #: 4096 bytes on Linux, so this leaves room while keeping memory bounded.
 MAX_REPLY_LINE = 64 * 1024
 
-#: Longest 227 reply held for parsing, all lines together. Real ones are one
-#: line of under 100 bytes; ProFTPD's longest banner-style variant is a few
-#: hundred.
-MAX_PASSIVE_REPLY = 8 * 1024
+#: Longest 227 or FEAT reply held for rewriting, all lines together. A real
+#: 227 is one line of under 100 bytes; pure-ftpd's FEAT is about 300.
+MAX_HELD_REPLY = 16 * 1024
 
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
@@ -96,16 +119,39 @@ class Policy:
 
     ``aliases`` maps upper-cased verbs to the verb the backend receives: the
     default repairs the SMC Barricade's mangling of PASV into P@SW.
+
+    ``epsv`` says what the backend is sent for a client's EPSV: ``translate``
+    sends PASV, ``passthrough`` sends EPSV, and ``auto`` sends EPSV until the
+    backend refuses it (500 or 502) or leaves it out of FEAT, then PASV.
+
+    ``active`` says what happens to PORT and EPRT: ``proxy`` relays the data
+    connection through ftpfix, ``passthrough`` forwards the command to the
+    backend unchanged once it passes the bounce checks, ``deny`` refuses it.
+    ``fix_address`` replaces a private address in PORT or EPRT by the client's
+    real one, for clients behind NAT of their own.
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=_default_aliases)
     max_line: int = 4096
     max_long_lines: int = 3
+    epsv: str = "auto"
+    active: str = "proxy"
+    fix_address: bool = True
+
+
+class _Action(enum.Enum):
+    """What to do with the reply being read."""
+
+    RELAY = "relay"  # pass it to the client line by line
+    PASSIVE = "passive"  # hold the 227 or 229 and open a mapping
+    FEAT = "feat"  # hold the feature list and rewrite it
+    FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
 
 
 @dataclass(slots=True)
 class _Forwarded:
-    verb: bytes
+    verb: bytes  # as the client meant it (after aliases)
+    sent: bytes = b""  # the verb the backend was sent, when it differs
 
 
 @dataclass(slots=True)
@@ -124,20 +170,27 @@ class Session:
     ``OpenPassive`` with ``passive_opened`` or ``passive_failed``.
     """
 
-    def __init__(self, policy: Policy | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, client: IPv4Address | IPv6Address | None = None) -> None:
         self.policy = policy if policy is not None else Policy()
+        #: The client's address, as its control connection comes from; None
+        #: when unknown, and then every PORT and EPRT is refused.
+        self.client = client
         self.user: str | None = None
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
         self._framer = ReplyFramer()
         self._pending: deque[_Forwarded | _Local] = deque([_Forwarded(GREETING)])
-        # The verb the reply being read answers, once its first line is in.
-        self._answering: bytes | None = None
-        # A 227 being collected for the rewrite, or None.
-        self._passive_reply: bytearray | None = None
+        # The command the reply being read answers, and what to do with it.
+        self._answering: _Forwarded | None = None
+        self._action = _Action.RELAY
+        self._held: list[bytes] = []
+        self._held_size = 0
         self._passive_verb: bytes = b""
         self._paused = False
+        self._commands_paused = False
+        self._active_verb: bytes = b""
         self._epsv_all = False
+        self._backend_knows_epsv = True
         self._long_lines = 0
         self._client_eof = False
         self._closed = False
@@ -180,12 +233,17 @@ class Session:
             self._close(out, "backend closed the connection")
         return out
 
-    def passive_opened(self, host: IPv4Address, port: int) -> list[Command]:
-        """The shell listens on ``host:port`` for the mapping it was asked for."""
+    def passive_opened(self, host: IPv4Address | None, port: int) -> list[Command]:
+        """The shell listens on ``host:port`` for the mapping it was asked for.
+
+        ``host`` may be None only for an extended (EPSV) request.
+        """
         if not self._paused:
             raise RuntimeError("passive_opened() without a pending OpenPassive")
         if self._passive_verb == b"EPSV":
             return self._resume(format_229(port))
+        if host is None:
+            raise RuntimeError("passive_opened() needs an address for a 227")
         return self._resume(format_227(host, port))
 
     def passive_failed(self, reason: str) -> list[Command]:
@@ -194,10 +252,30 @@ class Session:
             raise RuntimeError("passive_failed() without a pending OpenPassive")
         return self._resume(_reply(f"425 Can't open data connection: {reason}."))
 
+    def active_opened(self, host: IPv4Address | IPv6Address, port: int) -> list[Command]:
+        """The shell listens on ``host:port`` for the backend's data connection."""
+        if not self._commands_paused:
+            raise RuntimeError("active_opened() without a pending OpenActive")
+        out: list[Command] = []
+        self._commands_paused = False
+        self._forward(self._active_verb, format_port(host, port), out)
+        self._read_commands(out)
+        return out
+
+    def active_failed(self, reason: str) -> list[Command]:
+        """The shell could not listen for the pending active data connection."""
+        if not self._commands_paused:
+            raise RuntimeError("active_failed() without a pending OpenActive")
+        out: list[Command] = []
+        self._commands_paused = False
+        self._answer_locally(out, _reply(f"425 Can't open data connection: {reason}."))
+        self._read_commands(out)
+        return out
+
     # -- client side -----------------------------------------------------
 
     def _read_commands(self, out: list[Command]) -> None:
-        while not self._closed:
+        while not self._closed and not self._commands_paused:
             line = self._client_lines.next_line()
             if line is None:
                 return
@@ -229,26 +307,79 @@ class Session:
         if self._epsv_all and verb in REFUSED_AFTER_EPSV_ALL:
             self._answer_locally(out, _reply(f"503 {verb.decode('latin-1')} not allowed after EPSV ALL."))
             return
+        if verb in REFUSED:
+            self._answer_locally(out, _reply(REFUSED[verb]))
+            return
         if verb == b"USER":
             self.user = argument.decode("utf-8", "replace")
+        elif verb == b"PASV" and isinstance(self.client, IPv6Address):
+            self._answer_locally(out, _reply("425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV."))
+            return
         elif verb == b"EPSV":
             self._on_epsv(argument, out)
             return
+        elif verb in (b"PORT", b"EPRT"):
+            self._on_active(verb, argument, line, out)
+            return
+        elif verb == b"ABOR":
+            out.append(AbortTransfer())
         self._forward(verb, line + CRLF, out)
 
     def _on_epsv(self, argument: bytes, out: list[Command]) -> None:
         # RFC 2428 section 3: "EPSV" or "EPSV <net-prt>" asks for a port,
-        # "EPSV ALL" promises only EPSV from now on. ftpfix answers EPSV from a
-        # PASV to the backend, which every legacy server knows, so the backend
-        # never needs EPSV support of its own.
+        # "EPSV ALL" promises only EPSV from now on. The data port is on the
+        # control connection's address, so only that protocol can be served.
         selector = argument.strip().upper()
+        family = b"2" if isinstance(self.client, IPv6Address) else b"1"
         if selector == b"ALL":
             self._epsv_all = True
             self._answer_locally(out, _reply("200 EPSV ALL command successful."))
-        elif selector in (b"", b"1"):
-            self._forward(b"EPSV", b"PASV" + CRLF, out)
-        else:
-            self._answer_locally(out, _reply("522 Network protocol not supported, use (1)"))
+            return
+        if selector not in (b"", family):
+            self._answer_locally(out, _reply(f"522 Network protocol not supported, use ({family.decode()})"))
+            return
+        # A legacy backend may not know EPSV; every one knows PASV, and the
+        # 229 the client gets carries no address, so either will do.
+        mode = self.policy.epsv
+        send_epsv = mode == "passthrough" or (mode == "auto" and self._backend_knows_epsv)
+        sent = b"EPSV" if send_epsv else b"PASV"
+        self._pending.append(_Forwarded(b"EPSV", sent))
+        out.append(SendTo(Side.SERVER, sent + CRLF))
+
+    def _on_active(self, verb: bytes, argument: bytes, line: bytes, out: list[Command]) -> None:
+        name = verb.decode("ascii")
+        if self.policy.active == "deny":
+            self._answer_locally(out, _reply(f"502 {name} is disabled here; use passive mode (PASV or EPSV)."))
+            return
+        try:
+            host, port = parse_port(argument) if verb == b"PORT" else parse_eprt(argument)
+        except UnsupportedNetwork:
+            self._answer_locally(out, _reply("522 Network protocol not supported, use (1,2)"))
+            return
+        except AddressError as error:
+            self._answer_locally(out, _reply(f"501 Syntax error in {name}: {error}."))
+            return
+        # Bounce protection, RFC 2577 section 3: data goes only to the client
+        # itself, and never to a privileged port.
+        if port < ACTIVE_PORT_FLOOR:
+            out.append(Note("active mode to a privileged port refused", level="warning", fields={"target": f"{host}:{port}"}))
+            self._answer_locally(out, _reply(f"504 {name} refused: port {port} is below {ACTIVE_PORT_FLOOR}."))
+            return
+        if host != self.client:
+            if self.client is not None and self.policy.fix_address and (host.is_private or host.is_unspecified):
+                # A client behind its own NAT names its private address.
+                out.append(Note("active mode address fixed", fields={"sent": str(host), "used": str(self.client)}))
+                host = self.client
+            else:
+                out.append(Note("active mode to another address refused", level="warning", fields={"target": f"{host}:{port}"}))
+                self._answer_locally(out, _reply(f"501 {name} refused: the address must be your own ({self.client})."))
+                return
+        if self.policy.active == "passthrough":
+            self._forward(verb, line + CRLF, out)
+            return
+        self._commands_paused = True
+        self._active_verb = verb
+        out.append(OpenActive(host=str(host), port=port))
 
     def _forward(self, verb: bytes, data: bytes, out: list[Command]) -> None:
         self._pending.append(_Forwarded(verb))
@@ -277,39 +408,71 @@ class Session:
     def _on_reply_line(self, line: ReplyLine, out: list[Command]) -> None:
         if line.first:
             head = self._pending[0] if self._pending else None
-            self._answering = head.verb if isinstance(head, _Forwarded) else None
-            if self._answering in PASSIVE_VERBS and line.code == 227:
-                self._passive_reply = bytearray()
-                self._passive_verb = self._answering
-            if line.code >= 200 and self._answering in TRANSFER_VERBS:
+            self._answering = head if isinstance(head, _Forwarded) else None
+            self._action = self._choose_action(line.code)
+            if line.code >= 200 and self._answering is not None and self._answering.verb in TRANSFER_VERBS:
                 out.append(FinishTransfer())
 
-        if self._passive_reply is not None:
-            self._passive_reply += line.raw + CRLF
-            if len(self._passive_reply) > MAX_PASSIVE_REPLY:
-                raise BackendError(
-                    f"backend sent a 227 reply over {MAX_PASSIVE_REPLY} bytes",
-                    reply=_reply("421 Service not available: the server sent an over-long reply."),
-                )
-            if line.last:
-                self._on_passive_reply(bytes(self._passive_reply), out)
+        if self._action is _Action.RELAY:
+            out.append(SendTo(Side.CLIENT, line.raw + CRLF))
+            if line.last and line.code >= 200:
+                self._complete(out)
             return
 
-        out.append(SendTo(Side.CLIENT, line.raw + CRLF))
-        if line.last and line.code >= 200:
-            self._complete(out)
+        self._held.append(line.raw)
+        self._held_size += len(line.raw) + 2
+        if self._held_size > MAX_HELD_REPLY:
+            raise BackendError(
+                f"backend sent a {line.code} reply over {MAX_HELD_REPLY} bytes",
+                reply=_reply("421 Service not available: the server sent an over-long reply."),
+            )
+        if not line.last:
+            return
+        held, self._held, self._held_size = self._held, [], 0
+        match self._action:
+            case _Action.PASSIVE:
+                self._on_passive_reply(line.code, CRLF.join(held) + CRLF, out)
+            case _Action.FEAT:
+                lines, knows_epsv = rewrite_feat(held)
+                self._backend_knows_epsv = knows_epsv
+                out.append(SendTo(Side.CLIENT, b"".join(held_line + CRLF for held_line in lines)))
+                self._complete(out)
+            case _Action.FALLBACK:
+                out.append(Note("backend does not know EPSV; sending PASV", fields={"reply": held[0].decode("latin-1")}))
+                self._backend_knows_epsv = False
+                assert self._answering is not None
+                self._answering.sent = b"PASV"
+                out.append(SendTo(Side.SERVER, b"PASV" + CRLF))
 
-    def _on_passive_reply(self, text: bytes, out: list[Command]) -> None:
-        self._passive_reply = None
+    def _choose_action(self, code: int) -> _Action:
+        answering = self._answering
+        if answering is None:
+            return _Action.RELAY
+        # By reply code, not by the command sent: some servers answer EPSV
+        # with a 227, and a 229 is as good as a 227 for ftpfix.
+        if answering.verb in PASSIVE_VERBS and code in (227, 229):
+            self._passive_verb = answering.verb
+            return _Action.PASSIVE
+        if answering.sent == b"EPSV" and code in EPSV_UNKNOWN and self.policy.epsv == "auto":
+            return _Action.FALLBACK
+        if answering.verb == b"FEAT" and code == 211:
+            return _Action.FEAT
+        return _Action.RELAY
+
+    def _on_passive_reply(self, code: int, text: bytes, out: list[Command]) -> None:
         try:
-            host, port = parse_227(text)
+            if code == 227:
+                host, port = parse_227(text)
+                advertised = str(host)
+            else:
+                port, advertised = parse_229(text), ""
         except AddressError as error:
-            out.append(Note("unusable 227 from the backend", level="warning", fields={"reply": text.decode("latin-1").strip(), "error": str(error)}))
+            out.append(Note(f"unusable {code} from the backend", level="warning", fields={"reply": text.decode("latin-1").strip(), "error": str(error)}))
             out.append(SendTo(Side.CLIENT, _reply("425 Can't open data connection: the server's passive reply was unusable.")))
             self._complete(out)
             return
         self._paused = True
-        out.append(OpenPassive(advertised_host=str(host), backend_port=port))
+        out.append(OpenPassive(advertised_host=advertised, backend_port=port, extended=self._passive_verb == b"EPSV"))
 
     def _resume(self, reply: bytes) -> list[Command]:
         out: list[Command] = [SendTo(Side.CLIENT, reply)]

@@ -91,7 +91,7 @@ def test_an_exhausted_pool_gets_425_and_recovers(vsftpd, tmp_path: Path) -> None
             sessions[2].sendcmd("PASV")
         assert sessions[2].sendcmd("NOOP").startswith("200")
         # Nobody connects: the accept timeout releases both ports.
-        proxy.wait_for("passive port released: the client never connected", count=2)
+        proxy.wait_for("data port released: the client never connected", count=2)
         assert pasv_port(sessions[2]) in ports
         for ftp in sessions:
             ftp.quit()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_documented_keys_load(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
     assert config.backend.address == "192.168.123.1"
-    assert config.passive.public_address == IPv4Address("203.0.113.1")
+    assert config.passive.public_address == "203.0.113.1"
+    assert config.listen.address == ("0.0.0.0",)
     assert config.passive.ports == PortRange(50000, 50019)
     assert config.commands.aliases == {b"P@SW": b"PASV"}
     assert config.limits.max_line == 4096
@@ -60,7 +60,7 @@ def test_aliases_are_configurable(tmp_path: Path) -> None:
         (lambda t: t.replace("port = 21\n[backend]", "prot = 21\n[backend]"), "[listen] prot: unknown key"),
         (lambda t: t.replace('[backend]\naddress = "192.168.123.1"\nport = 21\n', ""), "[backend]: missing section"),
         (lambda t: t.replace('"192.168.123.1"', '"192.168.123.300"'), "[backend] address: '192.168.123.300' is not an IP address"),
-        (lambda t: t.replace('"203.0.113.1"', '"not an address"'), "[passive] public_address: 'not an address' is not an IP address"),
+        (lambda t: t.replace('"203.0.113.1"', '"not an address"'), "[passive] public_address: 'not an address' is not an IPv4 address, a DNS name or \"auto\""),
         (lambda t: t.replace('"203.0.113.1"', '"2001:db8::1"'), "[passive] public_address: '2001:db8::1' is not an IPv4 address"),
         (lambda t: t.replace('"50000-50019"', '"50000-49999"'), '[passive] ports: "50000-49999" runs backwards'),
         (lambda t: t.replace('"50000-50019"', '"1000-1019"'), '[passive] ports: "1000-1019" is outside 1024-65535'),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from types import MappingProxyType
 
 import pytest
 
-from ftpfix.protocol import BackendError, Close, FinishTransfer, Note, OpenPassive, Policy, Session, Side
+from ftpfix.protocol import AbortTransfer, BackendError, Close, FinishTransfer, Note, OpenActive, OpenPassive, Policy, Session, Side
 
-from .transcript import Client, ClientClosed, Failed, Opened, Server, ServerClosed, both_ways, replay, to_client, to_server
+from .transcript import ActiveOpened, Client, ClientClosed, Failed, Opened, Server, ServerClosed, both_ways, merge, replay, to_client, to_server
 
 GREETING = Server(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n")
 LOGIN = [GREETING, Client(b"USER alice\r\n"), Server(b"331 Password required\r\n"), Client(b"PASS secret\r\n"), Server(b"230 Logged in\r\n")]
@@ -183,15 +183,16 @@ def test_a_non_transfer_reply_is_not_held() -> None:
 
 
 def test_epsv_is_answered_from_a_backend_pasv() -> None:
-    out = both_ways([GREETING, Client(b"EPSV\r\n"), Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"), Opened("203.0.113.1", 50001)])
-    assert out[1:] == [to_server(b"PASV\r\n"), OpenPassive("192.168.123.1", 30000), to_client(b"229 Entering Extended Passive Mode (|||50001|)\r\n")]
+    script = [GREETING, Client(b"EPSV\r\n"), Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"), Opened("203.0.113.1", 50001)]
+    out = both_ways(script, policy=Policy(epsv="translate"))
+    assert out[1:] == [to_server(b"PASV\r\n"), OpenPassive("192.168.123.1", 30000, extended=True), to_client(b"229 Entering Extended Passive Mode (|||50001|)\r\n")]
 
 
 def test_epsv_for_ipv6_gets_522_and_epsv_all_locks_out_pasv() -> None:
     out = both_ways([GREETING, Client(b"EPSV 2\r\nEPSV ALL\r\nPASV\r\nPORT 1,2,3,4,5,6\r\nEPSV\r\n")])
     assert out == [
         to_client(GREETING.data + b"522 Network protocol not supported, use (1)\r\n200 EPSV ALL command successful.\r\n503 PASV not allowed after EPSV ALL.\r\n503 PORT not allowed after EPSV ALL.\r\n"),
-        to_server(b"PASV\r\n"),
+        to_server(b"EPSV\r\n"),
     ]
 
 
@@ -235,7 +236,7 @@ def test_nul_bytes_and_invalid_utf8_pass_as_bytes() -> None:
 
 def test_telnet_interrupt_before_abor_does_not_hide_the_verb() -> None:
     out = both_ways([GREETING, Client(b"RETR f\r\n"), Client(b"\xff\xf4\xff\xf2ABOR\r\n"), Server(b"150 ok\r\n426 aborted\r\n226 ABOR ok\r\n")])
-    assert out[1:4] == [to_server(b"RETR f\r\n\xff\xf4\xff\xf2ABOR\r\n"), to_client(b"150 ok\r\n"), FinishTransfer()]
+    assert out[1:5] == [to_server(b"RETR f\r\n"), AbortTransfer(), to_server(b"\xff\xf4\xff\xf2ABOR\r\n"), to_client(b"150 ok\r\n")]
     assert out[-1] == to_client(b"426 aborted\r\n226 ABOR ok\r\n")
 
 
@@ -256,3 +257,150 @@ def test_passive_answers_without_a_pending_mapping_are_a_shell_bug() -> None:
         Session().passive_opened(IPv4Address("203.0.113.1"), 50000)
     with pytest.raises(RuntimeError):
         Session().passive_failed("x")
+
+
+# -- EPSV -------------------------------------------------------------------
+
+EPSV_229 = b"229 Entering Extended Passive Mode (|||50001|)\r\n"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"229 Entering Extended Passive Mode (|||30000|)",
+        b"229 Extended Passive mode OK (|||30000|)",
+        b"229 EPSV ok (!!!30000!) have fun",
+        b"229-Entering\r\n229 (###30000#)",
+    ],
+)
+def test_epsv_passthrough_parses_any_229(reply: bytes) -> None:
+    out = both_ways([GREETING, Client(b"EPSV\r\n"), Server(reply + b"\r\n"), Opened("203.0.113.1", 50001)], policy=Policy(epsv="passthrough"))
+    assert out[1:] == [to_server(b"EPSV\r\n"), OpenPassive("", 30000, extended=True), to_client(EPSV_229)]
+
+
+def test_epsv_auto_falls_back_to_pasv_when_the_backend_refuses() -> None:
+    script = [
+        GREETING,
+        Client(b"EPSV\r\n"),
+        Server(b"500 EPSV not understood\r\n"),
+        Server(b"227 Entering Passive Mode (192,168,123,1,117,48)\r\n"),
+        Opened("203.0.113.1", 50001),
+        Client(b"EPSV\r\n"),
+    ]
+    out = both_ways(script)
+    assert out[1:] == [
+        to_server(b"EPSV\r\nPASV\r\n"),
+        OpenPassive("192.168.123.1", 30000, extended=True),
+        to_client(EPSV_229),
+        # Learned: the next EPSV goes to the backend as PASV straight away.
+        to_server(b"PASV\r\n"),
+    ]
+
+
+def test_epsv_auto_learns_from_feat() -> None:
+    feat = b"211-Features:\r\n MDTM\r\n SIZE\r\n211 End\r\n"
+    out = both_ways([GREETING, Client(b"FEAT\r\n"), Server(feat), Client(b"EPSV\r\n")])
+    assert out[-1] == to_server(b"PASV\r\n")
+
+
+def test_a_server_that_answers_epsv_with_227_is_rewritten_by_code() -> None:
+    out = both_ways([GREETING, Client(b"EPSV\r\n"), Server(b"227 Entering Passive Mode (192,168,123,1,117,48)\r\n"), Opened("203.0.113.1", 50001)])
+    assert out[-1] == to_client(EPSV_229)
+
+
+def test_a_server_that_answers_pasv_with_229_gives_the_client_a_227() -> None:
+    out = both_ways([GREETING, Client(b"PASV\r\n"), Server(b"229 Entering Extended Passive Mode (|||30000|)\r\n"), Opened("203.0.113.1", 50000)])
+    assert out[-2:] == [OpenPassive("", 30000), to_client(PUBLIC_227)]
+
+
+def test_feat_lists_what_ftpfix_provides() -> None:
+    feat = b"211-Extensions supported:\r\n UTF8\r\n AUTH TLS\r\n PBSZ\r\n PROT\r\n MDTM\r\n211 End.\r\n"
+    out = both_ways([GREETING, Client(b"FEAT\r\n"), Server(feat)])
+    assert out[-1] == to_client(b"211-Extensions supported:\r\n UTF8\r\n MDTM\r\n EPRT\r\n EPSV\r\n211 End.\r\n")
+
+
+def test_auth_tls_is_refused_so_ftpfix_can_read_the_control_channel() -> None:
+    out = both_ways([GREETING, Client(b"AUTH TLS\r\n")])
+    assert out[-1].data.endswith(b"502 AUTH is not available through this FTP proxy; use plain FTP.\r\n")
+
+
+# -- active mode ---------------------------------------------------------------
+
+CLIENT_IP = IPv4Address("198.51.100.10")
+
+
+def active(script, policy: Policy | None = None):
+    session_policy = policy or Policy()
+    whole = replay(script, policy=session_policy, client=CLIENT_IP)
+    assert replay(script, policy=session_policy, client=CLIENT_IP, byte_at_a_time=True) == whole
+    return whole
+
+
+def test_port_is_proxied_through_a_listener_of_ftpfix() -> None:
+    out = active([GREETING, Client(b"PORT 198,51,100,10,195,80\r\nRETR f\r\n"), ActiveOpened("192.0.2.10", 40000), Server(b"200 PORT ok\r\n")])
+    assert out[1:] == [OpenActive("198.51.100.10", 50000), to_server(b"PORT 192,0,2,10,156,64\r\nRETR f\r\n"), to_client(b"200 PORT ok\r\n")]
+
+
+def test_eprt_for_ipv4_and_ipv6() -> None:
+    out = active([GREETING, Client(b"EPRT |1|198.51.100.10|50000|\r\n"), ActiveOpened("192.0.2.10", 40000)])
+    assert out[1:] == [OpenActive("198.51.100.10", 50000), to_server(b"PORT 192,0,2,10,156,64\r\n")]
+    out = active([GREETING, Client(b"EPRT |3|x|50000|\r\n")])
+    assert out[-1].data.endswith(b"522 Network protocol not supported, use (1,2)\r\n")
+
+
+@pytest.mark.parametrize(
+    "command, reply",
+    [
+        (b"PORT 203,0,113,99,195,80", b"501 PORT refused: the address must be your own (198.51.100.10).\r\n"),
+        (b"EPRT |1|203.0.113.99|50000|", b"501 EPRT refused: the address must be your own (198.51.100.10).\r\n"),
+        (b"PORT 198,51,100,10,0,25", b"504 PORT refused: port 25 is below 1024.\r\n"),
+        (b"EPRT |1|198.51.100.10|21|", b"504 EPRT refused: port 21 is below 1024.\r\n"),
+        (b"PORT 1,2,3", b"501 Syntax error in PORT: PORT takes six comma-separated numbers.\r\n"),
+        (b"PORT 198,51,100,300,195,80", b"501 Syntax error in PORT: a number over 255 in PORT.\r\n"),
+    ],
+)
+def test_bounce_attacks_are_refused_without_a_connection(command: bytes, reply: bytes) -> None:
+    policy = Policy(fix_address=False) if b"203" in command else Policy()
+    out = active([GREETING, Client(command + b"\r\n")], policy)
+    assert not any(isinstance(item, OpenActive) for item in out)
+    assert out[-1].data.endswith(reply)
+
+
+def test_a_public_third_party_address_is_refused_even_with_fix_address() -> None:
+    out = active([GREETING, Client(b"PORT 8,8,8,8,195,80\r\n")])
+    assert out[-1].data.endswith(b"501 PORT refused: the address must be your own (198.51.100.10).\r\n")
+
+
+def test_a_client_behind_its_own_nat_gets_its_real_address_used() -> None:
+    out = active([GREETING, Client(b"PORT 10,0,0,5,195,80\r\n")], Policy(), )
+    assert OpenActive("198.51.100.10", 50000) in out
+    notes = replay([GREETING, Client(b"PORT 10,0,0,5,195,80\r\n")], client=CLIENT_IP, notes=True)
+    assert Note("active mode address fixed", fields={"sent": "10.0.0.5", "used": "198.51.100.10"}) in notes
+
+
+def test_active_mode_can_be_denied_or_passed_through() -> None:
+    out = active([GREETING, Client(b"PORT 198,51,100,10,195,80\r\n")], Policy(active="deny"))
+    assert out[-1].data.endswith(b"502 PORT is disabled here; use passive mode (PASV or EPSV).\r\n")
+    out = active([GREETING, Client(b"PORT 198,51,100,10,195,80\r\n")], Policy(active="passthrough"))
+    assert out[-1] == to_server(b"PORT 198,51,100,10,195,80\r\n")
+
+
+def test_commands_wait_while_the_active_listener_opens() -> None:
+    session = Session(client=CLIENT_IP)
+    session.receive_data(Side.SERVER, GREETING.data)
+    assert merge(session.receive_data(Side.CLIENT, b"PORT 198,51,100,10,195,80\r\nNOOP\r\n")) == [OpenActive("198.51.100.10", 50000)]
+    assert merge(session.active_failed("no listener")) == [to_client(b"425 Can't open data connection: no listener.\r\n"), to_server(b"NOOP\r\n")]
+
+
+def test_abor_tears_down_the_data_connection_first() -> None:
+    out = both_ways([GREETING, Client(b"\xff\xf4\xff\xf2ABOR\r\n")])
+    assert out[1:] == [AbortTransfer(), to_server(b"\xff\xf4\xff\xf2ABOR\r\n")]
+
+
+def test_pasv_from_an_ipv6_client_is_refused_and_epsv_works() -> None:
+    client = IPv6Address("2001:db8::10")
+    out = replay([GREETING, Client(b"PASV\r\nEPSV 1\r\nEPSV 2\r\n")], client=client)
+    assert out[0].data.endswith(
+        b"425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV.\r\n522 Network protocol not supported, use (2)\r\n"
+    )
+    assert out[1:] == [to_server(b"EPSV\r\n")]

@@ -9,7 +9,7 @@ whether the bytes came in one piece or one byte at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ftpfix.protocol import Command, Note, Policy, SendTo, Session, Side
 
@@ -36,6 +36,17 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class ActiveOpened:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ActiveFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
 class ClientClosed:
     pass
 
@@ -45,11 +56,18 @@ class ServerClosed:
     pass
 
 
-Step = Client | Server | Opened | Failed | ClientClosed | ServerClosed
+Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | ClientClosed | ServerClosed
 
 
-def replay(script: list[Step], *, byte_at_a_time: bool = False, policy: Policy | None = None, notes: bool = False) -> list[Command]:
-    session = Session(policy)
+def replay(
+    script: list[Step],
+    *,
+    byte_at_a_time: bool = False,
+    policy: Policy | None = None,
+    client: IPv4Address | IPv6Address | None = None,
+    notes: bool = False,
+) -> list[Command]:
+    session = Session(policy, client=client)
     out: list[Command] = []
     for step in script:
         match step:
@@ -62,6 +80,10 @@ def replay(script: list[Step], *, byte_at_a_time: bool = False, policy: Policy |
                 out += session.passive_opened(IPv4Address(host), port)
             case Failed(reason):
                 out += session.passive_failed(reason)
+            case ActiveOpened(host, port):
+                out += session.active_opened(ip_address(host), port)
+            case ActiveFailed(reason):
+                out += session.active_failed(reason)
             case ClientClosed():
                 out += session.connection_closed(Side.CLIENT)
             case ServerClosed():
