@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import legacy
+from tests.harness import legacy, matrix
 
 #: Size of the files the transfer tests move: the issues ask for at least 16 MiB.
 TRANSFER_SIZE = 16 * 1024 * 1024
@@ -82,3 +82,7 @@ def backend(server_kind: str, server_dir: Path) -> Iterator[legacy.LegacyServer]
         yield server
     finally:
         server.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    matrix.save()

@@ -18,6 +18,19 @@ from pathlib import Path
 from .netns import in_netns
 
 CLIENTS = ("curl", "lftp", "ftplib")
+MODES = ("pasv", "epsv", "port", "eprt")
+
+#: Modes a client cannot be made to use over IPv4, and why.
+NOT_APPLICABLE = {
+    ("lftp", "eprt"): "lftp sends EPRT only on IPv6 connections",
+    ("ftplib", "epsv"): "ftplib sends EPSV only on IPv6 connections (see the IPv6 test)",
+    ("ftplib", "eprt"): "ftplib sends EPRT only on IPv6 connections (see the IPv6 test)",
+}
+
+
+def cells() -> list[tuple[str, str]]:
+    """Every (client, mode) pair that a client supports over IPv4."""
+    return [(client, mode) for client in CLIENTS for mode in MODES if (client, mode) not in NOT_APPLICABLE]
 FTPLIB_CLIENT = Path(__file__).with_name("ftplib_client.py")
 
 #: Seconds one transfer may take; 16 MiB on loopback takes well under one.
@@ -59,7 +72,8 @@ def transfer(
 def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
     url = f"ftp://{e.host}:{e.port}/{remote}"
     argv = ["curl", "--silent", "--show-error", "--user", f"{e.user}:{e.password}", "--no-ftp-skip-pasv-ip", "--connect-timeout", "10", "--max-time", "100"]
-    argv += {"pasv": ["--disable-epsv"], "epsv": []}[mode]
+    # -P - : active mode, from the control connection's own address.
+    argv += {"pasv": ["--disable-epsv"], "epsv": [], "port": ["-P", "-", "--disable-eprt"], "eprt": ["-P", "-"]}[mode]
     argv += ["--output", str(local), url] if direction == "get" else ["--upload-file", str(local), url]
     return argv
 
@@ -67,7 +81,7 @@ def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> l
 def _lftp(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
     settings = [
         "set ftp:fix-pasv-address no",
-        "set ftp:passive-mode yes",
+        f"set ftp:passive-mode {'no' if mode == 'port' else 'yes'}",
         f"set ftp:prefer-epsv {'yes' if mode == 'epsv' else 'no'}",
         "set net:max-retries 1",
         "set net:timeout 20",

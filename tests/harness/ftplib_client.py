@@ -1,9 +1,12 @@
 """Python's ftplib as a command-line client, so it can run in a namespace.
 
-usage: ftplib_client.py get|put HOST PORT USER PASSWORD REMOTE LOCAL pasv|epsv
+usage: ftplib_client.py get|put HOST PORT USER PASSWORD REMOTE LOCAL pasv|port|epsv|eprt
+
+EPSV and EPRT work only on IPv6 connections, where ftplib picks them itself.
 """
 
 import ftplib
+import socket
 import sys
 
 
@@ -13,9 +16,10 @@ def main(direction, host, port, user, password, remote, local, mode):
     ftp.trust_server_pasv_ipv4_address = True
     ftp.connect(host, int(port))
     ftp.login(user, password)
-    if mode == "epsv":
-        # ftplib sends EPSV only over IPv6; ask for it here to exercise the 229.
-        ftp.makepasv = lambda: ftplib.parse229(ftp.sendcmd("EPSV"), ftp.sock.getpeername())
+    if mode in ("port", "eprt"):
+        ftp.set_pasv(False)
+    if mode in ("epsv", "eprt") and ftp.af != socket.AF_INET6:
+        sys.exit(f"ftplib_client: ftplib uses {mode.upper()} only over IPv6")
     if direction == "get":
         with open(local, "wb") as file:
             ftp.retrbinary(f"RETR {remote}", file.write, blocksize=1 << 16)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_programs
-from tests.harness import legacy
-from tests.harness.clients import CLIENTS, Endpoint, sha256, transfer
+from tests.harness import legacy, matrix
+from tests.harness.clients import Endpoint, cells, sha256, transfer
 from tests.harness.proxy import config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
@@ -35,29 +35,39 @@ def proxy(backend: legacy.LegacyServer, tmp_path: Path):
         ftpfix.stop()
 
 
-@pytest.mark.parametrize("client", CLIENTS)
-def test_retr_and_stor_through_ftpfix(client: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client, mode", cells())
+def test_retr_and_stor_through_ftpfix(client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path) -> None:
     require_programs("curl", "lftp")
+    passed = False
+    try:
+        check_transfers(client, mode, backend, proxy, big_file, tmp_path)
+        passed = True
+    finally:
+        matrix.record("loopback", backend.kind, client, mode, passed)
+
+
+def check_transfers(client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path) -> None:
     legacy.put_file(backend, "download.bin", big_file.read_bytes())
     endpoint = Endpoint(proxy.host, proxy.port, backend.user, backend.password)
 
     downloaded = tmp_path / "downloaded.bin"
-    result = transfer(client, "get", endpoint, "download.bin", downloaded)
+    result = transfer(client, "get", endpoint, "download.bin", downloaded, mode=mode)
     assert result.returncode == 0, result.stderr
     assert sha256(downloaded) == sha256(big_file)
 
-    result = transfer(client, "put", endpoint, "uploaded.bin", big_file)
+    result = transfer(client, "put", endpoint, "uploaded.bin", big_file, mode=mode)
     assert result.returncode == 0, result.stderr
     assert sha256(backend.files / "uploaded.bin") == sha256(big_file)
 
-    mappings = [event for event in proxy.events() if event["event"] == "passive mapping"]
+    kind = "active mapping" if mode in ("port", "eprt") else "passive mapping"
+    mappings = proxy.events(kind)
     assert len(mappings) >= 2
-    for mapping in mappings:
+    for mapping in proxy.events("passive mapping"):
         port = int(mapping["public"].rpartition(":")[2])
         assert 50100 <= port <= 50119, mapping
     # Commands are logged at debug level, but never the password.
     assert backend.password not in proxy.log.read_text()
-    closed = [event for event in proxy.events() if event["event"] == "session closed"]
+    closed = proxy.events("session closed")
     assert all(event["user"] == backend.user and event["duration"] >= 0 for event in closed)
     assert sum(event["bytes_down"] for event in closed) >= big_file.stat().st_size
     assert sum(event["bytes_up"] for event in closed) >= big_file.stat().st_size

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, require_programs, require_servers
-from tests.harness import legacy, natlab
-from tests.harness.clients import CLIENTS, Endpoint, sha256, transfer
+from tests.harness import legacy, matrix, natlab
+from tests.harness.clients import Endpoint, cells, sha256, transfer
 from tests.harness.netns import in_netns
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
@@ -117,22 +117,31 @@ def test_without_ftpfix_passive_mode_fails_from_the_wan(lab: natlab.NatLab, lan_
         lab.forward_control_to(natlab.FTPFIX_HOST)
 
 
-@pytest.mark.parametrize("client", CLIENTS)
-def test_with_ftpfix_passive_mode_works_from_the_wan(
-    client: str, lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path
+@pytest.mark.parametrize("client, mode", cells())
+def test_with_ftpfix_every_mode_works_from_the_wan(
+    client: str, mode: str, lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path
 ) -> None:
+    passed = False
+    try:
+        check_transfers(client, mode, lab, lan_server, lan_ftpfix, big_file, tmp_path)
+        passed = True
+    finally:
+        matrix.record("nat", lan_server.kind, client, mode, passed)
+
+
+def check_transfers(client, mode, lab, lan_server, lan_ftpfix, big_file: Path, tmp_path: Path) -> None:
     reply = wan_probe(lab, lan_server)
     assert reply.startswith("227 Entering Passive Mode (203,0,113,1,"), reply
 
     legacy.put_file(lan_server, "download.bin", big_file.read_bytes())
     endpoint = Endpoint(natlab.PUBLIC, 21, lan_server.user, lan_server.password)
     downloaded = tmp_path / "downloaded.bin"
-    result = transfer(client, "get", endpoint, "download.bin", downloaded, netns=lab.wan)
+    result = transfer(client, "get", endpoint, "download.bin", downloaded, mode=mode, netns=lab.wan)
     assert result.returncode == 0, result.stderr
     assert sha256(downloaded) == sha256(big_file)
 
-    remote = f"uploaded-{client}.bin"
-    result = transfer(client, "put", endpoint, remote, big_file, netns=lab.wan)
+    remote = f"uploaded-{client}-{mode}.bin"
+    result = transfer(client, "put", endpoint, remote, big_file, mode=mode, netns=lab.wan)
     assert result.returncode == 0, result.stderr
     assert sha256(lan_server.files / remote) == sha256(big_file)
 
