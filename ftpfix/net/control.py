@@ -145,17 +145,19 @@ class ControlChannel:
         while queue:
             command = queue.pop()
             match command:
-                case SendTo(side=side, data=data):
-                    await self._send(side, data)
+                case SendTo(side=side, data=data, urgent=urgent):
+                    await self._send(side, data, urgent)
                 case OpenPassive():
                     queue.extend(reversed(self._open_passive(command)))
                 case OpenActive():
                     queue.extend(reversed(self._open_active(command)))
                 case AbortTransfer():
                     if self._mapping is not None:
-                        self._mapping.cancel(self.pool)
+                        self._mapping.abort(self.pool)
                 case FinishTransfer():
                     mapping = self._mapping
+                    if mapping is not None:
+                        mapping.backend_answered.set()
                     if mapping is not None and mapping.accepted.is_set():
                         with trio.CancelScope() as self._finishing:
                             await mapping.finished.wait()
@@ -169,9 +171,15 @@ class ControlChannel:
                     raise TypeError(f"unknown command from the core: {command!r}")
         return True
 
-    async def _send(self, side: Side, data: bytes) -> None:
+    async def _send(self, side: Side, data: bytes, urgent: bool = False) -> None:
+        stream = self.streams[side]
         try:
-            await self.streams[side].send_all(data)
+            if urgent:
+                # trio's streams have no flags; the socket's send has. One
+                # byte always goes whole.
+                await stream.socket.send(data, socket.MSG_OOB)
+            else:
+                await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.close_reason = f"{side.value} connection lost"
             assert self._nursery is not None

@@ -27,6 +27,12 @@ from structlog.typing import FilteringBoundLogger
 from ..ports import PortPool
 from .relay import RelayStats, relay
 
+#: Seconds an aborted transfer's backend side is held open, unread, waiting
+#: for the backend's reply to the aborted command. pure-ftpd and ProFTPD
+#: answer within milliseconds; vsftpd answers only once its data connection
+#: breaks, which closing it after this hold brings about.
+ABORT_HOLD = 2.0
+
 #: Connections a passive listener queues. One is expected; a few more let it
 #: accept and close strangers while the real client's SYN waits its turn.
 PASSIVE_BACKLOG = 8
@@ -61,6 +67,8 @@ class DataMapping:
     finished: trio.Event = field(default_factory=trio.Event)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     released: bool = False
+    aborted: bool = False
+    backend_answered: trio.Event = field(default_factory=trio.Event)
 
     def release(self, pool: PortPool) -> None:
         """Stop listening and give the port back, once.
@@ -86,6 +94,22 @@ class DataMapping:
         """End the mapping now: its task is cancelled and its port freed."""
         self.cancel_scope.cancel()
         self.release(pool)
+
+    def abort(self, pool: PortPool) -> None:
+        """The client sent ABOR: stop relaying at once.
+
+        The client's data connection is closed. The backend's is held open
+        and unread until the backend answers the aborted command
+        (``backend_answered``): a server that finds its data connection reset
+        before it reads the ABOR reports a failed transfer instead of
+        answering the ABOR (pure-ftpd does), and one whose connection is
+        drained finishes the transfer instead of aborting it.
+        """
+        if not self.accepted.is_set():
+            self.cancel(pool)
+            return
+        self.aborted = True
+        self.cancel_scope.cancel()
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -201,6 +225,11 @@ async def serve_mapping(
                 return
             client, backend = (dialed, accepted) if mapping.active else (accepted, dialed)
             await relay(client, backend, mapping.stats)
+        if mapping.aborted and accepted is not None and dialed is not None:
+            client = dialed if mapping.active else accepted
+            client.close()
+            with trio.move_on_after(ABORT_HOLD):
+                await mapping.backend_answered.wait()
     finally:
         for sock in (accepted, dialed):
             if sock is not None:

@@ -25,10 +25,16 @@ class Side(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SendTo:
-    """Write ``data`` to ``side``'s control connection."""
+    """Write ``data`` to ``side``'s control connection.
+
+    With ``urgent``, the last byte goes as TCP urgent data (MSG_OOB): the
+    "synch" of RFC 959 section 4.1.3 that makes a busy server look at its
+    control connection during a transfer.
+    """
 
     side: Side
     data: bytes
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

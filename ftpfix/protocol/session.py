@@ -105,6 +105,9 @@ MAX_REPLY_LINE = 64 * 1024
 #: 227 is one line of under 100 bytes; pure-ftpd's FEAT is about 300.
 MAX_HELD_REPLY = 16 * 1024
 
+#: Telnet "interrupt process" (RFC 854): IAC IP.
+TELNET_IP = b"\xff\xf4"
+
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
 
@@ -321,9 +324,23 @@ class Session:
         elif verb in (b"PORT", b"EPRT"):
             self._on_active(verb, argument, line, out)
             return
-        elif verb == b"ABOR":
-            out.append(AbortTransfer())
+        if verb == b"ABOR":
+            self._abort(out)
+            return
         self._forward(verb, line + CRLF, out)
+
+    def _abort(self, out: list[Command]) -> None:
+        # RFC 959 section 4.1.3: Telnet IP, then the synch (IAC DM as TCP
+        # urgent data), then ABOR. Clients send it in different ways, and the
+        # urgent mark does not survive ftpfix, so send the canonical form:
+        # vsftpd notices an ABOR during a transfer only through SIGURG.
+        self._pending.append(_Forwarded(b"ABOR"))
+        out.append(SendTo(Side.SERVER, TELNET_IP + b"\xff"))
+        out.append(SendTo(Side.SERVER, b"\xf2", urgent=True))
+        out.append(SendTo(Side.SERVER, b"ABOR" + CRLF))
+        # After the ABOR is on its way, so the backend reads it while its
+        # data connection is still whole.
+        out.append(AbortTransfer())
 
     def _on_epsv(self, argument: bytes, out: list[Command]) -> None:
         # RFC 2428 section 3: "EPSV" or "EPSV <net-prt>" asks for a port,

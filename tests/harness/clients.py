@@ -69,8 +69,12 @@ def transfer(
     return subprocess.run(in_netns(netns, argv), capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
-    url = f"ftp://{e.host}:{e.port}/{remote}"
+    url = f"ftp://{_url_host(e.host)}:{e.port}/{remote}"
     argv = ["curl", "--silent", "--show-error", "--user", f"{e.user}:{e.password}", "--no-ftp-skip-pasv-ip", "--connect-timeout", "10", "--max-time", "100"]
     # -P - : active mode, from the control connection's own address.
     argv += {"pasv": ["--disable-epsv"], "epsv": [], "port": ["-P", "-", "--disable-eprt"], "eprt": ["-P", "-"]}[mode]
@@ -81,7 +85,7 @@ def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> l
 def _lftp(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
     settings = [
         "set ftp:fix-pasv-address no",
-        f"set ftp:passive-mode {'no' if mode == 'port' else 'yes'}",
+        f"set ftp:passive-mode {'no' if mode in ('port', 'eprt') else 'yes'}",
         f"set ftp:prefer-epsv {'yes' if mode == 'epsv' else 'no'}",
         "set net:max-retries 1",
         "set net:timeout 20",
@@ -89,7 +93,7 @@ def _lftp(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> l
         "set xfer:clobber yes",
     ]
     action = f"get {remote} -o {local}" if direction == "get" else f"put {local} -o {remote}"
-    script = "; ".join([*settings, f"open -u {e.user},{e.password} -p {e.port} {e.host}", action, "quit"])
+    script = "; ".join([*settings, f"open -u {e.user},{e.password} ftp://{_url_host(e.host)}:{e.port}", action, "quit"])
     return ["lftp", "-c", script]
 
 

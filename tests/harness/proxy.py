@@ -48,7 +48,7 @@ class Ftpfix:
 
 def config_text(
     *,
-    listen: tuple[str, int],
+    listen: tuple[str | list[str], int],
     backend: tuple[str, int],
     public_address: str,
     ports: str,
@@ -57,7 +57,7 @@ def config_text(
 ) -> str:
     return f"""\
 [listen]
-address = "{listen[0]}"
+address = {json.dumps(listen[0])}
 port = {listen[1]}
 
 [backend]

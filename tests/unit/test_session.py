@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
-from ftpfix.protocol import AbortTransfer, BackendError, Close, FinishTransfer, Note, OpenActive, OpenPassive, Policy, Session, Side
+from ftpfix.protocol import AbortTransfer, BackendError, Close, FinishTransfer, Note, OpenActive, OpenPassive, Policy, SendTo, Session, Side
 
 from .transcript import ActiveOpened, Client, ClientClosed, Failed, Opened, Server, ServerClosed, both_ways, merge, replay, to_client, to_server
 
@@ -236,7 +236,13 @@ def test_nul_bytes_and_invalid_utf8_pass_as_bytes() -> None:
 
 def test_telnet_interrupt_before_abor_does_not_hide_the_verb() -> None:
     out = both_ways([GREETING, Client(b"RETR f\r\n"), Client(b"\xff\xf4\xff\xf2ABOR\r\n"), Server(b"150 ok\r\n426 aborted\r\n226 ABOR ok\r\n")])
-    assert out[1:5] == [to_server(b"RETR f\r\n"), AbortTransfer(), to_server(b"\xff\xf4\xff\xf2ABOR\r\n"), to_client(b"150 ok\r\n")]
+    assert out[1:6] == [
+        to_server(b"RETR f\r\n\xff\xf4\xff"),
+        SendTo(Side.SERVER, b"\xf2", urgent=True),
+        to_server(b"ABOR\r\n"),
+        AbortTransfer(),
+        to_client(b"150 ok\r\n"),
+    ]
     assert out[-1] == to_client(b"426 aborted\r\n226 ABOR ok\r\n")
 
 
@@ -394,7 +400,18 @@ def test_commands_wait_while_the_active_listener_opens() -> None:
 
 def test_abor_tears_down_the_data_connection_first() -> None:
     out = both_ways([GREETING, Client(b"\xff\xf4\xff\xf2ABOR\r\n")])
-    assert out[1:] == [AbortTransfer(), to_server(b"\xff\xf4\xff\xf2ABOR\r\n")]
+    assert out[1:] == [
+        to_server(b"\xff\xf4\xff"),
+        SendTo(Side.SERVER, b"\xf2", urgent=True),
+        to_server(b"ABOR\r\n"),
+        AbortTransfer(),
+    ]
+
+
+@pytest.mark.parametrize("abor", [b"ABOR", b"abor", b"\xff\xf4\xff\xf2ABOR", b"\xff\xf4ABOR"])
+def test_every_way_of_sending_abor_reaches_the_backend_in_the_rfc_959_form(abor: bytes) -> None:
+    out = both_ways([GREETING, Client(abor + b"\r\n")])
+    assert out[1:3] == [to_server(b"\xff\xf4\xff"), SendTo(Side.SERVER, b"\xf2", urgent=True)]
 
 
 def test_pasv_from_an_ipv6_client_is_refused_and_epsv_works() -> None:
