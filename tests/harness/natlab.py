@@ -3,8 +3,10 @@
 ::
 
     wan  198.51.100.10 --veth-- 198.51.100.1  router  192.0.2.1 (br0) --veth-- lan
-                                203.0.113.1 (public)                      192.0.2.10 ftpfix
-                                                                          192.0.2.20 backend
+                                203.0.113.1 (public)              |       192.0.2.10 ftpfix
+                                                                  |       192.0.2.20 backend
+                                                                  +-veth-- lanclient
+                                                                          192.0.2.30
 
 The router, like the consumer routers of the problem, forwards only TCP port
 21 and the passive range to the LAN (nftables dnat), lets the LAN out with
@@ -31,6 +33,7 @@ PUBLIC = "203.0.113.1"
 ROUTER_LAN = "192.0.2.1"
 FTPFIX_HOST = "192.0.2.10"
 BACKEND_HOST = "192.0.2.20"
+LAN_CLIENT = "192.0.2.30"
 PASSIVE_PORTS = "50000-50019"
 
 
@@ -58,9 +61,17 @@ class NatLab:
     def lan(self) -> str:
         return f"{self.prefix}-lan"
 
+    @property
+    def lanclient(self) -> str:
+        return f"{self.prefix}-lanclient"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return (self.wan, self.router, self.lan, self.lanclient)
+
     def up(self) -> None:
         self.down()
-        for ns in (self.wan, self.router, self.lan):
+        for ns in self.namespaces:
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
         # WAN link: the client and the router's Internet side.
@@ -82,6 +93,13 @@ class NatLab:
             _run("ip", "-n", self.lan, "addr", "add", f"{host}/24", "dev", "l0")
         _run("ip", "-n", self.lan, "link", "set", "l0", "up")
         _run("ip", "-n", self.lan, "route", "add", "default", "via", ROUTER_LAN)
+        # A second LAN host: the user "testing it from inside".
+        _run("ip", "link", "add", "rl1", "netns", self.router, "type", "veth", "peer", "name", "c0", "netns", self.lanclient)
+        _run("ip", "-n", self.router, "link", "set", "rl1", "master", "br0")
+        _run("ip", "-n", self.router, "link", "set", "rl1", "up")
+        _run("ip", "-n", self.lanclient, "addr", "add", f"{LAN_CLIENT}/24", "dev", "c0")
+        _run("ip", "-n", self.lanclient, "link", "set", "c0", "up")
+        _run("ip", "-n", self.lanclient, "route", "add", "default", "via", ROUTER_LAN)
         _run(*in_netns(self.router, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
         self.forward_control_to(FTPFIX_HOST)
 
@@ -122,7 +140,7 @@ table inet smc {{
         _run(*in_netns(self.router, ["nft", "-f", "-"]), input=ruleset)
 
     def down(self) -> None:
-        for ns in (self.wan, self.router, self.lan):
+        for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +75,18 @@ format = "json"
 {extra}"""
 
 
-def start_ftpfix(workdir: Path, config: str, *, netns: str | None = None, timeout: float = 15.0) -> Ftpfix:
-    """Run ``python -m ftpfix run`` on ``config``; wait for its listening line."""
+def start_ftpfix(workdir: Path, config: str, *, netns: str | None = None, wrapper: Sequence[str] = (), timeout: float = 15.0) -> Ftpfix:
+    """Run ``python -m ftpfix run`` on ``config``; wait for its listening line.
+
+    ``wrapper`` is a command that runs the rest, such as ``unshare``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "ftpfix.toml"
     path.write_text(config)
     log = workdir / "ftpfix.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            in_netns(netns, [sys.executable, "-m", "ftpfix", "run", "--config", str(path)]),
+            in_netns(netns, [*wrapper, sys.executable, "-m", "ftpfix", "run", "--config", str(path)]),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -77,6 +77,7 @@ def lan_ftpfix(lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_fac
             backend=(natlab.BACKEND_HOST, 21),
             public_address=natlab.PUBLIC,
             ports=natlab.PASSIVE_PORTS,
+            passive_extra='internal_networks = ["192.0.2.0/24"]',
         ),
         netns=lab.lan,
     )
@@ -148,3 +149,31 @@ def check_transfers(client, mode, lab, lan_server, lan_ftpfix, big_file: Path, t
     # The router really did mangle the command: ftpfix logged the alias.
     aliases = lan_ftpfix.events("command alias")
     assert any(event["received"] in ("P@SW", "p@sw") for event in aliases)
+
+
+def test_a_lan_client_gets_the_lan_address(lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path) -> None:
+    """Split horizon: the user who tests from inside, dialing the private
+    address, is sent to it, not to the public one the router will not hairpin."""
+    legacy.put_file(lan_server, "inside.bin", big_file.read_bytes())
+    endpoint = Endpoint(natlab.FTPFIX_HOST, 21, lan_server.user, lan_server.password)
+    result = transfer("curl", "get", endpoint, "inside.bin", tmp_path / "inside.bin", netns=lab.lanclient)
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / "inside.bin") == sha256(big_file)
+    mapping = [event for event in lan_ftpfix.events("passive mapping") if event["client"].startswith(natlab.LAN_CLIENT)]
+    assert mapping and mapping[-1]["public"].startswith(natlab.FTPFIX_HOST + ":")
+
+
+def test_without_split_horizon_a_lan_client_is_sent_outside(lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    proxy = start_ftpfix(
+        tmp_path_factory.mktemp("ftpfix-no-split"),
+        config_text(listen=(natlab.FTPFIX_HOST, 2100), backend=(natlab.BACKEND_HOST, 21), public_address=natlab.PUBLIC, ports="50020-50029"),
+        netns=lab.lan,
+    )
+    try:
+        legacy.put_file(lan_server, "inside.bin", b"x" * 1000)
+        endpoint = Endpoint(natlab.FTPFIX_HOST, 2100, lan_server.user, lan_server.password)
+        result = transfer("curl", "get", endpoint, "inside.bin", tmp_path / "inside.bin", netns=lab.lanclient, timeout=60)
+        assert result.returncode != 0
+        assert proxy.events("passive mapping")[-1]["public"].startswith(natlab.PUBLIC + ":")
+    finally:
+        proxy.stop()
