@@ -115,6 +115,12 @@ def _optional_port(value: Any) -> int | None:
     return _port(value)
 
 
+def _rate(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a rate in bytes per second (0 for no limit)")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} is not true or false")
@@ -200,7 +206,6 @@ class Passive:
     public_address_ttl: float = _key(_seconds, 300.0, "seconds between lookups of a DNS-named public address")
     ports: PortRange = _key(_port_range, PortRange(50000, 50019), "public passive ports; forward them on the router")
     listen_address: str | None = _key(_ip, None, "address the passive listeners bind (default: the one the client dialed)")
-    accept_timeout: float = _key(_seconds, 30.0, "seconds a leased port waits for the client")
     internal_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
         _networks, [], "clients in these networks are told the address they dialed"
     )
@@ -222,7 +227,28 @@ class Commands:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    max_sessions: int = _key(_positive_int, 200, "sessions at once; more get 421 at connect")
+    max_sessions_per_ip: int = _key(_positive_int, 20, "sessions at once from one client address")
+    idle_timeout: float = _key(_seconds, 900.0, "seconds without a command or a transfer before 421")
+    login_timeout: float = _key(_seconds, 60.0, "seconds from connect to a successful login")
+    line_timeout: float = _key(_seconds, 30.0, "seconds a started command line has to end (slowloris)")
+    data_connect_timeout: float = _key(_seconds, 30.0, "seconds a data port waits for its peer")
+    upload_rate: int = _key(_rate, 0, "bytes per second per session, client to server; 0 for none")
+    download_rate: int = _key(_rate, 0, "bytes per second per session, server to client; 0 for none")
     max_line: int = _key(_positive_int, 4096, "longest command line, in bytes")
+    shutdown_grace: float = _key(_seconds, 30.0, "seconds sessions may finish after SIGTERM")
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    deny_anonymous: bool = _key(_boolean, False, "refuse USER anonymous and USER ftp")
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "only these client networks (empty: all)")
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "never these client networks")
+
+    def permits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if any(address in network for network in self.deny):
+            return False
+        return not self.allow or any(address in network for network in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +265,7 @@ class Config:
     active: Active
     commands: Commands
     limits: Limits
+    access: Access
     log: Log
     path: Path | None = None
 
@@ -250,6 +277,7 @@ SECTIONS: dict[str, type] = {
     "active": Active,
     "commands": Commands,
     "limits": Limits,
+    "access": Access,
     "log": Log,
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -39,12 +40,24 @@ from ..protocol import (
 )
 from .data import DataMapping, normalize_host, open_active_listener, open_passive_listener, serve_mapping
 from .public import PublicAddress
+from .relay import TokenBucket
 
 #: Bytes read from a control connection at once. Replies are short; a STAT
 #: listing is the only large thing that crosses the control channel.
 CONTROL_READ_SIZE = 16 * 1024
 
 _session_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Expired:
+    """A session deadline passed: send ``reply`` and end the session."""
+
+    reply: bytes
+    reason: str
+
+
+_Event = tuple[Side, bytes] | _Expired
 
 
 @dataclass(slots=True)
@@ -93,6 +106,7 @@ class ControlChannel:
             epsv=config.passive.epsv,
             active=config.active.mode,
             fix_address=config.active.fix_address,
+            deny_anonymous=config.access.deny_anonymous,
         )
         self.core = Session(policy, client=ipaddress.ip_address(self.client_host))
         self.internal = any(ipaddress.ip_address(self.client_host) in network for network in config.passive.internal_networks)
@@ -100,29 +114,79 @@ class ControlChannel:
         self.close_reason = "unknown"
         self._mapping: DataMapping | None = None
         self._nursery: trio.Nursery | None = None
+        now = trio.current_time()
+        self._started = now
+        self._last_activity = now
+        self._partial_since: float | None = None
+        self._rearm = trio.Event()
+        limits = config.limits
+        self._upload_limit = TokenBucket(limits.upload_rate, now) if limits.upload_rate else None
+        self._download_limit = TokenBucket(limits.download_rate, now) if limits.download_rate else None
         # Set while the final reply to a transfer waits for the data relay.
         self._finishing: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        """Relay until either side closes or the core asks to close."""
+        """Relay until either side closes, a deadline passes, or the core asks to close."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            send, receive = trio.open_memory_channel[tuple[Side, bytes]](0)
+            send, receive = trio.open_memory_channel[_Event](0)
             async with send, receive:
                 for side in Side:
                     nursery.start_soon(self._read, side, send.clone())
-                async for side, data in receive:
+                nursery.start_soon(self._watch, send.clone())
+                async for event in receive:
+                    if isinstance(event, _Expired):
+                        self.log.info("session timed out", reason=event.reason)
+                        self.close_reason = event.reason
+                        await self._send(Side.CLIENT, event.reply)
+                        break
+                    side, data = event
                     if data:
                         commands = self.core.receive_data(side, data)
                     else:
                         commands = self.core.connection_closed(side)
+                    if side is Side.CLIENT:
+                        self._last_activity = trio.current_time()
+                        partial = self.core.partial_command
+                        if not partial:
+                            self._partial_since = None
+                        elif self._partial_since is None:
+                            self._partial_since = self._last_activity
+                            self._rearm.set()  # a nearer deadline for the watchdog
                     if not await self._execute(commands):
                         break
                 # Cancel before the channel closes, so a reader blocked in
                 # send() is cancelled rather than told the channel broke.
                 nursery.cancel_scope.cancel()
 
-    async def _read(self, side: Side, send: trio.MemorySendChannel[tuple[Side, bytes]]) -> None:
+    async def _watch(self, send: trio.MemorySendChannel[_Event]) -> None:
+        """Post an _Expired when the login, idle or line deadline passes.
+
+        It sleeps until the nearest deadline, or until the dispatcher says a
+        nearer one appeared, and looks again: an idle session costs one
+        timer, not a poll loop.
+        """
+        limits = self.config.limits
+        async with send:
+            while True:
+                now = trio.current_time()
+                mapping = self._mapping
+                if mapping is not None and mapping.accepted.is_set() and not mapping.finished.is_set():
+                    self._last_activity = now  # a transfer in progress is activity
+                deadlines = [(self._last_activity + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout")]
+                if not self.core.logged_in:
+                    deadlines.append((self._started + limits.login_timeout, f"421 Login timeout ({limits.login_timeout:g} s), closing control connection.", "login timeout"))
+                if self._partial_since is not None:
+                    deadlines.append((self._partial_since + limits.line_timeout, f"421 Command line not completed within {limits.line_timeout:g} s.", "line timeout"))
+                deadline, reply, reason = min(deadlines)
+                if deadline <= now:
+                    await send.send(_Expired(reply.encode("ascii") + b"\r\n", reason))
+                    return
+                with trio.move_on_at(deadline):
+                    await self._rearm.wait()
+                self._rearm = trio.Event()
+
+    async def _read(self, side: Side, send: trio.MemorySendChannel[_Event]) -> None:
         async with send:
             try:
                 while data := await self.streams[side].receive_some(CONTROL_READ_SIZE):
@@ -218,7 +282,16 @@ class ControlChannel:
             self.log.warning("passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased)
             return self.core.passive_failed("no free passive port, try again later")
         port, listener = opened
-        self._start_mapping(DataMapping(port=port, peer_host=self.client_host, target=(self.backend_host, command.backend_port), listener=listener))
+        self._start_mapping(
+            DataMapping(
+                port=port,
+                peer_host=self.client_host,
+                target=(self.backend_host, command.backend_port),
+                listener=listener,
+                upload_limit=self._upload_limit,
+                download_limit=self._download_limit,
+            )
+        )
         self.log.info(
             "passive mapping",
             public=f"{address or self.local_host}:{port}",
@@ -242,6 +315,8 @@ class ControlChannel:
             active=True,
             pooled=False,
             source_port=self.config.active.source_port,
+            upload_limit=self._upload_limit,
+            download_limit=self._download_limit,
         )
         self._start_mapping(mapping)
         self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{self.backend_local_host}:{port}")
@@ -252,7 +327,7 @@ class ControlChannel:
             await serve_mapping(
                 mapping,
                 self.pool,
-                accept_timeout=self.config.passive.accept_timeout,
+                accept_timeout=self.config.limits.data_connect_timeout,
                 connect_timeout=self.config.active.connect_timeout if mapping.active else self.config.backend.connect_timeout,
                 log=self.log,
             )
@@ -262,7 +337,13 @@ class ControlChannel:
                 self.log.info("data connection ended abruptly", port=mapping.port, error=mapping.stats.error)
 
 
-async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPool, public: PublicAddress) -> None:
+async def handle_client(
+    stream: trio.SocketStream,
+    config: Config,
+    pool: PortPool,
+    public: PublicAddress,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
     """Serve one client connection from accept to close.
 
     Error handling: this is the shell's edge. Lost connections end the session
@@ -281,6 +362,7 @@ async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPoo
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     log.info("session opened")
     channel: ControlChannel | None = None
+    ended = False  # the session ran to its own end, not cut off
     try:
         backend = await _connect_backend(stream, config, log)
         if backend is None:
@@ -289,6 +371,7 @@ async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPoo
             channel = ControlChannel(config, pool, public, stream, backend, log)
             try:
                 await channel.run()
+                ended = True
             except ProtocolError as error:
                 log.warning("protocol error", error=str(error))
                 channel.close_reason = str(error)
@@ -301,6 +384,13 @@ async def handle_client(stream: trio.SocketStream, config: Config, pool: PortPoo
     except Exception:
         log.exception("session crashed: this is a bug in ftpfix")
     finally:
+        if stopping() and not ended:
+            # Cut off by the end of the shutdown grace: say so, briefly.
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                try:
+                    await stream.send_all(b"421 Service shutting down, closing control connection.\r\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
         await trio.aclose_forcefully(stream)
         fields = {}
         if channel is not None:

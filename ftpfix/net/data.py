@@ -25,7 +25,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..ports import PortPool
-from .relay import RelayStats, relay
+from .relay import RelayStats, TokenBucket, relay
 
 #: Seconds an aborted transfer's backend side is held open, unread, waiting
 #: for the backend's reply to the aborted command. pure-ftpd and ProFTPD
@@ -62,6 +62,8 @@ class DataMapping:
     active: bool = False
     pooled: bool = True
     source_port: int | None = None
+    upload_limit: TokenBucket | None = None
+    download_limit: TokenBucket | None = None
     stats: RelayStats = field(default_factory=RelayStats)
     accepted: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
@@ -224,7 +226,7 @@ async def serve_mapping(
                 log.warning(f"{who} refused the data connection", target=f"{mapping.target[0]}:{mapping.target[1]}", error=str(error) or "timed out")
                 return
             client, backend = (dialed, accepted) if mapping.active else (accepted, dialed)
-            await relay(client, backend, mapping.stats)
+            await relay(client, backend, mapping.stats, mapping.upload_limit, mapping.download_limit)
         if mapping.aborted and accepted is not None and dialed is not None:
             client = dialed if mapping.active else accepted
             client.close()

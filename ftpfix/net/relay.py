@@ -32,6 +32,30 @@ CHUNK_SIZE = 256 * 1024
 CLIENT_LINGER = 30.0
 
 
+class TokenBucket:
+    """A byte-rate limit: ``rate`` bytes per second, bursts of ``burst`` bytes.
+
+    One bucket per session and direction, shared by the session's transfers,
+    as pure-ftpd's -T caps a session. The burst is a tenth of a second's worth,
+    so over any five seconds the rate is kept within a few percent.
+    """
+
+    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate = rate
+        self.burst = max(rate // 10, 1)
+        self._tokens = float(self.burst)
+        self._stamp = now
+
+    def take(self, count: int, now: float) -> float:
+        """Spend ``count`` bytes; the seconds to wait before going on."""
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= count
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+
 @dataclass(slots=True)
 class RelayStats:
     """What one relay moved, updated as it runs."""
@@ -43,13 +67,15 @@ class RelayStats:
 
 
 class _Direction:
-    __slots__ = ("source", "target", "stats", "upload")
+    __slots__ = ("source", "target", "stats", "upload", "bucket")
 
-    def __init__(self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool) -> None:
-        self.source, self.target, self.stats, self.upload = source, target, stats, upload
+    def __init__(self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool, bucket: TokenBucket | None) -> None:
+        self.source, self.target, self.stats, self.upload, self.bucket = source, target, stats, upload, bucket
 
     async def pump(self) -> None:
-        buffer = memoryview(bytearray(CHUNK_SIZE))
+        bucket = self.bucket
+        size = CHUNK_SIZE if bucket is None else min(CHUNK_SIZE, bucket.burst)
+        buffer = memoryview(bytearray(size))
         source, target, stats = self.source, self.target, self.stats
         while True:
             try:
@@ -69,17 +95,28 @@ class _Direction:
                 stats.upload += received
             else:
                 stats.download += received
-            # A sender faster than the receiver never blocks in recv_into, so
-            # yield once a chunk to keep other sessions responsive.
-            await trio.lowlevel.checkpoint()
+            if bucket is not None and (delay := bucket.take(received, trio.current_time())):
+                await trio.sleep(delay)
+            else:
+                # A sender faster than the receiver never blocks in recv_into,
+                # so yield once a chunk to keep other sessions responsive.
+                await trio.lowlevel.checkpoint()
         try:
             target.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the target is gone already; nothing left to deliver
 
 
-async def relay(client: socket.socket, backend: socket.socket, stats: RelayStats) -> None:
+async def relay(
+    client: socket.socket,
+    backend: socket.socket,
+    stats: RelayStats,
+    upload_limit: TokenBucket | None = None,
+    download_limit: TokenBucket | None = None,
+) -> None:
     """Relay between ``client`` and ``backend`` until both directions end.
+
+    ``upload_limit`` and ``download_limit`` cap the byte rate each way.
 
     Resource handling: the caller owns both sockets and closes them after this
     returns; they must be non-blocking.
@@ -107,7 +144,7 @@ async def relay(client: socket.socket, backend: socket.socket, stats: RelayStats
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, _Direction(client, backend, stats, upload=True), nursery)
-            nursery.start_soon(run, _Direction(backend, client, stats, upload=False), nursery)
+            nursery.start_soon(run, _Direction(client, backend, stats, True, upload_limit), nursery)
+            nursery.start_soon(run, _Direction(backend, client, stats, False, download_limit), nursery)
     finally:
         stats.backend_done.set()

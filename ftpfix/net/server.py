@@ -1,23 +1,132 @@
-"""The server: control listeners, one session task per client, and shutdown."""
+"""The server: control listeners, admission, one session task per client,
+reload and graceful shutdown."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import signal
 import socket
+from collections import Counter
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import structlog
 import trio
 
-from ..config import Config
-from ..ports import PortPool
+from ..config import Config, ConfigError, load_config
+from ..ports import PortPool, PortRange
 from .control import handle_client
+from .data import normalize_host
 from .public import PublicAddress
 
 
 class StartupError(Exception):
     """ftpfix cannot start with this config on this machine; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One version of the config and what was built from it.
+
+    A session takes the generation current when it connects and keeps it to
+    the end, so a reload never changes a session under its feet.
+    """
+
+    config: Config
+    pool: PortPool
+    public: PublicAddress
+
+
+class Admission:
+    """Counts sessions, in all and per client address, and turns away the excess."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_address: Counter[str] = Counter()
+
+    def admit(self, host: str, config: Config) -> bytes | None:
+        """Count the session in, or return the 421 that refuses it."""
+        limits = config.limits
+        if not config.access.permits(ipaddress.ip_address(host)):
+            return b"421 Access denied for your address.\r\n"
+        if self.total >= limits.max_sessions:
+            return b"421 Too many users (%d at most), try again later.\r\n" % limits.max_sessions
+        if self.per_address[host] >= limits.max_sessions_per_ip:
+            return b"421 Too many connections from your address (%d at most).\r\n" % limits.max_sessions_per_ip
+        self.total += 1
+        self.per_address[host] += 1
+        return None
+
+    def leave(self, host: str) -> None:
+        self.total -= 1
+        self.per_address[host] -= 1
+        if not self.per_address[host]:
+            del self.per_address[host]
+
+
+class Server:
+    """The state the listeners share: the current generation and the counts."""
+
+    def __init__(self, config: Config) -> None:
+        self.log = structlog.get_logger("ftpfix")
+        self.admission = Admission()
+        self.stopping = False
+        self._pools: dict[PortRange, PortPool] = {}
+        self.generation = self._build(config)
+        self._refresh_scope: trio.CancelScope | None = None
+
+    def _build(self, config: Config) -> Generation:
+        # Keep the pool of an unchanged range: its leases belong to live sessions.
+        pool = self._pools.setdefault(config.passive.ports, PortPool(config.passive.ports))
+        public = PublicAddress(config.passive.public_address, config.passive.public_address_ttl, self.log)
+        return Generation(config, pool, public)
+
+    async def keep_public_address_fresh(self, nursery: trio.Nursery) -> None:
+        """(Re)start the lookups of the current generation's public address."""
+        if self._refresh_scope is not None:
+            self._refresh_scope.cancel()
+        public = self.generation.public
+
+        async def refresh(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                self._refresh_scope = scope
+                await public.keep_fresh(task_status=task_status)
+
+        await nursery.start(refresh)
+
+    async def reload(self, path: Path, nursery: trio.Nursery) -> None:
+        """SIGHUP: new sessions get the new config; a bad file changes nothing."""
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            self.log.error("config reload failed; keeping the running config", error=str(error))
+            return
+        old = self.generation.config
+        if (config.listen, config.active.source_port) != (old.listen, old.active.source_port):
+            self.log.warning("[listen] and [active] source_port changes take effect only after a restart")
+        self.generation = self._build(config)
+        await self.keep_public_address_fresh(nursery)
+        self.log.info("config reloaded", path=str(path), sessions=self.admission.total)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        host = normalize_host(stream.socket.getpeername()[0])
+        generation = self.generation
+        refusal = self.admission.admit(host, generation.config)
+        if refusal is not None:
+            self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(refusal)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await handle_client(stream, generation.config, generation.pool, generation.public, lambda: self.stopping)
+        finally:
+            self.admission.leave(host)
 
 
 async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
@@ -62,43 +171,72 @@ def check_source_port(config: Config) -> None:
             raise StartupError(f"[active] source_port = {port} cannot be bound: {error.strerror or error}") from None
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``config`` until cancelled.
+async def serve(
+    config: Config,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config`` until ``stop`` is set, then shut down gracefully.
 
-    ``task_status.started`` reports the addresses the control listeners bound,
-    so a caller (or a test) that asked for port 0 learns the real port.
+    After ``stop`` the listeners close at once, and sessions get up to
+    ``[limits] shutdown_grace`` seconds to finish before they are cancelled.
+    ``task_status.started`` reports the Server, whose ``reload`` SIGHUP calls.
 
-    Resource handling: every session runs in this function's nursery, so
-    cancelling ``serve`` closes every session and every data connection.
+    Resource handling: every session runs in this function's nurseries, so
+    when it returns, every session and every data connection is closed.
 
     Error handling: raises StartupError when the config cannot be served here.
     """
     log = structlog.get_logger("ftpfix")
     check_source_port(config)
     listeners = await open_control_listeners(config)
-    pool = PortPool(config.passive.ports)
-    public = PublicAddress(config.passive.public_address, config.passive.public_address_ttl, log)
+    server = Server(config)
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(public.keep_fresh)
-        log.info(
-            "listening",
-            control=[f"{host}:{port}" if ":" not in host else f"[{host}]:{port}" for host, port in bound],
-            backend=f"{config.backend.address}:{config.backend.port}",
-            public_address=config.passive.public_address,
-            passive_ports=str(config.passive.ports),
-        )
-        task_status.started(bound)
-        await trio.serve_listeners(partial(handle_client, config=config, pool=pool, public=public), listeners, handler_nursery=nursery)
+    async with trio.open_nursery() as background:
+        await server.keep_public_address_fresh(background)
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(partial(trio.serve_listeners, server.handle, listeners, handler_nursery=sessions))
+                log.info(
+                    "listening",
+                    control=[f"{host}:{port}" if ":" not in host else f"[{host}]:{port}" for host, port in bound],
+                    backend=f"{config.backend.address}:{config.backend.port}",
+                    public_address=config.passive.public_address,
+                    passive_ports=str(config.passive.ports),
+                )
+                task_status.started(server)
+                await stop.wait()
+                server.stopping = True
+                accepting.cancel_scope.cancel()
+            grace = server.generation.config.limits.shutdown_grace
+            log.info("stopped accepting; sessions may finish", sessions=server.admission.total, grace=grace)
+            sessions.cancel_scope.deadline = trio.current_time() + grace
+        background.cancel_scope.cancel()
+    log.info("stopped")
 
 
 async def run(config: Config) -> None:
-    """``serve`` in the foreground until SIGTERM or SIGINT."""
+    """``serve`` in the foreground: SIGTERM or SIGINT stops it gracefully (a
+    second one at once), SIGHUP reloads the config file."""
     log = structlog.get_logger("ftpfix")
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config)
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_end(task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(config, stop, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the signal watcher ends with it
+
+            server = await nursery.start(serve_then_end)
             async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if config.path is not None:
+                        await server.reload(config.path, nursery)
+                elif stop.is_set():
+                    log.warning("stopping now", signal=name)
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("stopping", signal=name)
+                    stop.set()

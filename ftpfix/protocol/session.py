@@ -108,6 +108,12 @@ MAX_HELD_REPLY = 16 * 1024
 #: Telnet "interrupt process" (RFC 854): IAC IP.
 TELNET_IP = b"\xff\xf4"
 
+#: User names of anonymous FTP (RFC 1635).
+ANONYMOUS_USERS = frozenset({b"ANONYMOUS", b"FTP"})
+
+#: Commands whose successful reply (230) means the client is logged in.
+LOGIN_VERBS = frozenset({b"USER", b"PASS", b"ACCT"})
+
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
 
@@ -132,6 +138,9 @@ class Policy:
     backend unchanged once it passes the bounce checks, ``deny`` refuses it.
     ``fix_address`` replaces a private address in PORT or EPRT by the client's
     real one, for clients behind NAT of their own.
+
+    ``deny_anonymous`` refuses USER anonymous and USER ftp without asking the
+    backend (pure-ftpd's ``-E``).
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=_default_aliases)
@@ -140,6 +149,7 @@ class Policy:
     epsv: str = "auto"
     active: str = "proxy"
     fix_address: bool = True
+    deny_anonymous: bool = False
 
 
 class _Action(enum.Enum):
@@ -179,6 +189,8 @@ class Session:
         #: when unknown, and then every PORT and EPRT is refused.
         self.client = client
         self.user: str | None = None
+        #: True once the backend has accepted the login (230).
+        self.logged_in = False
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
         self._framer = ReplyFramer()
@@ -197,6 +209,11 @@ class Session:
         self._long_lines = 0
         self._client_eof = False
         self._closed = False
+
+    @property
+    def partial_command(self) -> bool:
+        """True while the client has sent part of a command line."""
+        return self._client_lines.pending > 0
 
     @property
     def paused(self) -> bool:
@@ -314,6 +331,10 @@ class Session:
             self._answer_locally(out, _reply(REFUSED[verb]))
             return
         if verb == b"USER":
+            if self.policy.deny_anonymous and argument.strip().upper() in ANONYMOUS_USERS:
+                out.append(Note("anonymous login refused", level="warning"))
+                self._answer_locally(out, _reply("530 Anonymous logins are not allowed here."))
+                return
             self.user = argument.decode("utf-8", "replace")
         elif verb == b"PASV" and isinstance(self.client, IPv6Address):
             self._answer_locally(out, _reply("425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV."))
@@ -433,6 +454,8 @@ class Session:
         if self._action is _Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             if line.last and line.code >= 200:
+                if line.code == 230 and self._answering is not None and self._answering.verb in LOGIN_VERBS:
+                    self.logged_in = True
                 self._complete(out)
             return
 

@@ -36,7 +36,7 @@ def start(vsftpd: legacy.LegacyServer, tmp_path: Path, ports: str, accept_timeou
             backend=(vsftpd.host, vsftpd.port),
             public_address="127.0.0.1",
             ports=ports,
-            passive_extra=f"accept_timeout = {accept_timeout}",
+            extra=f"[limits]\ndata_connect_timeout = {accept_timeout}\n",
         ),
     )
 

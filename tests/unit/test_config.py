@@ -107,7 +107,8 @@ def test_check_prints_the_effective_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert 'ports = "50000-50019"' in result.stdout
     assert 'aliases = { "P@SW" = "PASV" }' in result.stdout
-    assert "accept_timeout = 30.0" in result.stdout
+    assert "data_connect_timeout = 30.0" in result.stdout
+    assert "deny_anonymous = false" in result.stdout
 
 
 def test_check_fails_clearly(tmp_path: Path) -> None:

@@ -421,3 +421,31 @@ def test_pasv_from_an_ipv6_client_is_refused_and_epsv_works() -> None:
         b"425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV.\r\n522 Network protocol not supported, use (2)\r\n"
     )
     assert out[1:] == [to_server(b"EPSV\r\n")]
+
+
+# -- access --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user", [b"anonymous", b"ANONYMOUS", b"ftp", b"Ftp"])
+def test_anonymous_logins_can_be_refused_without_the_backend(user: bytes) -> None:
+    out = both_ways([GREETING, Client(b"USER " + user + b"\r\n")], policy=Policy(deny_anonymous=True))
+    assert out == [to_client(GREETING.data + b"530 Anonymous logins are not allowed here.\r\n")]
+
+
+def test_named_users_pass_when_anonymous_is_refused() -> None:
+    out = both_ways([GREETING, Client(b"USER alice\r\n")], policy=Policy(deny_anonymous=True))
+    assert out[-1] == to_server(b"USER alice\r\n")
+
+
+def test_logged_in_follows_the_230() -> None:
+    session = Session()
+    session.receive_data(Side.SERVER, GREETING.data)
+    session.receive_data(Side.CLIENT, b"USER alice\r\nPASS wrong\r\n")
+    session.receive_data(Side.SERVER, b"331 Password required\r\n530 Login incorrect\r\n")
+    assert not session.logged_in
+    session.receive_data(Side.CLIENT, b"SITE 230\r\n")
+    session.receive_data(Side.SERVER, b"230 tricked you\r\n")
+    assert not session.logged_in
+    session.receive_data(Side.CLIENT, b"PASS right\r\n")
+    session.receive_data(Side.SERVER, b"230 Logged in\r\n")
+    assert session.logged_in
