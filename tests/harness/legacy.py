@@ -208,6 +208,9 @@ def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str]
                 "pasv_enable=YES",
                 "port_enable=YES",
                 "connect_from_port_20=NO",
+                # Every session comes from ftpfix's one address: no per-IP cap.
+                "max_per_ip=0",
+                "max_clients=0",
                 "",
             ]
         )
