@@ -126,7 +126,13 @@ class ControlChannel:
         self._finishing: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        """Relay until either side closes, a deadline passes, or the core asks to close."""
+        """Relay until either side closes, a deadline passes, or the core asks to close.
+
+        Error handling: a ProtocolError from the core is raised from here, once
+        every task of the session has stopped, unwrapped (trio would otherwise
+        wrap it in an ExceptionGroup).
+        """
+        error: ProtocolError | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             send, receive = trio.open_memory_channel[_Event](0)
@@ -141,10 +147,14 @@ class ControlChannel:
                         await self._send(Side.CLIENT, event.reply)
                         break
                     side, data = event
-                    if data:
-                        commands = self.core.receive_data(side, data)
-                    else:
-                        commands = self.core.connection_closed(side)
+                    try:
+                        if data:
+                            commands = self.core.receive_data(side, data)
+                        else:
+                            commands = self.core.connection_closed(side)
+                    except ProtocolError as caught:
+                        error = caught
+                        break
                     if side is Side.CLIENT:
                         self._last_activity = trio.current_time()
                         partial = self.core.partial_command
@@ -158,6 +168,8 @@ class ControlChannel:
                 # Cancel before the channel closes, so a reader blocked in
                 # send() is cancelled rather than told the channel broke.
                 nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def _watch(self, send: trio.MemorySendChannel[_Event]) -> None:
         """Post an _Expired when the login, idle or line deadline passes.

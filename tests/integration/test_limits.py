@@ -323,3 +323,30 @@ def test_sighup_reloads_for_new_sessions_and_survives_a_bad_file(vsftpd, tmp_pat
     assert "(192,0,2,99," in newest.sendcmd("PASV")
     for ftp in (old, new, newest):
         ftp.quit()
+
+
+def test_injected_227s_never_open_a_mapping(server_dir, tmp_path, stop_all) -> None:
+    """ProFTPD echoes file names in its replies: a 550 that quotes a 227, a
+    PWD that names one, a SITE that carries one; none may open a port."""
+    require_servers("proftpd")
+    server = legacy.start("proftpd", server_dir / "proftpd")
+    try:
+        proxy = start(server, tmp_path)
+        stop_all.append(proxy)
+        ftp = connect(proxy)
+        ftp.login(server.user, server.password)
+        injected = "227 Entering Passive Mode (127,0,0,1,0,22)"
+        with pytest.raises(ftplib.error_perm) as refused:
+            ftp.sendcmd(f"RETR {injected}")
+        assert "127,0,0,1,0,22" in str(refused.value)  # relayed as text, unchanged
+        ftp.mkd("10,0,0,1,0,22")
+        ftp.cwd("10,0,0,1,0,22")
+        assert "10,0,0,1,0,22" in ftp.sendcmd("PWD")
+        with pytest.raises(ftplib.error_perm):
+            ftp.sendcmd(f"SITE {injected}")
+        assert ftp.sendcmd("NOOP").startswith("200")
+        ftp.quit()
+        proxy.wait_for("session closed")
+        assert proxy.events("passive mapping") == []
+    finally:
+        server.stop()

@@ -138,3 +138,25 @@ def test_an_upload_through_an_odd_backend(run, tmp_path: Path) -> None:
     result = transfer("curl", "put", Endpoint(proxy.host, proxy.port, "alice", "x"), "up.bin", source)
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(backend.uploads["up.bin"]).hexdigest() == sha256(source)
+
+
+def test_an_over_long_backend_reply_line_ends_the_session_with_421(run) -> None:
+    _, proxy = run(syst="215 " + "x" * 70_000)
+    ftp = ftplib.FTP(timeout=20)
+    ftp.connect(proxy.host, proxy.port)
+    ftp.login("alice", "x")
+    with pytest.raises(ftplib.error_temp, match="421 Service not available: the server sent an over-long reply."):
+        ftp.sendcmd("SYST")
+    proxy.wait_for("protocol error")
+
+
+def test_a_long_multi_line_reply_streams_through(run) -> None:
+    # A STAT-style listing of 20,000 lines: relayed line by line, never held.
+    body = "\n".join(f" file{n:05d}.txt" for n in range(20_000))
+    syst = f"215-listing\n{body}\n215 end"
+    _, proxy = run(syst=syst)
+    ftp = ftplib.FTP(timeout=20)
+    ftp.connect(proxy.host, proxy.port)
+    ftp.login("alice", "x")
+    assert ftp.sendcmd("SYST") == syst
+    ftp.quit()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ftpfix.protocol import FtpfixError, Policy, SendTo, Session, Side
 
 # Bytes that make FTP interesting, so the search finds structure quickly.
-FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
+FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"ABOR", b"PORT 198,51,100,10,195,80", b"FEAT", b"211-", b" EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
 chunk = st.one_of(st.binary(max_size=64), st.sampled_from(FRAGMENTS), st.lists(st.sampled_from(FRAGMENTS), max_size=8).map(b"".join))
 step = st.tuples(st.sampled_from([Side.CLIENT, Side.SERVER, "open", "fail", "close"]), chunk)
 
@@ -16,12 +16,14 @@ step = st.tuples(st.sampled_from([Side.CLIENT, Side.SERVER, "open", "fail", "clo
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, max_size=40))
 def test_only_own_errors_escape(steps: list) -> None:
-    session = Session(Policy(max_line=128))
+    session = Session(Policy(max_line=128), client=IPv4Address("198.51.100.10"))
     for kind, data in steps:
         try:
             if kind == "open":
                 if session.paused:
                     out = session.passive_opened(IPv4Address("203.0.113.1"), 50000)
+                elif session._commands_paused:
+                    out = session.active_opened(IPv4Address("192.0.2.10"), 40000)
                 else:
                     continue
             elif kind == "fail":
@@ -35,7 +37,8 @@ def test_only_own_errors_escape(steps: list) -> None:
                 out = session.receive_data(kind, data)
         except FtpfixError:
             return
-        for command in out:
-            if isinstance(command, SendTo):
-                # Everything ftpfix writes is whole lines, ending in CRLF.
-                assert command.data.endswith(b"\r\n")
+        for side in Side:
+            # Everything ftpfix writes is whole lines, ending in CRLF (the ABOR
+            # sequence is three writes, and the last one ends the line).
+            written = b"".join(command.data for command in out if isinstance(command, SendTo) and command.side is side)
+            assert not written or written.endswith(b"\r\n")

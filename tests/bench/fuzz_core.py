@@ -1,0 +1,75 @@
+"""Coverage-guided fuzzing of the protocol core with atheris (libFuzzer).
+
+    .venv/bin/pip install atheris
+    .venv/bin/python -m tests.bench.fuzz_core -runs=1000000
+
+Each input is a script: the first byte of every step picks what happens
+(client bytes, backend bytes, the shell's answer to a pending OpenPassive or
+OpenActive, a close), the next byte its length. The core may raise its own
+FtpfixError subclasses; anything else is a crash, and so is a write that does
+not end in CRLF or a session that emits a command it should not.
+"""
+
+from __future__ import annotations
+
+import sys
+from ipaddress import IPv4Address
+
+import atheris
+
+with atheris.instrument_imports():
+    from ftpfix.protocol import FtpfixError, OpenActive, OpenPassive, Policy, SendTo, Session, Side
+
+POLICIES = [
+    Policy(max_line=64),
+    Policy(epsv="translate", active="passthrough", deny_anonymous=True),
+    Policy(epsv="passthrough", active="deny", fix_address=False),
+]
+CLIENT = IPv4Address("198.51.100.10")
+
+
+def one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    session = Session(POLICIES[fdp.ConsumeIntInRange(0, len(POLICIES) - 1)], client=CLIENT)
+    waiting_passive = waiting_active = False
+    while fdp.remaining_bytes():
+        action = fdp.ConsumeIntInRange(0, 7)
+        try:
+            if action <= 2:
+                out = session.receive_data(Side.CLIENT, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)))
+            elif action <= 5:
+                out = session.receive_data(Side.SERVER, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)))
+            elif action == 6:
+                if waiting_passive:
+                    out = session.passive_opened(IPv4Address("203.0.113.1"), 50000) if fdp.ConsumeBool() else session.passive_failed("x")
+                    waiting_passive = False
+                elif waiting_active:
+                    out = session.active_opened(IPv4Address("192.0.2.10"), 40000) if fdp.ConsumeBool() else session.active_failed("x")
+                    waiting_active = False
+                else:
+                    continue
+            else:
+                out = session.connection_closed(Side.CLIENT if fdp.ConsumeBool() else Side.SERVER)
+        except FtpfixError:
+            return
+        for side in Side:
+            # Whole lines only: what one call writes to a side ends in CRLF
+            # (the ABOR sequence is three writes, the last one ending it).
+            written = b"".join(command.data for command in out if isinstance(command, SendTo) and command.side is side)
+            assert not written or written.endswith(b"\r\n"), (side, written[-80:])
+        for command in out:
+            if isinstance(command, OpenPassive):
+                assert not waiting_passive, "a second OpenPassive before the first was answered"
+                waiting_passive = True
+            elif isinstance(command, OpenActive):
+                assert int(command.port) >= 1024 and command.host == str(CLIENT), command
+                waiting_active = True
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
