@@ -193,7 +193,7 @@ def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str]
                 "run_as_launching_user=YES",
                 "anonymous_enable=YES",
                 "local_enable=NO",
-                "no_anon_password=YES",
+                "no_anon_password=NO",
                 "ftp_username=nobody",
                 f"anon_root={files}",
                 "write_enable=YES",

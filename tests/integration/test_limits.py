@@ -182,8 +182,8 @@ def test_nul_bytes_and_invalid_utf8_reach_the_backend_as_bytes(vsftpd, tmp_path,
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         reader = sock.makefile("rb")
         reader.readline()
-        sock.sendall(b"USER anonymous\r\n")
-        assert reader.readline().startswith(b"230")  # vsftpd, no_anon_password
+        sock.sendall(b"USER anonymous\r\nPASS x\r\n")
+        assert reader.readline().startswith(b"331") and reader.readline().startswith(b"230")
         sock.sendall(b"SIZE caf\xe9\x00\xff\xfe.bin\r\nNOOP\r\n")
         assert reader.readline()[:1] in (b"5", b"4")
         assert reader.readline().startswith(b"200")
