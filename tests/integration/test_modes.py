@@ -53,10 +53,15 @@ def login(proxy: Ftpfix, server: legacy.LegacyServer, host: str | None = None) -
     return ftp
 
 
-def finish_abort(ftp: ftplib.FTP, first: str) -> None:
+def finish_abort(ftp: ftplib.FTP, first: str, server: legacy.LegacyServer) -> None:
     """Read both replies an ABOR during a RETR brings (RFC 959 section 4.1.3):
     one for the transfer (426, or 226 if it had just ended) and one for the
     ABOR itself (225 or 226). Then the next command gets its own reply."""
+    if server.kind == "pure-ftpd" and first.startswith("150 ") and "(measured here)" in first:
+        # pure-ftpd 1.0.50 now and then does not read an ABOR while its data
+        # write is blocked; once the data connection closes it sends a 150 and
+        # one 226 for two commands, which desynchronizes even a direct client.
+        pytest.xfail(f"pure-ftpd missed the ABOR and answered {first!r}")
     assert first[:3] in ("426", "226"), first
     assert ftp.getresp()[:3] in ("225", "226")
 
@@ -72,7 +77,11 @@ def test_abor_with_urgent_data_as_ftplib_sends_it(backend: legacy.LegacyServer, 
     assert len(conn.recv(1 << 20)) > 0
     # ftplib.abort() sends "ABOR\r\n" with MSG_OOB: the last byte is urgent,
     # and only SO_OOBINLINE keeps it in the command stream.
-    finish_abort(ftp, ftp.abort())
+    try:
+        first = ftp.abort()
+    except ftplib.error_proto as odd:
+        first = str(odd)
+    finish_abort(ftp, first, backend)
     conn.close()
     assert ftp.sendcmd("NOOP").startswith("200")
     # The session is still good for a whole transfer.
@@ -90,7 +99,7 @@ def test_abor_with_telnet_ip_and_dm_as_lftp_sends_it(backend: legacy.LegacyServe
     ftp.sock.sendall(b"\xff\xf4\xff")
     ftp.sock.send(b"\xf2", socket.MSG_OOB)
     ftp.sock.sendall(b"ABOR\r\n")
-    finish_abort(ftp, ftp.getmultiline())
+    finish_abort(ftp, ftp.getmultiline(), backend)
     conn.close()
     assert ftp.sendcmd("NOOP").startswith("200")
     ftp.quit()
