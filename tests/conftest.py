@@ -68,6 +68,17 @@ def server_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def vsftpd(server_dir: Path) -> Iterator[legacy.LegacyServer]:
+    """A real vsftpd on loopback, for tests that need one server, any server."""
+    require_servers("vsftpd")
+    server = legacy.start("vsftpd", server_dir / "vsftpd")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=legacy.SERVERS)
 def server_kind(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -84,6 +84,12 @@ class _Direction:
     def __init__(self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool, bucket: TokenBucket | None) -> None:
         self.source, self.target, self.stats, self.upload, self.bucket = source, target, stats, upload, bucket
 
+    def _count(self, received: int) -> None:
+        if self.upload:
+            self.stats.upload += received
+        else:
+            self.stats.download += received
+
     async def pump(self) -> None:
         global _splice_works
         if _splice_works and self.bucket is None:
@@ -107,7 +113,7 @@ class _Direction:
                 capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 capacity = 64 * 1024
-            source, target, stats = self.source, self.target, self.stats
+            source, target = self.source, self.target
             source_fd, target_fd = source.fileno(), target.fileno()
             flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
             while True:
@@ -128,10 +134,7 @@ class _Direction:
                         pending -= os.splice(read_end, target_fd, pending, flags=flags)
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(target)
-                if self.upload:
-                    stats.upload += received
-                else:
-                    stats.download += received
+                self._count(received)
                 await trio.lowlevel.checkpoint()
         finally:
             os.close(read_end)
@@ -144,7 +147,7 @@ class _Direction:
         bucket = self.bucket
         size = CHUNK_SIZE if bucket is None else min(CHUNK_SIZE, bucket.burst)
         buffer = memoryview(bytearray(size))
-        source, target, stats = self.source, self.target, self.stats
+        source, target = self.source, self.target
         while True:
             try:
                 received = source.recv_into(buffer)
@@ -159,10 +162,7 @@ class _Direction:
                     sent += target.send(buffer[sent:received])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(target)
-            if self.upload:
-                stats.upload += received
-            else:
-                stats.download += received
+            self._count(received)
             if bucket is not None and (delay := bucket.take(received, trio.current_time())):
                 await trio.sleep(delay)
             else:

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness import legacy
+from tests.harness.clients import sha256
+from tests.harness.procstat import cpu_seconds, rss_kib
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
 
 @dataclass
 class Endpoint:
@@ -81,18 +80,6 @@ def curl(args: list[str]) -> tuple[float, str]:
     return time.perf_counter() - started, result.stdout
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
 def best_of(runs: int, measure) -> float:
     return statistics.median(measure() for _ in range(runs))
 
@@ -110,10 +97,10 @@ class Bench:
         size = self.args.size_mib << 20
         self.big = self.server.files / "big.bin"
         _write_random(self.big, size)
-        self.big_digest = _sha256(self.big)
+        self.big_digest = sha256(self.big)
         self.medium = self.server.files / "medium.bin"
         _write_random(self.medium, self.args.concurrent_mib << 20)
-        self.medium_digest = _sha256(self.medium)
+        self.medium_digest = sha256(self.medium)
         self.upload_source = self.workdir / "upload-source.bin"
         shutil.copyfile(self.big, self.upload_source)
         config = config_text(
@@ -262,7 +249,7 @@ class Bench:
         self.record("session setup (connect, USER, PASS, QUIT)", "per s", rates, ">= 0.7x direct", rates["ftpfix"] / rates["direct"] >= 0.7)
 
     def check(self, path: Path, digest: str, what: str) -> None:
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             self.failures.append(f"{what}: sha256 mismatch")
 
     def table(self) -> str:
@@ -291,14 +278,6 @@ def _write_random(path: Path, size: int) -> None:
             # Vary each block so no layer can deduplicate or compress.
             file.write(hashlib.sha256(offset.to_bytes(8, "big")).digest() + block[32 : min(len(block), size - offset)])
     os.chown(path, legacy.NOBODY_UID, legacy.NOBODY_GID)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from .clients import CLIENTS, MODES, NOT_APPLICABLE
 from .legacy import CACHE, SERVERS

@@ -11,21 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_servers
 from tests.harness import legacy
 from tests.harness.proxy import config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
 
-
-@pytest.fixture
-def vsftpd(server_dir: Path):
-    require_servers("vsftpd")
-    server = legacy.start("vsftpd", server_dir / "vsftpd")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def start(vsftpd: legacy.LegacyServer, tmp_path: Path, ports: str, accept_timeout: float = 30):

@@ -24,15 +24,6 @@ pytestmark = [pytest.mark.servers, pytest.mark.root]
 PORTS = "50800-50819"
 
 
-@pytest.fixture
-def vsftpd(server_dir: Path) -> Iterator[legacy.LegacyServer]:
-    require_servers("vsftpd")
-    server = legacy.start("vsftpd", server_dir / "vsftpd")
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 def start(server: legacy.LegacyServer, tmp_path: Path, limits: str = "", *, access: str = "", backend_port: int | None = None, ports: str = PORTS) -> Ftpfix:
     extra = f"[limits]\n{limits}\n" + (f"[access]\n{access}\n" if access else "")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ftplib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_root, require_servers
+from tests.conftest import require, require_root
 from tests.harness import legacy
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
@@ -29,15 +28,6 @@ def pasv_host(proxy: Ftpfix, user: str, password: str) -> str:
     numbers = reply[reply.index("(") + 1 : reply.index(")")].split(",")
     return ".".join(numbers[:4])
 
-
-@pytest.fixture
-def vsftpd(server_dir: Path) -> Iterator[legacy.LegacyServer]:
-    require_servers("vsftpd")
-    server = legacy.start("vsftpd", server_dir / "vsftpd")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftpd: legacy.LegacyServer, tmp_path: Path) -> None:

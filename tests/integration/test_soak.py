@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import require_servers
 from tests.harness import legacy
+from tests.harness.procstat import open_fds, rss_kib
 from tests.harness.proxy import config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
@@ -31,17 +32,6 @@ ABORT_RATE = 0.08  # a RETR that the client aborts half-way
 VANISH_RATE = 0.05  # a RETR after which the client disappears with RST
 SOAK_ROUNDS = 2  # measured rounds of SESSIONS concurrent sessions, after one warm-up round
 LIMIT = 240  # seconds one round may take
-
-
-def process_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def process_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def test_soak_300_sessions(server_dir: Path, tmp_path: Path) -> None:
@@ -139,12 +129,12 @@ def test_soak_300_sessions(server_dir: Path, tmp_path: Path) -> None:
         # high-water mark. A leak is growth beyond it.
         soak(100_000)
         _wait_until_idle(proxy, SESSIONS)
-        base_fds, base_rss = process_fds(pid), process_rss_kib(pid)
+        base_fds, base_rss = open_fds(pid), rss_kib(pid)
         outcomes.clear()
 
         elapsed = sum(soak(round_ * SESSIONS) for round_ in range(SOAK_ROUNDS))
         _wait_until_idle(proxy, SESSIONS * (SOAK_ROUNDS + 1))
-        fds, rss = process_fds(pid), process_rss_kib(pid)
+        fds, rss = open_fds(pid), rss_kib(pid)
         print(f"\nsoak: {SOAK_ROUNDS} x {SESSIONS} concurrent sessions in {elapsed:.1f} s: {dict(outcomes)}")
         print(f"soak: after warm-up fds {base_fds}, RSS {base_rss} KiB; after the soak fds {fds}, RSS {rss} KiB")
 
