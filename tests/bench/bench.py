@@ -107,7 +107,7 @@ class Bench:
             listen=("127.0.0.1", 0),
             backend=("127.0.0.1", self.server.port),
             public_address="127.0.0.1",
-            ports="52000-52299",
+            ports="22000-22299",
             extra="[limits]\nmax_sessions = 10000\nmax_sessions_per_ip = 10000\n",
         ).replace('level = "debug"', 'level = "info"')
         self.ftpfix: Ftpfix = start_ftpfix(self.workdir / "ftpfix", config)

@@ -46,7 +46,7 @@ def pasv_port(ftp: ftplib.FTP) -> int:
 def test_a_stranger_is_refused_and_the_client_still_gets_its_file(vsftpd, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024)
     legacy.put_file(vsftpd, "f.bin", data)
-    proxy = start(vsftpd, tmp_path, "50200-50209")
+    proxy = start(vsftpd, tmp_path, "20200-20209")
     try:
         ftp = login(proxy)
         ftp.voidcmd("TYPE I")
@@ -72,11 +72,11 @@ def test_a_stranger_is_refused_and_the_client_still_gets_its_file(vsftpd, tmp_pa
 
 
 def test_an_exhausted_pool_gets_425_and_recovers(vsftpd, tmp_path: Path) -> None:
-    proxy = start(vsftpd, tmp_path, "50210-50211", accept_timeout=2)
+    proxy = start(vsftpd, tmp_path, "20210-20211", accept_timeout=2)
     try:
         sessions = [login(proxy) for _ in range(3)]
         ports = {pasv_port(sessions[0]), pasv_port(sessions[1])}
-        assert ports == {50210, 50211}
+        assert ports == {20210, 20211}
         with pytest.raises(ftplib.error_temp, match="425 Can't open data connection: no free passive port"):
             sessions[2].sendcmd("PASV")
         assert sessions[2].sendcmd("NOOP").startswith("200")
@@ -90,11 +90,11 @@ def test_an_exhausted_pool_gets_425_and_recovers(vsftpd, tmp_path: Path) -> None
 
 
 def test_a_new_pasv_replaces_the_pending_mapping(vsftpd, tmp_path: Path) -> None:
-    proxy = start(vsftpd, tmp_path, "50220-50220")
+    proxy = start(vsftpd, tmp_path, "20220-20220")
     try:
         ftp = login(proxy)
         for _ in range(5):  # a one-port pool: each PASV frees the last one's port
-            assert pasv_port(ftp) == 50220
+            assert pasv_port(ftp) == 20220
         ftp.quit()
     finally:
         proxy.stop()
@@ -102,23 +102,23 @@ def test_a_new_pasv_replaces_the_pending_mapping(vsftpd, tmp_path: Path) -> None
 
 def test_a_port_held_by_another_process_is_skipped(vsftpd, tmp_path: Path) -> None:
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 50230))
+        squatter.bind(("127.0.0.1", 20230))
         squatter.listen()
-        proxy = start(vsftpd, tmp_path, "50230-50231")
+        proxy = start(vsftpd, tmp_path, "20230-20231")
         try:
             ftp = login(proxy)
-            assert pasv_port(ftp) == 50231
+            assert pasv_port(ftp) == 20231
             ftp.quit()
         finally:
             proxy.stop()
 
 
 def test_every_advertised_port_is_in_the_range(vsftpd, tmp_path: Path) -> None:
-    proxy = start(vsftpd, tmp_path, "50240-50242")
+    proxy = start(vsftpd, tmp_path, "20240-20242")
     try:
         ftp = login(proxy)
         seen = {pasv_port(ftp) for _ in range(20)}
-        assert seen <= {50240, 50241, 50242}
+        assert seen <= {20240, 20241, 20242}
         ftp.quit()
     finally:
         proxy.stop()

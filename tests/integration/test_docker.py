@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.servers]
 OCI_BUILD = ROOT.parent / "shared" / "tools" / "oci-build"
 IMAGE = f"localhost/ftpfix:test-{os.getpid()}"
 CONTAINER = f"ftpfix-test-{os.getpid()}"
-PASSIVE_PORTS = "50300-50319"
+PASSIVE_PORTS = "20300-20319"
 
 
 def oci(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -85,7 +85,7 @@ def test_the_container_relays_transfers(container: tuple[int, legacy.LegacyServe
     logs = [json.loads(line) for line in oci("podman", "logs", CONTAINER).stdout.splitlines() if line.startswith("{")]
     closed = [event for event in logs if event["event"] == "session closed"]
     assert len(closed) >= 6
-    assert all(50300 <= int(event["public"].rpartition(":")[2]) <= 50319 for event in logs if event["event"] == "passive mapping")
+    assert all(20300 <= int(event["public"].rpartition(":")[2]) <= 20319 for event in logs if event["event"] == "passive mapping")
 
 
 def test_the_container_is_healthy_and_not_root(container: tuple[int, legacy.LegacyServer], image: str) -> None:

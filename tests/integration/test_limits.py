@@ -21,7 +21,7 @@ from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
 
-PORTS = "50800-50819"
+PORTS = "20800-20819"
 
 
 
@@ -181,7 +181,7 @@ def test_nul_bytes_and_invalid_utf8_reach_the_backend_as_bytes(vsftpd, tmp_path,
 
 
 def test_a_pasv_storm_holds_one_port(vsftpd, tmp_path, stop_all) -> None:
-    proxy = start(vsftpd, tmp_path, ports="50820-50821")
+    proxy = start(vsftpd, tmp_path, ports="20820-20821")
     stop_all.append(proxy)
     storm, other = connect(proxy), connect(proxy)
     storm.login("anonymous", "x")
@@ -236,7 +236,7 @@ def _children(pid: int) -> list[int]:
 
 def test_a_client_vanishing_mid_transfer_frees_everything(vsftpd, tmp_path, stop_all) -> None:
     legacy.put_file(vsftpd, "big.bin", os.urandom(20_000_000))
-    proxy = start(vsftpd, tmp_path, "download_rate = 4000000", ports="50830-50830")
+    proxy = start(vsftpd, tmp_path, "download_rate = 4000000", ports="20830-20830")
     stop_all.append(proxy)
     ftp = connect(proxy)
     ftp.login("anonymous", "x")

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.servers, pytest.mark.root]
 #: Loopback addresses: the proxy advertises 127.0.0.1 while the backend's own
 #: 227 names 127.0.0.1 too, so the mapping is proven by the port, which must
 #: come from ftpfix's range.
-PASSIVE_PORTS = "50100-50119"
+PASSIVE_PORTS = "20100-20119"
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def check_transfers(client: str, mode: str, backend: legacy.LegacyServer, proxy,
     assert len(mappings) >= 2
     for mapping in proxy.events("passive mapping"):
         port = int(mapping["public"].rpartition(":")[2])
-        assert 50100 <= port <= 50119, mapping
+        assert 20100 <= port <= 20119, mapping
     # Commands are logged at debug level, but never the password.
     assert backend.password not in proxy.log.read_text()
     closed = proxy.events("session closed")
@@ -101,7 +101,7 @@ def test_psw_reaches_proftpd_as_pasv(server_dir: Path, tmp_path: Path) -> None:
                 reply = proxied.sendcmd(spelling)
                 assert reply.startswith("227 Entering Passive Mode (192,0,2,77,"), reply
                 numbers = reply[reply.index("(") + 1 : reply.index(")")].split(",")
-                assert 50100 <= int(numbers[4]) * 256 + int(numbers[5]) <= 50119
+                assert 20100 <= int(numbers[4]) * 256 + int(numbers[5]) <= 20119
             assert proxied.sendcmd("NOOP").startswith("200")
             proxied.quit()
         finally:

@@ -19,7 +19,7 @@ from tests.harness.proxy import ROOT, Ftpfix, config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
 
-PORTS = "50500-50519"
+PORTS = "20500-20519"
 
 
 def ftpfix_for(server: legacy.LegacyServer, workdir: Path, *, listen: str | list[str] = "127.0.0.1", port: int = 0, extra: str = "", passive_extra: str = "") -> Ftpfix:

@@ -30,7 +30,7 @@ def run(tmp_path: Path) -> Iterator:
                 listen=("127.0.0.1", 0),
                 backend=(backend.host, backend.port),
                 public_address="127.0.0.1",
-                ports="50400-50419",
+                ports="20400-20419",
                 passive_extra=f'epsv = "{epsv_mode}"',
             ),
         )

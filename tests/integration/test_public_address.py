@@ -47,7 +47,7 @@ def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftp
             listen=("127.0.0.1", 0),
             backend=(vsftpd.host, vsftpd.port),
             public_address=NAME,
-            ports="50700-50719",
+            ports="20700-20719",
             passive_extra="public_address_ttl = 0.5",
         ),
         wrapper=wrapper,
@@ -70,7 +70,7 @@ def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftp
 def test_auto_gives_the_address_the_client_dialed(vsftpd: legacy.LegacyServer, tmp_path: Path) -> None:
     proxy = start_ftpfix(
         tmp_path / "ftpfix",
-        config_text(listen=("127.0.0.2", 0), backend=(vsftpd.host, vsftpd.port), public_address="auto", ports="50720-50739"),
+        config_text(listen=("127.0.0.2", 0), backend=(vsftpd.host, vsftpd.port), public_address="auto", ports="20720-20739"),
     )
     try:
         assert pasv_host(proxy, vsftpd.user, vsftpd.password) == "127.0.0.2"
@@ -86,7 +86,7 @@ def test_split_horizon_on_loopback(vsftpd: legacy.LegacyServer, tmp_path: Path) 
             listen=("127.0.0.3", 0),
             backend=(vsftpd.host, vsftpd.port),
             public_address="203.0.113.1",
-            ports="50740-50759",
+            ports="20740-20759",
             passive_extra='internal_networks = ["127.0.0.0/8"]',
         ),
     )

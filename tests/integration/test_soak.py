@@ -48,7 +48,7 @@ def test_soak_300_sessions(server_dir: Path, tmp_path: Path) -> None:
             listen=("127.0.0.1", 0),
             backend=(server.host, server.port),
             public_address="127.0.0.1",
-            ports="51000-51399",
+            ports="21000-21399",
             extra="[limits]\nmax_sessions = 1000\nmax_sessions_per_ip = 1000\n",
         ).replace('level = "debug"', 'level = "info"'),
     )
