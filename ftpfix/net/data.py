@@ -206,7 +206,7 @@ async def serve_mapping(
     is cancelled by a newer PASV, by ABOR or by the session's end.
     ``mapping.finished`` is set last.
     """
-    accepted = dialed = None
+    accepted = dialed = client = None
     try:
         with mapping.cancel_scope:
             with trio.move_on_after(accept_timeout) as waiting:
@@ -227,8 +227,7 @@ async def serve_mapping(
                 return
             client, backend = (dialed, accepted) if mapping.active else (accepted, dialed)
             await relay(client, backend, mapping.stats, mapping.upload_limit, mapping.download_limit)
-        if mapping.aborted and accepted is not None and dialed is not None:
-            client = dialed if mapping.active else accepted
+        if mapping.aborted and client is not None:
             client.close()
             with trio.move_on_after(ABORT_HOLD):
                 await mapping.backend_answered.wait()
@@ -237,7 +236,6 @@ async def serve_mapping(
             if sock is not None:
                 sock.close()
         mapping.release(pool)
-        mapping.stats.backend_done.set()
         mapping.finished.set()
 
 

@@ -20,7 +20,7 @@ import errno
 import fcntl
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -75,7 +75,6 @@ class RelayStats:
     upload: int = 0  # client to backend
     download: int = 0  # backend to client
     error: str | None = None
-    backend_done: trio.Event = field(default_factory=trio.Event)
 
 
 class _Direction:
@@ -200,8 +199,7 @@ async def relay(
     Error handling: a reset or any other socket error in either direction
     ends both, and is recorded in ``stats.error`` rather than raised, because
     for a data connection an abrupt end is an outcome (ABOR does exactly that),
-    not a fault of ftpfix. ``stats.backend_done`` is set once nothing more can
-    come from the backend.
+    not a fault of ftpfix.
     """
 
     async def run(direction: _Direction, nursery: trio.Nursery) -> None:
@@ -211,16 +209,10 @@ async def relay(
             stats.error = f"{'upload' if direction.upload else 'download'}: {error.strerror or error}"
             nursery.cancel_scope.cancel()
             return
-        finally:
-            if not direction.upload:
-                stats.backend_done.set()
         if not direction.upload:
             # The backend has finished; give the client a while to finish too.
             nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + CLIENT_LINGER)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, _Direction(client, backend, stats, True, upload_limit), nursery)
-            nursery.start_soon(run, _Direction(backend, client, stats, False, download_limit), nursery)
-    finally:
-        stats.backend_done.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, _Direction(client, backend, stats, True, upload_limit), nursery)
+        nursery.start_soon(run, _Direction(backend, client, stats, False, download_limit), nursery)
