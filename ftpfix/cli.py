@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(config.log.level, config.log.format)
     failures: list[BaseException] = []
+    status = 0
     try:
-        trio.run(run, config)
+        status = trio.run(run, config)
     except* StartupError as group:
         failures = list(group.exceptions)
     for error in failures:
         print(f"ftpfix: {error}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else status
 
 
 #: Seconds the health check waits for the greeting; Docker's own timeout

@@ -115,9 +115,13 @@ def _optional_port(value: Any) -> int | None:
     return _port(value)
 
 
+#: Highest rate limit: a terabyte per second is no limit at all.
+MAX_RATE = 10**12
+
+
 def _rate(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{value!r} is not a rate in bytes per second (0 for no limit)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RATE:
+        raise ValueError(f"{value!r} is not a rate in bytes per second (0 for no limit, at most {MAX_RATE})")
     return value
 
 
@@ -141,16 +145,30 @@ def _port_range(value: Any) -> PortRange:
     return PortRange(first, last)
 
 
+#: Longest duration any setting accepts: a year. Past it a number is a typo,
+#: and nan or inf would make every deadline computed from it meaningless.
+MAX_SECONDS = 365 * 24 * 3600
+
+
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{value!r} is not a positive number of seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"{value!r} is not a number of seconds from 0 (excluded) to {MAX_SECONDS}")
     return float(value)
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{value!r} is not a positive integer")
-    return value
+def _count(maximum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+            raise ValueError(f"{value!r} is not a whole number from 1 to {maximum}")
+        return value
+
+    return parse
+
+
+def _optional_port_range(value: Any) -> PortRange | None:
+    if value is False:
+        return None
+    return _port_range(value)
 
 
 _VERB = re.compile(r"[!-~]{1,16}")
@@ -198,6 +216,9 @@ class Backend:
     address: str = _key(_host, help="the legacy FTP server (required)")
     port: int = _key(_port, 21, "its control port")
     connect_timeout: float = _key(_seconds, 10.0, "seconds to reach it before the client gets 421")
+    passive_ports: PortRange | None = _key(
+        _optional_port_range, None, "its own passive range (e.g. vsftpd's pasv_min_port-pasv_max_port); a 227 naming another port opens nothing"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,15 +248,15 @@ class Commands:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_sessions: int = _key(_positive_int, 200, "sessions at once; more get 421 at connect")
-    max_sessions_per_ip: int = _key(_positive_int, 20, "sessions at once from one client address")
+    max_sessions: int = _key(_count(1_000_000), 200, "sessions at once; more get 421 at connect")
+    max_sessions_per_ip: int = _key(_count(1_000_000), 20, "sessions at once from one client address")
     idle_timeout: float = _key(_seconds, 900.0, "seconds without a command or a transfer before 421")
     login_timeout: float = _key(_seconds, 60.0, "seconds from connect to a successful login")
     line_timeout: float = _key(_seconds, 30.0, "seconds a started command line has to end (slowloris)")
     data_connect_timeout: float = _key(_seconds, 30.0, "seconds a data port waits for its peer")
     upload_rate: int = _key(_rate, 0, "bytes per second per session, client to server; 0 for none")
     download_rate: int = _key(_rate, 0, "bytes per second per session, server to client; 0 for none")
-    max_line: int = _key(_positive_int, 4096, "longest command line, in bytes")
+    max_line: int = _key(_count(1024 * 1024), 4096, "longest command line, in bytes")
     shutdown_grace: float = _key(_seconds, 30.0, "seconds sessions may finish after SIGTERM")
 
 
@@ -292,7 +313,7 @@ def _build_section(name: str, cls: type, table: Any, where: str) -> Any:
             raise ConfigError(f"{where}: [{name}] {key}: unknown key (known: {', '.join(known)})")
         try:
             values[key] = known[key].metadata["parse"](raw)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise ConfigError(f"{where}: [{name}] {key}: {error}") from None
     for key, spec in known.items():
         if key not in values and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
@@ -323,6 +344,9 @@ def load_config(path: Path) -> Config:
         document = tomllib.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:
+        # tomllib recurses once per nesting level of arrays and tables.
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return parse_config(document, path)
 
 

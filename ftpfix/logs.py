@@ -9,6 +9,7 @@ line; a person at a terminal wants colours and aligned columns. Session fields
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -16,21 +17,30 @@ from typing import Any, TextIO
 import structlog
 
 #: Field names whose values are never written, whoever logs them.
-SECRET_FIELDS = frozenset({"password", "pass"})
+SECRET_FIELDS = frozenset({"password", "pass", "passwd", "secret"})
+
+#: A PASS or ACCT command inside any text: however the verb is cased or
+#: separated from its argument (a server may split on tabs), and also in the
+#: repr() of bytes, where a tab reads as "\t". Everything after it is masked.
+_SECRET_COMMAND = re.compile(r"(?i)(?<![A-Za-z])(PASS|ACCT)((?:[ \t\x0b\x0c]|\\[tx](?:0b|0c)?)+)[^\r\n]*")
+
+
+def _mask(text: str) -> str:
+    return _SECRET_COMMAND.sub(lambda match: match.group(1) + " ****", text)
 
 
 def mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A structlog processor that masks passwords, wherever they appear.
 
-    The core already masks PASS arguments; this is the second lock, for a
-    command line logged whole.
+    The core already masks the arguments of PASS and ACCT; this is the second
+    lock, for a command line that reaches a log some other way (an error
+    message, a reply quoted back): every string field is searched.
     """
-    for key in SECRET_FIELDS & event.keys():
-        event[key] = "****"
-    for key in ("line", "command"):
-        value = event.get(key)
-        if isinstance(value, str) and value[:5].upper() in ("PASS ", "ACCT "):
-            event[key] = value[:5] + "****"
+    for key, value in event.items():
+        if key in SECRET_FIELDS:
+            event[key] = "****"
+        elif isinstance(value, str):
+            event[key] = _mask(value)
     return event
 
 

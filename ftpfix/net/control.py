@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -25,6 +24,7 @@ from ..config import Config
 from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
+    CancelTransfer,
     Close,
     Command,
     FinishTransfer,
@@ -46,7 +46,37 @@ from .relay import TokenBucket
 #: listing is the only large thing that crosses the control channel.
 CONTROL_READ_SIZE = 16 * 1024
 
+#: Data mappings one session may hold at once: the one being set up and one
+#: whose transfer is still ending. A new PASV or PORT first retires mappings
+#: whose transfer is over, so a client cannot collect ports by keeping old
+#: data connections open.
+MAX_MAPPINGS = 2
+
+SHUTDOWN_REPLY = b"421 Service shutting down, closing control connection.\r\n"
+
 _session_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """The addresses of a session's two control connections, read once.
+
+    Passive ports listen on the address the client dialed (``local``), active
+    listeners on the one ftpfix reaches the backend from (``backend_local``).
+    """
+
+    client: str
+    local: str
+    backend: str
+    backend_local: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """Bytes from ``side``; empty at its end of file."""
+
+    side: Side
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +87,19 @@ class _Expired:
     reason: str
 
 
-_Event = tuple[Side, bytes] | _Expired
+@dataclass(frozen=True, slots=True)
+class _TransferDone:
+    """The data relay of the transfer whose final 2xx the core holds has ended."""
+
+    mapping: DataMapping | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Drain:
+    """ftpfix is shutting down: end the session once nothing is in flight."""
+
+
+_Event = _Received | _Expired | _TransferDone | _Drain
 
 
 @dataclass(slots=True)
@@ -76,8 +118,14 @@ class SessionTotals:
 class ControlChannel:
     """The shell around one ``Session``: its streams, mappings and nursery.
 
+    Every input (bytes from a side, a deadline, the end of a transfer, a
+    shutdown) arrives as an event on one unbuffered channel, and one loop
+    feeds them to the core and executes its commands, so they run strictly
+    in order.
+
     Resource handling: every task and socket the session opens belongs to the
     nursery in ``run``, so when ``run`` returns, nothing of the session is left.
+    The client is read only while the core wants more (TCP backpressure).
     """
 
     def __init__(
@@ -87,19 +135,18 @@ class ControlChannel:
         public: PublicAddress,
         client: trio.SocketStream,
         backend: trio.SocketStream,
+        endpoints: Endpoints,
         log: FilteringBoundLogger,
+        shutdown: trio.Event | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.public = public
         self.streams = {Side.CLIENT: client, Side.SERVER: backend}
+        self.endpoints = endpoints
         self.log = log
-        self.client_host = normalize_host(client.socket.getpeername()[0])
-        # The address the client dialed, and the one ftpfix reaches the
-        # backend from: passive ports listen on the first, active on the second.
-        self.local_host = normalize_host(client.socket.getsockname()[0])
-        self.backend_host = normalize_host(backend.socket.getpeername()[0])
-        self.backend_local_host = normalize_host(backend.socket.getsockname()[0])
+        self.shutdown = shutdown
+        passive_ports = config.backend.passive_ports
         policy = Policy(
             aliases=config.commands.aliases,
             max_line=config.limits.max_line,
@@ -107,23 +154,29 @@ class ControlChannel:
             active=config.active.mode,
             fix_address=config.active.fix_address,
             deny_anonymous=config.access.deny_anonymous,
+            backend_port=config.backend.port,
+            backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         )
-        self.core = Session(policy, client=ipaddress.ip_address(self.client_host))
-        self.internal = any(ipaddress.ip_address(self.client_host) in network for network in config.passive.internal_networks)
+        client_address = ipaddress.ip_address(endpoints.client)
+        self.core = Session(policy, client=client_address)
+        self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
-        self._mapping: DataMapping | None = None
+        self._mapping: DataMapping | None = None  # the newest: the one transfers use
+        self._mappings: list[DataMapping] = []  # every one still running
         self._nursery: trio.Nursery | None = None
+        self._events: trio.MemorySendChannel[_Event] | None = None
+        self._draining = False
         now = trio.current_time()
         self._started = now
         self._last_activity = now
         self._partial_since: float | None = None
         self._rearm = trio.Event()
+        self._client_wanted = trio.Event()
+        self._client_wanted.set()
         limits = config.limits
         self._upload_limit = TokenBucket(limits.upload_rate, now) if limits.upload_rate else None
         self._download_limit = TokenBucket(limits.download_rate, now) if limits.download_rate else None
-        # Set while the final reply to a transfer waits for the data relay.
-        self._finishing: trio.CancelScope | None = None
 
     async def run(self) -> None:
         """Relay until either side closes, a deadline passes, or the core asks to close.
@@ -136,34 +189,19 @@ class ControlChannel:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             send, receive = trio.open_memory_channel[_Event](0)
+            self._events = send
             async with send, receive:
                 for side in Side:
                     nursery.start_soon(self._read, side, send.clone())
                 nursery.start_soon(self._watch, send.clone())
+                if self.shutdown is not None:
+                    nursery.start_soon(self._watch_shutdown, self.shutdown, send.clone())
                 async for event in receive:
-                    if isinstance(event, _Expired):
-                        self.log.info("session timed out", reason=event.reason)
-                        self.close_reason = event.reason
-                        await self._send(Side.CLIENT, event.reply)
-                        break
-                    side, data = event
                     try:
-                        if data:
-                            commands = self.core.receive_data(side, data)
-                        else:
-                            commands = self.core.connection_closed(side)
+                        if not await self._dispatch(event):
+                            break
                     except ProtocolError as caught:
                         error = caught
-                        break
-                    if side is Side.CLIENT:
-                        self._last_activity = trio.current_time()
-                        partial = self.core.partial_command
-                        if not partial:
-                            self._partial_since = None
-                        elif self._partial_since is None:
-                            self._partial_since = self._last_activity
-                            self._rearm.set()  # a nearer deadline for the watchdog
-                    if not await self._execute(commands):
                         break
                 # Cancel before the channel closes, so a reader blocked in
                 # send() is cancelled rather than told the channel broke.
@@ -171,21 +209,58 @@ class ControlChannel:
         if error is not None:
             raise error
 
+    async def _dispatch(self, event: _Event) -> bool:
+        """Feed one event to the core and run what it asks; False once the session must end."""
+        match event:
+            case _Expired(reply=reply, reason=reason):
+                self.log.info("session timed out", reason=reason)
+                self.close_reason = reason
+                await self._send(Side.CLIENT, reply)
+                return False
+            case _Drain():
+                self._draining = True
+                commands: list[Command] = []
+            case _TransferDone(mapping=mapping):
+                if mapping is None or mapping.failure is None:
+                    commands = self.core.transfer_finished()
+                else:
+                    self.log.info("transfer failed", port=mapping.port, failure=mapping.failure)
+                    commands = self.core.transfer_finished(mapping.failure, connected=mapping.connected)
+            case _Received(side=side, data=data):
+                commands = self.core.receive_data(side, data) if data else self.core.connection_closed(side)
+                if side is Side.CLIENT:
+                    self._last_activity = trio.current_time()
+                    if not self.core.partial_command:
+                        self._partial_since = None
+                    elif self._partial_since is None:
+                        self._partial_since = self._last_activity
+                        self._rearm.set()  # a nearer deadline for the watchdog
+        if not await self._execute(commands):
+            return False
+        if self.core.wants_client_data:
+            self._client_wanted.set()
+        elif self._client_wanted.is_set():
+            self._client_wanted = trio.Event()
+        if self._draining and self.core.idle:
+            self.close_reason = "ftpfix is shutting down"
+            await self._send(Side.CLIENT, SHUTDOWN_REPLY)
+            return False
+        return True
+
     async def _watch(self, send: trio.MemorySendChannel[_Event]) -> None:
         """Post an _Expired when the login, idle or line deadline passes.
 
         It sleeps until the nearest deadline, or until the dispatcher says a
         nearer one appeared, and looks again: an idle session costs one
-        timer, not a poll loop.
+        timer, not a poll loop. A data connection counts as activity only
+        while bytes move; the relay ends one that stalls.
         """
         limits = self.config.limits
         async with send:
             while True:
                 now = trio.current_time()
-                mapping = self._mapping
-                if mapping is not None and mapping.accepted.is_set() and not mapping.finished.is_set():
-                    self._last_activity = now  # a transfer in progress is activity
-                deadlines = [(self._last_activity + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout")]
+                last = max([self._last_activity, *(m.stats.last_progress for m in self._mappings if m.connected)])
+                deadlines = [(last + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout")]
                 if not self.core.logged_in:
                     deadlines.append((self._started + limits.login_timeout, f"421 Login timeout ({limits.login_timeout:g} s), closing control connection.", "login timeout"))
                 if self._partial_since is not None:
@@ -198,22 +273,27 @@ class ControlChannel:
                     await self._rearm.wait()
                 self._rearm = trio.Event()
 
+    async def _watch_shutdown(self, shutdown: trio.Event, send: trio.MemorySendChannel[_Event]) -> None:
+        async with send:
+            await shutdown.wait()
+            await send.send(_Drain())
+
     async def _read(self, side: Side, send: trio.MemorySendChannel[_Event]) -> None:
+        stream = self.streams[side]
         async with send:
             try:
-                while data := await self.streams[side].receive_some(CONTROL_READ_SIZE):
-                    if side is Side.CLIENT and self._finishing is not None:
-                        # The client speaks before it has all the data: it is
-                        # aborting, and waiting for the relay would deadlock.
-                        self._finishing.cancel()
-                    await send.send((side, data))
+                while True:
+                    while side is Side.CLIENT and not self.core.wants_client_data:
+                        await self._client_wanted.wait()
+                    data = await stream.receive_some(CONTROL_READ_SIZE)
+                    await send.send(_Received(side, data))
+                    if not data:
+                        return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # A reset, not an orderly close: nobody is left to answer.
                 self.close_reason = f"{side.value} connection reset"
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
-                return
-            await send.send((side, b""))
 
     async def _execute(self, commands: list[Command]) -> bool:
         """Run the core's commands in order; False once the session must end."""
@@ -231,13 +311,13 @@ class ControlChannel:
                     if self._mapping is not None:
                         self._mapping.abort(self.pool)
                 case FinishTransfer():
+                    self._finish_transfer()
+                case CancelTransfer():
                     mapping = self._mapping
                     if mapping is not None:
-                        mapping.backend_answered.set()
-                    if mapping is not None and mapping.accepted.is_set():
-                        with trio.CancelScope() as self._finishing:
-                            await mapping.finished.wait()
-                        self._finishing = None
+                        mapping.answered.set()
+                        if not mapping.aborted:
+                            mapping.cancel(self.pool, "the server ended the transfer")
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
                 case Close(reason=reason):
@@ -246,6 +326,25 @@ class ControlChannel:
                 case _:
                     raise TypeError(f"unknown command from the core: {command!r}")
         return True
+
+    def _finish_transfer(self) -> None:
+        """Report the transfer's outcome once its relay has delivered everything."""
+        mapping = self._mapping
+        if mapping is not None:
+            mapping.answered.set()
+            if not mapping.accepted.is_set() and not mapping.active:
+                # Nobody connected to the public port, so ftpfix never dialed
+                # the backend: its 2xx involved no data connection of ours.
+                mapping.cancel(self.pool, "the transfer is over")
+                mapping = None
+        assert self._nursery is not None and self._events is not None
+        self._nursery.start_soon(self._report_transfer, mapping, self._events.clone())
+
+    async def _report_transfer(self, mapping: DataMapping | None, send: trio.MemorySendChannel[_Event]) -> None:
+        async with send:
+            if mapping is not None:
+                await mapping.delivered.wait()
+            await send.send(_TransferDone(mapping))
 
     async def _send(self, side: Side, data: bytes, urgent: bool = False) -> None:
         stream = self.streams[side]
@@ -256,27 +355,34 @@ class ControlChannel:
                 await stream.socket.send(data, socket.MSG_OOB)
             else:
                 await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.close_reason = f"{side.value} connection lost"
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
             await trio.lowlevel.checkpoint()
 
-    def _drop_pending_mapping(self) -> None:
-        # One pending mapping per session: a new PASV or PORT replaces one the
-        # peer never used, and frees its port before a new one is leased.
-        previous = self._mapping
-        if previous is not None and not previous.accepted.is_set():
-            previous.cancel(self.pool)
+    def _make_room(self) -> bool:
+        """Retire mappings a new one replaces; False if the session holds too many.
+
+        A mapping nobody connected to, and one whose transfer the backend has
+        already answered (a client keeping its end of a finished transfer
+        open), give way to the new one, and their ports go back to the pool.
+        """
+        for mapping in self._mappings:
+            if not mapping.accepted.is_set() or mapping.answered.is_set():
+                mapping.cancel(self.pool, "replaced by a new data connection")
+        live = [mapping for mapping in self._mappings if not mapping.cancel_scope.cancel_called]
+        return len(live) < MAX_MAPPINGS
 
     def _start_mapping(self, mapping: DataMapping) -> None:
         self._mapping = mapping
+        self._mappings.append(mapping)
         self.totals.mappings += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_mapping, mapping)
 
     def _advertised_address(self) -> ipaddress.IPv4Address | None:
-        local = ipaddress.ip_address(self.local_host)
+        local = ipaddress.ip_address(self.endpoints.local)
         if self.internal:
             # Split horizon: a LAN client that dialed the private address
             # must be sent back to it, not out to the router.
@@ -288,17 +394,25 @@ class ControlChannel:
         if address is None and not command.extended:
             self.log.warning("no public address to advertise", setting=self.public.setting)
             return self.core.passive_failed("the public address is not known yet")
-        self._drop_pending_mapping()
-        opened = open_passive_listener(self.pool, self.config.passive.listen_address or self.local_host)
+        if not self._make_room():
+            self.log.warning("too many data connections in one session", limit=MAX_MAPPINGS)
+            return self.core.passive_failed("too many data connections at once")
+        listen_host = self.config.passive.listen_address or self.endpoints.local
+        try:
+            opened = open_passive_listener(self.pool, listen_host)
+        except OSError as error:
+            self.log.warning("cannot open a passive port", address=listen_host, error=error.strerror or str(error))
+            return self.core.passive_failed("ftpfix cannot listen for it now")
         if opened is None:
             self.log.warning("passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased)
             return self.core.passive_failed("no free passive port, try again later")
         port, listener = opened
+        backend = self.endpoints.backend
         self._start_mapping(
             DataMapping(
                 port=port,
-                peer_host=self.client_host,
-                target=(self.backend_host, command.backend_port),
+                peer_host=self.endpoints.client,
+                target=(backend, command.backend_port),
                 listener=listener,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,
@@ -306,22 +420,25 @@ class ControlChannel:
         )
         self.log.info(
             "passive mapping",
-            public=f"{address or self.local_host}:{port}",
-            backend=f"{self.backend_host}:{command.backend_port}",
-            advertised=f"{command.advertised_host or self.backend_host}:{command.backend_port}",
+            public=f"{address or self.endpoints.local}:{port}",
+            backend=f"{backend}:{command.backend_port}",
+            advertised=f"{command.advertised_host or backend}:{command.backend_port}",
         )
         return self.core.passive_opened(address, port)
 
     def _open_active(self, command: OpenActive) -> list[Command]:
-        self._drop_pending_mapping()
+        if not self._make_room():
+            self.log.warning("too many data connections in one session", limit=MAX_MAPPINGS)
+            return self.core.active_failed("too many data connections at once")
+        listen_host = self.endpoints.backend_local
         try:
-            port, listener = open_active_listener(self.backend_local_host)
+            port, listener = open_active_listener(listen_host)
         except OSError as error:
-            self.log.warning("cannot listen for the backend's active connection", error=str(error))
-            return self.core.active_failed("cannot listen for the server")
+            self.log.warning("cannot listen for the backend's active connection", error=error.strerror or str(error))
+            return self.core.active_failed("ftpfix cannot listen for the server now")
         mapping = DataMapping(
             port=port,
-            peer_host=self.backend_host,
+            peer_host=self.endpoints.backend,
             target=(command.host, command.port),
             listener=listener,
             active=True,
@@ -331,19 +448,29 @@ class ControlChannel:
             download_limit=self._download_limit,
         )
         self._start_mapping(mapping)
-        self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{self.backend_local_host}:{port}")
-        return self.core.active_opened(ipaddress.ip_address(self.backend_local_host), port)
+        self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{listen_host}:{port}")
+        return self.core.active_opened(ipaddress.ip_address(listen_host), port)
 
     async def _serve_mapping(self, mapping: DataMapping) -> None:
+        """Run one mapping; its own failure boundary (STYLE 11)."""
         try:
             await serve_mapping(
                 mapping,
                 self.pool,
                 accept_timeout=self.config.limits.data_connect_timeout,
                 connect_timeout=self.config.active.connect_timeout if mapping.active else self.config.backend.connect_timeout,
+                stall_timeout=self.config.limits.idle_timeout,
                 log=self.log,
             )
+        except Exception:
+            mapping.fail("ftpfix failed")
+            self.log.exception("data connection crashed: this is a bug in ftpfix", port=mapping.port)
         finally:
+            mapping.release(self.pool)
+            mapping.delivered.set()
+            mapping.finished.set()
+            self._mappings.remove(mapping)
+            self._last_activity = max(self._last_activity, mapping.stats.last_progress)
             self.totals.add(mapping)
             if mapping.stats.error:
                 self.log.info("data connection ended abruptly", port=mapping.port, error=mapping.stats.error)
@@ -351,36 +478,44 @@ class ControlChannel:
 
 async def handle_client(
     stream: trio.SocketStream,
+    client: tuple[str, int],
     config: Config,
     pool: PortPool,
     public: PublicAddress,
-    stopping: Callable[[], bool] = lambda: False,
+    shutdown: trio.Event | None = None,
 ) -> None:
     """Serve one client connection from accept to close.
+
+    ``client`` is the peer's address and port, read once at accept.
 
     Error handling: this is the shell's edge. Lost connections end the session
     quietly; a ProtocolError sends its reply to the client; anything else is a
     bug, logged with its traceback, and never takes the server down.
     """
     session_id = next(_session_ids)
-    peer = stream.socket.getpeername()
-    client = f"{normalize_host(peer[0])}:{peer[1]}"
-    structlog.contextvars.bind_contextvars(session=session_id, client=client)
+    structlog.contextvars.bind_contextvars(session=session_id, client=f"{client[0]}:{client[1]}")
     log: FilteringBoundLogger = structlog.get_logger("ftpfix.session")
     started = trio.current_time()
-    # ftplib's abort() sends IAC DM as TCP urgent data: read it inline, in
-    # order, instead of losing it to the out-of-band byte (RFC 1123 4.1.3.1).
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     log.info("session opened")
     channel: ControlChannel | None = None
     ended = False  # the session ran to its own end, not cut off
     try:
+        # ftplib's abort() sends IAC DM as TCP urgent data: read it inline, in
+        # order, instead of losing it to the out-of-band byte (RFC 1123 4.1.3.1).
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        local = normalize_host(stream.socket.getsockname()[0])
         backend = await _connect_backend(stream, config, log)
         if backend is None:
             return
         async with backend:
-            channel = ControlChannel(config, pool, public, stream, backend, log)
+            endpoints = Endpoints(
+                client=client[0],
+                local=local,
+                backend=normalize_host(backend.socket.getpeername()[0]),
+                backend_local=normalize_host(backend.socket.getsockname()[0]),
+            )
+            channel = ControlChannel(config, pool, public, stream, backend, endpoints, log, shutdown)
             try:
                 await channel.run()
                 ended = True
@@ -396,11 +531,11 @@ async def handle_client(
     except Exception:
         log.exception("session crashed: this is a bug in ftpfix")
     finally:
-        if stopping() and not ended:
+        if shutdown is not None and shutdown.is_set() and not ended:
             # Cut off by the end of the shutdown grace: say so, briefly.
             with trio.CancelScope(shield=True), trio.move_on_after(0.5):
                 try:
-                    await stream.send_all(b"421 Service shutting down, closing control connection.\r\n")
+                    await stream.send_all(SHUTDOWN_REPLY)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         await trio.aclose_forcefully(stream)

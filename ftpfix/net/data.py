@@ -25,7 +25,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..ports import PortPool
-from .relay import RelayStats, TokenBucket, relay
+from .relay import RelayStats, TokenBucket, relay, reset_on_close
 
 #: Seconds an aborted transfer's backend side is held open, unread, waiting
 #: for the backend's reply to the aborted command. pure-ftpd and ProFTPD
@@ -53,6 +53,11 @@ class DataMapping:
     ``peer_host`` is the only address that may connect. ``active`` says which
     end the accepted connection is: the client (passive mode) or the backend
     (active mode). ``pooled`` says whether ``port`` came from the port pool.
+
+    Its outcome, for the reply to the transfer command: ``connected`` once
+    both ends are joined, ``failure`` when it did not deliver everything, and
+    ``delivered`` once it has delivered all it will (the backend's data
+    passed on to the client, or the mapping ended).
     """
 
     port: int
@@ -66,11 +71,21 @@ class DataMapping:
     download_limit: TokenBucket | None = None
     stats: RelayStats = field(default_factory=RelayStats)
     accepted: trio.Event = field(default_factory=trio.Event)
+    delivered: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    connected: bool = False
+    failure: str | None = None
     released: bool = False
     aborted: bool = False
-    backend_answered: trio.Event = field(default_factory=trio.Event)
+    #: The backend has answered the transfer command: the transfer is over,
+    #: and an ABOR's hold on the backend's side ends.
+    answered: trio.Event = field(default_factory=trio.Event)
+
+    def fail(self, reason: str) -> None:
+        """Record the first reason the transfer did not deliver everything."""
+        if self.failure is None:
+            self.failure = reason
 
     def release(self, pool: PortPool) -> None:
         """Stop listening and give the port back, once.
@@ -92,8 +107,10 @@ class DataMapping:
             trio.lowlevel.notify_closing(self.listener)
             self.listener.close()
 
-    def cancel(self, pool: PortPool) -> None:
+    def cancel(self, pool: PortPool, reason: str = "the data connection was closed") -> None:
         """End the mapping now: its task is cancelled and its port freed."""
+        if not self.finished.is_set():
+            self.fail(reason)
         self.cancel_scope.cancel()
         self.release(pool)
 
@@ -102,16 +119,23 @@ class DataMapping:
 
         The client's data connection is closed. The backend's is held open
         and unread until the backend answers the aborted command
-        (``backend_answered``): a server that finds its data connection reset
+        (``answered``): a server that finds its data connection reset
         before it reads the ABOR reports a failed transfer instead of
         answering the ABOR (pure-ftpd does), and one whose connection is
         drained finishes the transfer instead of aborting it.
         """
         if not self.accepted.is_set():
-            self.cancel(pool)
+            self.cancel(pool, "aborted")
             return
+        if not self.finished.is_set():
+            self.fail("aborted")
         self.aborted = True
         self.cancel_scope.cancel()
+
+
+#: errno values that mean "out of descriptors or memory": a failure of this
+#: data connection, answered with 425, never a crash of the session.
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -136,10 +160,15 @@ def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket
 
     Error handling: a port that another process holds (EADDRINUSE) is given
     back and the next one tried, so a stray listener in the range costs one
-    port, not the service. Any other bind error is raised.
+    port, not the service. Any other error (an address that is not local,
+    no descriptor left) gives the port back and is raised.
     """
     for port in pool.candidates():
-        listener = socket.socket(_family(host), socket.SOCK_STREAM)
+        try:
+            listener = socket.socket(_family(host), socket.SOCK_STREAM)
+        except OSError:
+            pool.release(port)
+            raise
         try:
             # SO_REUSEADDR: the port of a transfer that just ended sits in
             # TIME_WAIT, and without it the next lease of that port would fail.
@@ -192,6 +221,7 @@ async def serve_mapping(
     *,
     accept_timeout: float,
     connect_timeout: float,
+    stall_timeout: float,
     log: FilteringBoundLogger,
 ) -> None:
     """Accept the expected peer's data connection on ``mapping`` and relay it.
@@ -204,16 +234,28 @@ async def serve_mapping(
     Resource handling: the listener, both data sockets and the port lease are
     released in a ``finally``, whether the transfer ends, fails, times out or
     is cancelled by a newer PASV, by ABOR or by the session's end.
-    ``mapping.finished`` is set last.
+    ``mapping.delivered`` and ``mapping.finished`` are set last.
+
+    Error handling: every way this can go wrong (the peer never connects, the
+    other side refuses, a reset, a stall, no descriptor left) is recorded in
+    ``mapping.failure``, and a failed data connection is reset, never closed
+    cleanly; nothing is raised.
     """
-    accepted = dialed = client = None
+    accepted = dialed = None
     try:
         with mapping.cancel_scope:
+            if mapping.released:
+                return  # replaced before this task even started
             with trio.move_on_after(accept_timeout) as waiting:
-                accepted = await _accept(mapping, log)
+                try:
+                    accepted = await _accept(mapping, log)
+                except trio.ClosedResourceError:
+                    mapping.fail("the data port was closed")
+                    return
             if waiting.cancelled_caught:
                 who = "backend" if mapping.active else "client"
                 log.info(f"data port released: the {who} never connected", port=mapping.port)
+                mapping.fail(f"the {who} did not connect within {accept_timeout:g} s")
                 return
             # One data connection per mapping: stop listening at once. A
             # passive port stays leased until the transfer ends.
@@ -222,24 +264,53 @@ async def serve_mapping(
             try:
                 dialed = await connect(mapping.target, connect_timeout, mapping.source_port)
             except (OSError, trio.TooSlowError) as error:
-                who = "client" if mapping.active else "backend"
+                who = "client" if mapping.active else "server"
                 log.warning(f"{who} refused the data connection", target=f"{mapping.target[0]}:{mapping.target[1]}", error=str(error) or "timed out")
+                mapping.fail(f"cannot connect to the {who}")
                 return
+            mapping.connected = True
             client, backend = (dialed, accepted) if mapping.active else (accepted, dialed)
-            await relay(client, backend, mapping.stats, mapping.upload_limit, mapping.download_limit)
-        if mapping.aborted and client is not None:
-            client.close()
+            await relay(
+                client,
+                backend,
+                mapping.stats,
+                mapping.upload_limit,
+                mapping.download_limit,
+                stall_timeout=stall_timeout,
+                delivered=mapping.delivered,
+            )
+            if mapping.stats.error is not None:
+                mapping.fail(mapping.stats.error)
+        if mapping.aborted and accepted is not None:
+            client_side = accepted if not mapping.active else dialed
+            if client_side is not None:
+                reset_on_close(client_side)
+                client_side.close()
             with trio.move_on_after(ABORT_HOLD):
-                await mapping.backend_answered.wait()
+                await mapping.answered.wait()
+    except OSError as error:
+        if error.errno not in RESOURCE_ERRORS:
+            raise
+        log.warning("data connection failed: out of resources", port=mapping.port, error=error.strerror)
+        mapping.fail("ftpfix is out of resources, try again later")
     finally:
         for sock in (accepted, dialed):
             if sock is not None:
+                if mapping.failure is not None:
+                    reset_on_close(sock)
                 sock.close()
         mapping.release(pool)
+        mapping.delivered.set()
         mapping.finished.set()
 
 
 async def _accept(mapping: DataMapping, log: FilteringBoundLogger) -> socket.socket:
+    """The first connection on ``mapping.listener`` from ``mapping.peer_host``.
+
+    Error handling: a peer that gave up before accept() is skipped; running
+    out of descriptors raises OSError (see RESOURCE_ERRORS), since the waiting
+    connection would otherwise wake this loop forever.
+    """
     while True:
         await trio.lowlevel.wait_readable(mapping.listener)
         try:
@@ -250,8 +321,13 @@ async def _accept(mapping: DataMapping, log: FilteringBoundLogger) -> socket.soc
             if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue
             raise
-        if normalize_host(peer[0]) != mapping.peer_host:
-            log.warning("data connection from a stranger refused", peer=peer[0], port=mapping.port)
+        try:
+            host = normalize_host(peer[0])
+        except ValueError:
+            host = None
+        if host != mapping.peer_host:
+            log.warning("data connection from a stranger refused", peer=str(peer[0]), port=mapping.port)
+            reset_on_close(sock)
             sock.close()
             continue
         sock.setblocking(False)

@@ -12,6 +12,11 @@ Half-close follows TCP: when one side ends its stream (EOF), ftpfix shuts
 down writing towards the other side and keeps relaying the opposite direction
 until it ends too. A file is therefore never cut short: the backend's FIN
 reaches the client only after the last byte before it.
+
+A failure is passed on as a failure: when either side resets, or the relay
+stalls, both sockets are reset (``SO_LINGER`` zero), never closed with a FIN.
+A FIN is how a sender says "that was all", and a backend that got one for a
+broken upload would store the fragment and answer 226.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import errno
 import fcntl
 import os
 import socket
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 
 import trio
 
@@ -52,7 +58,7 @@ class TokenBucket:
     so over any five seconds the rate is kept within a few percent.
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: int, now: float) -> None:
         self.rate = rate
@@ -70,15 +76,21 @@ class TokenBucket:
 
 @dataclass(slots=True)
 class RelayStats:
-    """What one relay moved, updated as it runs."""
+    """What one relay moved, updated as it runs.
+
+    ``last_progress`` is the trio time a byte last moved, for the stall
+    deadline and the session's idle clock: a data connection that moves
+    nothing is not activity.
+    """
 
     upload: int = 0  # client to backend
     download: int = 0  # backend to client
     error: str | None = None
+    last_progress: float = field(default=0.0)
 
 
 class _Direction:
-    __slots__ = ("source", "target", "stats", "upload", "bucket")
+    __slots__ = ("bucket", "source", "stats", "target", "upload")
 
     def __init__(self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool, bucket: TokenBucket | None) -> None:
         self.source, self.target, self.stats, self.upload, self.bucket = source, target, stats, upload, bucket
@@ -88,15 +100,17 @@ class _Direction:
             self.stats.upload += received
         else:
             self.stats.download += received
+        self.stats.last_progress = trio.current_time()
 
     async def pump(self) -> None:
         global _splice_works
         if _splice_works and self.bucket is None:
             try:
                 await self._splice()
-                return
             except _SpliceUnavailable:
                 _splice_works = False
+            else:
+                return
         await self._copy()
 
     async def _splice(self) -> None:
@@ -106,7 +120,12 @@ class _Direction:
         splice always means "socket empty" (the pipe is empty then) and from
         the second "socket full".
         """
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            # Out of descriptors for a pipe: this transfer copies instead.
+            await self._copy()
+            return
         try:
             try:
                 capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -182,37 +201,82 @@ def _shutdown_write(target: socket.socket) -> None:
         pass  # the target is gone already; nothing left to deliver
 
 
+#: ``struct linger`` with l_onoff 1 and l_linger 0: close() sends a reset.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make ``sock``'s close() a TCP reset, so the peer sees a failure, not an end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    except OSError:
+        pass  # already closed or reset by the peer
+
+
 async def relay(
     client: socket.socket,
     backend: socket.socket,
     stats: RelayStats,
     upload_limit: TokenBucket | None = None,
     download_limit: TokenBucket | None = None,
+    *,
+    stall_timeout: float = float("inf"),
+    delivered: trio.Event | None = None,
 ) -> None:
     """Relay between ``client`` and ``backend`` until both directions end.
 
     ``upload_limit`` and ``download_limit`` cap the byte rate each way.
+    ``delivered`` is set once everything the backend sent has been written
+    towards the client and its end passed on (FIN), which is when the
+    backend's 226 may follow.
 
     Resource handling: the caller owns both sockets and closes them after this
     returns; they must be non-blocking.
 
-    Error handling: a reset or any other socket error in either direction
-    ends both, and is recorded in ``stats.error`` rather than raised, because
-    for a data connection an abrupt end is an outcome (ABOR does exactly that),
-    not a fault of ftpfix.
+    Error handling: a reset or any other socket error in either direction,
+    or ``stall_timeout`` seconds without a byte moving either way, ends both,
+    is recorded in ``stats.error`` rather than raised (for a data connection an
+    abrupt end is an outcome, not a fault of ftpfix), and makes both sockets
+    reset when closed.
     """
+    stats.last_progress = trio.current_time()
 
     async def run(direction: _Direction, nursery: trio.Nursery) -> None:
         try:
             await direction.pump()
         except OSError as error:
-            stats.error = f"{'upload' if direction.upload else 'download'}: {error.strerror or error}"
-            nursery.cancel_scope.cancel()
+            fail(f"{'upload' if direction.upload else 'download'}: {error.strerror or error}", nursery)
             return
         if not direction.upload:
+            if delivered is not None:
+                delivered.set()
             # The backend has finished; give the client a while to finish too.
             nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + CLIENT_LINGER)
+        running.remove(direction)
+        if not running:
+            nursery.cancel_scope.cancel()
 
+    async def watch_for_stall(nursery: trio.Nursery) -> None:
+        # Once the download is delivered, CLIENT_LINGER bounds the rest.
+        while download in running:
+            deadline = stats.last_progress + stall_timeout
+            if trio.current_time() >= deadline:
+                fail(f"no data moved for {stall_timeout:g} s", nursery)
+                return
+            await trio.sleep_until(deadline)
+
+    def fail(reason: str, nursery: trio.Nursery) -> None:
+        if stats.error is None:
+            stats.error = reason
+        reset_on_close(client)
+        reset_on_close(backend)
+        nursery.cancel_scope.cancel()
+
+    upload = _Direction(client, backend, stats, True, upload_limit)
+    download = _Direction(backend, client, stats, False, download_limit)
+    running = [upload, download]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, _Direction(client, backend, stats, True, upload_limit), nursery)
-        nursery.start_soon(run, _Direction(backend, client, stats, False, download_limit), nursery)
+        nursery.start_soon(run, upload, nursery)
+        nursery.start_soon(run, download, nursery)
+        if stall_timeout < float("inf"):
+            nursery.start_soon(watch_for_stall, nursery)

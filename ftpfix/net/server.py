@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+import resource
 import signal
 import socket
 from collections import Counter
@@ -17,7 +19,7 @@ import trio
 
 from ..config import Config, ConfigError, load_config
 from ..ports import PortPool, PortRange
-from .control import handle_client
+from .control import MAX_MAPPINGS, handle_client
 from .data import normalize_host
 from .public import PublicAddress
 
@@ -39,12 +41,54 @@ class Generation:
     public: PublicAddress
 
 
-class Admission:
-    """Counts sessions, in all and per client address, and turns away the excess."""
+#: Descriptors one session may hold at its worst: its two control
+#: connections, and per data mapping a listener, two data sockets and two
+#: splice pipes (four descriptors).
+FDS_PER_SESSION = 2 + MAX_MAPPINGS * 7
 
-    def __init__(self) -> None:
+#: Descriptors kept free for everything else: listeners, logs, a health check,
+#: the public address lookup.
+FD_RESERVE = 16
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as servers do; return it.
+
+    Each session needs up to ``FDS_PER_SESSION`` descriptors, and the soft
+    limit is often 1024 while the hard one is far higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def open_descriptors() -> int:
+    """How many descriptors this process has open now."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+class Admission:
+    """Counts sessions, in all and per client address, and turns away the excess.
+
+    ``descriptors`` is the process's descriptor budget: beyond what was open
+    at start and a reserve, each admitted session is counted at its worst
+    case, so a session that is let in can always open its data connections,
+    and a flood is refused with 421 before anything runs out (EMFILE).
+    """
+
+    def __init__(self, descriptors: int | None = None, in_use: int = 0) -> None:
         self.total = 0
         self.per_address: Counter[str] = Counter()
+        budget = None if descriptors is None else descriptors - in_use - FD_RESERVE
+        self.max_by_descriptors = None if budget is None else max(budget // FDS_PER_SESSION, 0)
 
     def admit(self, host: str, config: Config) -> bytes | None:
         """Count the session in, or return the 421 that refuses it."""
@@ -53,6 +97,8 @@ class Admission:
             return b"421 Access denied for your address.\r\n"
         if self.total >= limits.max_sessions:
             return b"421 Too many users (%d at most), try again later.\r\n" % limits.max_sessions
+        if self.max_by_descriptors is not None and self.total >= self.max_by_descriptors:
+            return b"421 Too many users for this server's resources, try again later.\r\n"
         if self.per_address[host] >= limits.max_sessions_per_ip:
             return b"421 Too many connections from your address (%d at most).\r\n" % limits.max_sessions_per_ip
         self.total += 1
@@ -69,10 +115,11 @@ class Admission:
 class Server:
     """The state the listeners share: the current generation and the counts."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, descriptors: int | None = None) -> None:
         self.log = structlog.get_logger("ftpfix")
-        self.admission = Admission()
-        self.stopping = False
+        self.admission = Admission(descriptors, open_descriptors() if descriptors is not None else 0)
+        #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
+        self.stopping = trio.Event()
         self._pools: dict[PortRange, PortPool] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
@@ -97,11 +144,19 @@ class Server:
         await nursery.start(refresh)
 
     async def reload(self, path: Path, nursery: trio.Nursery) -> None:
-        """SIGHUP: new sessions get the new config; a bad file changes nothing."""
+        """SIGHUP: new sessions get the new config; a bad file changes nothing.
+
+        Error handling: any error while loading, not only a ConfigError (a
+        file nested deep enough makes tomllib recurse without end), is logged
+        and the running config stays.
+        """
         try:
             config = load_config(path)
         except ConfigError as error:
             self.log.error("config reload failed; keeping the running config", error=str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - the reload's edge: keep serving
+            self.log.error("config reload failed; keeping the running config", error=f"{type(error).__name__}: {error}")
             return
         old = self.generation.config
         if (config.listen, config.active.source_port) != (old.listen, old.active.source_port):
@@ -111,22 +166,39 @@ class Server:
         self.log.info("config reloaded", path=str(path), sessions=self.admission.total)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        host = normalize_host(stream.socket.getpeername()[0])
-        generation = self.generation
-        refusal = self.admission.admit(host, generation.config)
-        if refusal is not None:
-            self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(refusal)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        """Admit one connection and serve it.
+
+        Error handling: this is the failure boundary of one connection (trio's
+        serve_listeners lets a handler's exception crash the server). A peer
+        that reset before it could be looked at is closed quietly; anything
+        else is logged, and ends this connection only.
+        """
+        try:
+            peer = stream.socket.getpeername()
+            host = normalize_host(peer[0])
+        except (OSError, ValueError) as error:
+            self.log.info("connection lost before it was served", error=str(error))
             await trio.aclose_forcefully(stream)
             return
         try:
-            await handle_client(stream, generation.config, generation.pool, generation.public, lambda: self.stopping)
-        finally:
-            self.admission.leave(host)
+            generation = self.generation
+            refusal = self.admission.admit(host, generation.config)
+            if refusal is not None:
+                self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
+                with trio.move_on_after(1):
+                    try:
+                        await stream.send_all(refusal)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                await trio.aclose_forcefully(stream)
+                return
+            try:
+                await handle_client(stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping)
+            finally:
+                self.admission.leave(host)
+        except Exception:
+            self.log.exception("session crashed: this is a bug in ftpfix", client=host)
+            await trio.aclose_forcefully(stream)
 
 
 async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
@@ -223,7 +295,15 @@ async def serve(
     check_source_port(config)
     warn_if_ports_are_ephemeral(config)
     listeners = await open_control_listeners(config)
-    server = Server(config)
+    descriptors = raise_descriptor_limit()
+    server = Server(config, descriptors)
+    if server.admission.max_by_descriptors is not None and server.admission.max_by_descriptors < config.limits.max_sessions:
+        log.warning(
+            "the descriptor limit caps the sessions below max_sessions; raise it (ulimit -n, docker run --ulimit nofile=...)",
+            descriptors=descriptors,
+            sessions=server.admission.max_by_descriptors,
+            max_sessions=config.limits.max_sessions,
+        )
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     async with trio.open_nursery() as background:
         await server.keep_public_address_fresh(background)
@@ -239,7 +319,7 @@ async def serve(
                 )
                 task_status.started(server)
                 await stop.wait()
-                server.stopping = True
+                server.stopping.set()
                 accepting.cancel_scope.cancel()
             grace = server.generation.config.limits.shutdown_grace
             log.info("stopped accepting; sessions may finish", sessions=server.admission.total, grace=grace)
@@ -248,11 +328,16 @@ async def serve(
     log.info("stopped")
 
 
-async def run(config: Config) -> None:
+async def run(config: Config) -> int:
     """``serve`` in the foreground: SIGTERM or SIGINT stops it gracefully (a
-    second one at once), SIGHUP reloads the config file."""
+    second one at once), SIGHUP reloads the config file.
+
+    Returns the exit status: 0 after a graceful stop, 1 after a forced one,
+    whose sessions were cut off.
+    """
     log = structlog.get_logger("ftpfix")
     stop = trio.Event()
+    forced = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -267,8 +352,10 @@ async def run(config: Config) -> None:
                     if config.path is not None:
                         await server.reload(config.path, nursery)
                 elif stop.is_set():
-                    log.warning("stopping now", signal=name)
+                    log.warning("stopping now; sessions still open are cut off", signal=name, sessions=server.admission.total)
+                    forced = True
                     nursery.cancel_scope.cancel()
                 else:
                     log.info("stopping", signal=name)
                     stop.set()
+    return 1 if forced else 0

@@ -6,24 +6,37 @@ commands it returns (``ftpfix.protocol.commands``). Keeping it pure lets every
 transcript be tested synchronously, one byte at a time, and fuzzed.
 """
 
-from .commands import AbortTransfer, Close, Command, FinishTransfer, Note, OpenActive, OpenPassive, SendTo, Side
+from .commands import (
+    AbortTransfer,
+    CancelTransfer,
+    Close,
+    Command,
+    FinishTransfer,
+    Note,
+    OpenActive,
+    OpenPassive,
+    SendTo,
+    Side,
+)
 from .errors import BackendError, ClientError, FtpfixError, ProtocolError
-from .session import Policy, Session
+from .session import Policy, Session, Waiting
 
 __all__ = [
     "AbortTransfer",
-    "OpenActive",
     "BackendError",
+    "CancelTransfer",
     "ClientError",
     "Close",
     "Command",
     "FinishTransfer",
     "FtpfixError",
     "Note",
+    "OpenActive",
     "OpenPassive",
     "Policy",
     "ProtocolError",
     "SendTo",
     "Session",
     "Side",
+    "Waiting",
 ]

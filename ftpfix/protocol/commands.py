@@ -78,13 +78,25 @@ class AbortTransfer:
 
 @dataclass(frozen=True, slots=True)
 class FinishTransfer:
-    """Wait until the current data relay has delivered everything to the client.
+    """The backend answered a transfer command (RETR, STOR, LIST, ...) with a 2xx.
 
-    Emitted just before the final reply to a transfer command (RETR, STOR, LIST,
-    ...) goes to the client. A backend sends "226 Transfer complete" once its own
-    data socket is drained, but ftpfix may still be relaying the tail of the
-    file; a client that believed the 226 and closed the data connection would
-    keep a truncated file.
+    The core holds that reply and reads no further replies until the shell
+    answers with ``Session.transfer_finished``: once the data relay has
+    delivered the last byte (a backend sends "226 Transfer complete" when its
+    own socket is drained, while ftpfix may still be relaying the tail), or
+    once it failed. A relay that failed turns the 2xx into a 426 (or a 425 if
+    no data connection was made): a client must never believe a transfer that
+    did not happen.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTransfer:
+    """The backend refused or failed a transfer command (4xx or 5xx).
+
+    The transfer is over: close its data connection now, so a client that
+    connected early (ftplib does, right after the 227) gets its 550 at once
+    and the port goes back to the pool.
     """
 
 
@@ -104,4 +116,4 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | Close | Note
+Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | CancelTransfer | Close | Note

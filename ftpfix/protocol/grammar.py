@@ -10,6 +10,7 @@ RFC 959's own example has a continuation line that starts with ``234``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -18,14 +19,64 @@ from .errors import BackendError
 CRLF = b"\r\n"
 
 
-def split_command(line: bytes) -> tuple[bytes, bytes]:
-    """Split a command line into its upper-cased verb and its argument.
+#: What may separate a verb from its argument. RFC 959 says one space, but
+#: servers split on more: ProFTPD on any white space, so ``USER\tanonymous``
+#: is a login as anonymous there. ftpfix recognises every separator a server
+#: might, and re-serialises the line with one space.
+SEPARATORS = b" \t\x0b\x0c"
 
-    RFC 959 lets the verb be in any case, so ``p@sw`` names the same command as
-    ``P@SW``. The argument keeps its bytes exactly.
+_COMMAND = re.compile(rb"([^ \t\x0b\x0c]*)(?:[ \t\x0b\x0c](.*))?", re.DOTALL)
+# RFC 854: IAC (255) starts a Telnet command. Two-byte commands such as IP
+# (244) and DM (242) are what clients put before ABOR; WILL, WONT, DO and
+# DONT (251-254) take an option byte; IAC IAC is a literal 255.
+_LETTERS = re.compile(rb"[A-Za-z]{1,16}")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_LEADING_TELNET = re.compile(rb"\A(?:\xff[\xfb-\xfe][\x00-\xff]|\xff[\xf0-\xfa])+", re.DOTALL)
+
+
+class CommandRejected(ValueError):
+    """A command line ftpfix answers itself and never forwards; ``reply`` says why."""
+
+    def __init__(self, message: str, *, reply: bytes) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+def parse_command(line: bytes, aliases: Mapping[bytes, bytes]) -> tuple[bytes, bytes]:
+    """The upper-cased verb and the argument of a command line, or CommandRejected.
+
+    Telnet commands (RFC 854) before the verb are dropped: clients put IAC IP
+    IAC DM before ABOR. A verb is letters (RFC 959 section 5.3.1), or one of
+    ``aliases`` (``P@SW``, the SMC Barricade's mangled PASV), which names the
+    verb it stands for. The argument keeps its bytes exactly, invalid UTF-8
+    included, but no control byte and no Telnet command (an IAC that is not
+    doubled): those are where servers disagree (pure-ftpd silently drops a
+    line with a control byte, vsftpd turns NUL into LF in its replies, ProFTPD
+    interprets Telnet commands and vsftpd does not), and a line the backend
+    reads differently from ftpfix desynchronises which reply answers which
+    command.
     """
-    verb, _, argument = line.partition(b" ")
-    return verb.upper(), argument
+    match = _COMMAND.fullmatch(_LEADING_TELNET.sub(b"", line))
+    assert match is not None  # the pattern matches any byte string
+    verb, argument = match.group(1).upper(), match.group(2) or b""
+    if not verb:
+        text = "500 Empty command line." if not line.strip(SEPARATORS) else "500 Syntax error: a command starts with its verb."
+        raise CommandRejected("no verb", reply=text.encode("ascii") + CRLF)
+    if verb in aliases:
+        verb = aliases[verb]
+    elif not _LETTERS.fullmatch(verb):
+        raise CommandRejected("verb is not letters", reply=b"500 Syntax error, command unrecognized." + CRLF)
+    if _CONTROL.search(argument) or b"\xff" in argument.replace(b"\xff\xff", b""):
+        raise CommandRejected(
+            "control byte in the argument",
+            reply=b"501 Syntax error in parameters: control characters are not allowed." + CRLF,
+        )
+    return verb, argument
+
+
+def format_command(verb: bytes, argument: bytes = b"") -> bytes:
+    """The one canonical line ftpfix sends the backend for a parsed command."""
+    return verb + (b" " + argument if argument else b"") + CRLF
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +167,6 @@ def format_227(host: IPv4Address, port: int) -> bytes:
 def format_229(port: int) -> bytes:
     """The 229 reply of RFC 2428 section 3, with the recommended "|" delimiter."""
     return b"229 Entering Extended Passive Mode (|||%d|)" % port + CRLF
-
-
-# RFC 854: IAC (255) starts a Telnet command. Two-byte commands such as IP
-# (244) and DM (242) are what clients put before ABOR; WILL, WONT, DO and
-# DONT (251-254) take an option byte; IAC IAC is a literal 255.
-_TELNET_COMMAND = re.compile(rb"\xff[\xfb-\xfe][\x00-\xff]|\xff[\xf0-\xfa]")
-
-
-def telnet_text(line: bytes) -> bytes:
-    """``line`` with Telnet commands removed, for reading the verb only."""
-    if b"\xff" not in line:
-        return line
-    return _TELNET_COMMAND.sub(b"", line).replace(b"\xff\xff", b"\xff")
 
 
 # RFC 2428 section 3: the 229 reply is "(<d><d><d><tcp-port><d>)", where the

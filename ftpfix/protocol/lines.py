@@ -39,8 +39,18 @@ class LineBuffer:
 
     @property
     def pending(self) -> int:
-        """Bytes held that do not yet form a line."""
+        """Bytes held and not yet read as lines."""
         return len(self._buffer)
+
+    @property
+    def partial(self) -> int:
+        """Bytes held after the last complete line: a line still being sent."""
+        return len(self._buffer) - (self._buffer.rfind(b"\n") + 1)
+
+    @property
+    def has_line(self) -> bool:
+        """True if a complete line waits to be read."""
+        return b"\n" in self._buffer
 
     def next_line(self) -> bytes | Overflow | None:
         """The next complete line, ``TOO_LONG`` for an over-long one, or None."""

@@ -21,19 +21,37 @@ order in one FIFO, ``_pending``:
 
 Knowing which command each reply answers is what makes the 227 rewrite safe:
 only a 227 that answers a pending PASV (or an EPSV that ftpfix translated
-into PASV) opens a mapping. A 227 quoted in a 550, a file name with six
-numbers in it, or a 227 answering ``SITE`` is relayed as text and opens
-nothing. This is the defence against reply injection of the NAT-slipstreaming
-kind, which fools helpers that pattern-match the byte stream.
+into PASV) opens a mapping. Three rules keep that pairing true against a
+hostile client, which can make a server echo text of its choosing (a file name
+in a STAT listing, a 550, a 257) and so forge reply lines:
 
-When such a 227 is complete the session emits ``OpenPassive`` and pauses: it
-reads no more replies until the shell calls ``passive_opened`` (the public port
-is listening) or ``passive_failed`` (no port). Replies that arrive meanwhile stay
+1. The backend only ever sees canonical command lines (``parse_command``):
+   no control bytes, a verb of letters, one space. So ftpfix and the backend
+   agree on how many commands were sent, and so on how many replies are due.
+2. A reply that answers no command is fatal: the client gets a 421 and the
+   session ends. Forged lines that end a reply early leave the rest of the
+   real reply with nothing to answer, and are caught here.
+3. PASV, EPSV, PORT and EPRT are *exclusive*: sent only when every earlier
+   reply is complete and no partial reply line is buffered, and nothing else
+   is read from the client until their own reply is complete. A forged 227
+   can therefore only arrive while nothing is pending, and rule 2 ends the
+   session. A 227 that does answer PASV must also name a plausible port
+   (``Policy.backend_passive_ports``): NAT slipstreaming aims at the backend
+   host's other services.
+
+When a 227 is complete the session emits ``OpenPassive`` and stops reading
+replies until the shell calls ``passive_opened`` (the public port is
+listening) or ``passive_failed`` (no port); replies that arrive meanwhile stay
 buffered, so the rewritten 227 reaches the client in its place in the stream.
 
-Before the final reply to a transfer command it emits ``FinishTransfer``, so the
-shell can hold "226 Transfer complete" until the data relay has delivered the
-last byte to the client.
+The final 2xx to a transfer command is held the same way: ``FinishTransfer``,
+answered by ``transfer_finished`` once the data relay has delivered the last
+byte, or failed, in which case the client gets 426 (or 425) in its place. A
+4xx or 5xx ends the transfer at once (``CancelTransfer``).
+
+Everything is bounded: at most ``MAX_PENDING`` commands outstanding, and the
+shell stops reading the client while ``wants_client_data`` is False, so a
+flood of lines is held back by TCP rather than buffered here.
 """
 
 from __future__ import annotations
@@ -45,24 +63,37 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from types import MappingProxyType
 
-from .commands import AbortTransfer, Close, Command, FinishTransfer, Note, OpenActive, OpenPassive, SendTo, Side
+from .commands import (
+    AbortTransfer,
+    CancelTransfer,
+    Close,
+    Command,
+    FinishTransfer,
+    Note,
+    OpenActive,
+    OpenPassive,
+    SendTo,
+    Side,
+)
 from .errors import BackendError
 from .grammar import (
     CRLF,
+    SEPARATORS,
     AddressError,
+    CommandRejected,
     ReplyFramer,
     ReplyLine,
     UnsupportedNetwork,
     format_227,
     format_229,
+    format_command,
     format_port,
     parse_227,
     parse_229,
+    parse_command,
     parse_eprt,
     parse_port,
     rewrite_feat,
-    split_command,
-    telnet_text,
 )
 from .lines import TOO_LONG, LineBuffer
 
@@ -75,6 +106,10 @@ TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST"
 
 #: Client verbs ftpfix answers with a mapping of its own.
 PASSIVE_VERBS = frozenset({b"PASV", b"EPSV"})
+
+#: Commands that set up a data connection. They are sent to the backend alone,
+#: with no other reply outstanding (see the theory of operation, rule 3).
+EXCLUSIVE_VERBS = frozenset({b"PASV", b"EPSV", b"PORT", b"EPRT"})
 
 #: Data-connection setup commands refused after ``EPSV ALL`` (RFC 2428 section 4).
 REFUSED_AFTER_EPSV_ALL = frozenset({b"PASV", b"PORT", b"EPRT", b"LPRT", b"LPSV"})
@@ -91,7 +126,8 @@ REFUSED = {
 
 #: Lowest port an active data connection may go to (RFC 2577 section 3: a
 #: PORT to a privileged port is how bounce attacks reach other services).
-ACTIVE_PORT_FLOOR = 1024
+#: A backend's passive port below it is just as implausible.
+PORT_FLOOR = 1024
 
 #: Backend replies to EPSV that mean "I do not know EPSV" (RFC 959 4.2).
 EPSV_UNKNOWN = frozenset({500, 502})
@@ -101,9 +137,19 @@ EPSV_UNKNOWN = frozenset({500, 502})
 #: 4096 bytes on Linux, so this leaves room while keeping memory bounded.
 MAX_REPLY_LINE = 64 * 1024
 
-#: Longest 227 or FEAT reply held for rewriting, all lines together. A real
-#: 227 is one line of under 100 bytes; pure-ftpd's FEAT is about 300.
+#: Longest reply held for rewriting (227, FEAT, a transfer's 226), all lines
+#: together. A real 227 is one line of under 100 bytes; pure-ftpd's FEAT is
+#: about 300.
 MAX_HELD_REPLY = 16 * 1024
+
+#: Commands a client may have outstanding at once. Clients pipeline a handful
+#: at most; past this the core reads no more lines, and the shell stops reading
+#: the socket once ``CLIENT_BACKLOG`` bytes wait, so a flood of empty lines
+#: costs a bounded queue, not memory without end.
+MAX_PENDING = 32
+
+#: Unread client bytes the core holds before the shell stops reading.
+CLIENT_BACKLOG = 64 * 1024
 
 #: Telnet "interrupt process" (RFC 854): IAC IP.
 TELNET_IP = b"\xff\xf4"
@@ -116,6 +162,9 @@ LOGIN_VERBS = frozenset({b"USER", b"PASS", b"ACCT"})
 
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
+
+#: The reply that ends a session whose backend said something out of turn.
+OUT_OF_TURN = b"421 Service not available: the server sent a reply to no command." + CRLF
 
 
 def _default_aliases() -> Mapping[bytes, bytes]:
@@ -135,12 +184,16 @@ class Policy:
 
     ``active`` says what happens to PORT and EPRT: ``proxy`` relays the data
     connection through ftpfix, ``passthrough`` forwards the command to the
-    backend unchanged once it passes the bounce checks, ``deny`` refuses it.
+    backend once it passes the bounce checks, ``deny`` refuses it.
     ``fix_address`` replaces a private address in PORT or EPRT by the client's
     real one, for clients behind NAT of their own.
 
     ``deny_anonymous`` refuses USER anonymous and USER ftp without asking the
     backend (pure-ftpd's ``-E``).
+
+    ``backend_port`` is the backend's control port and ``backend_passive_ports``
+    its passive range, if known: a 227 or 229 naming any other port opens
+    nothing.
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=_default_aliases)
@@ -150,6 +203,8 @@ class Policy:
     active: str = "proxy"
     fix_address: bool = True
     deny_anonymous: bool = False
+    backend_port: int = 21
+    backend_passive_ports: range | None = None
 
 
 class _Action(enum.Enum):
@@ -159,6 +214,16 @@ class _Action(enum.Enum):
     PASSIVE = "passive"  # hold the 227 or 229 and open a mapping
     FEAT = "feat"  # hold the feature list and rewrite it
     FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
+    TRANSFER = "transfer"  # hold a transfer's 2xx until the relay has finished
+
+
+class Waiting(enum.Enum):
+    """What the core waits for from the shell before it reads on."""
+
+    NOTHING = "nothing"
+    PASSIVE = "passive"  # OpenPassive: replies are not read
+    TRANSFER = "transfer"  # FinishTransfer: replies are not read
+    ACTIVE = "active"  # OpenActive: commands are not read
 
 
 @dataclass(slots=True)
@@ -173,14 +238,16 @@ class _Local:
 
 
 def _reply(text: str) -> bytes:
-    return text.encode("ascii") + CRLF
+    return text.encode("ascii", "replace") + CRLF
 
 
 class Session:
     """One client's control connection and its backend's, as a state machine.
 
     Feed it with ``receive_data`` and ``connection_closed``; answer its
-    ``OpenPassive`` with ``passive_opened`` or ``passive_failed``.
+    ``OpenPassive`` with ``passive_opened`` or ``passive_failed``, its
+    ``OpenActive`` with ``active_opened`` or ``active_failed``, and its
+    ``FinishTransfer`` with ``transfer_finished``.
     """
 
     def __init__(self, policy: Policy | None = None, client: IPv4Address | IPv6Address | None = None) -> None:
@@ -195,15 +262,15 @@ class Session:
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
         self._framer = ReplyFramer()
         self._pending: deque[_Forwarded | _Local] = deque([_Forwarded(GREETING)])
+        self._waiting = Waiting.NOTHING
+        # An exclusive command read while earlier replies were outstanding.
+        self._deferred: tuple[bytes, bytes] | None = None
         # The command the reply being read answers, and what to do with it.
         self._answering: _Forwarded | None = None
         self._action = _Action.RELAY
         self._held: list[bytes] = []
         self._held_size = 0
-        self._passive_verb: bytes = b""
-        self._paused = False
-        self._commands_paused = False
-        self._active_verb: bytes = b""
+        self._held_code = 0
         self._epsv_all = False
         self._backend_knows_epsv = True
         self._long_lines = 0
@@ -213,12 +280,27 @@ class Session:
     @property
     def partial_command(self) -> bool:
         """True while the client has sent part of a command line."""
-        return self._client_lines.pending > 0
+        return self._client_lines.partial > 0
 
     @property
     def paused(self) -> bool:
-        """True while an ``OpenPassive`` waits for the shell's answer."""
-        return self._paused
+        """True while the core waits for the shell's answer to a command."""
+        return self._waiting is not Waiting.NOTHING
+
+    @property
+    def waiting_for(self) -> Waiting:
+        """What the core waits for from the shell."""
+        return self._waiting
+
+    @property
+    def wants_client_data(self) -> bool:
+        """False while the client's unread input is at its bound: stop reading it."""
+        return not self._closed and self._client_lines.pending < CLIENT_BACKLOG
+
+    @property
+    def idle(self) -> bool:
+        """True when no command is outstanding: nothing would be cut short by a 421."""
+        return not self._pending and self._deferred is None and not self.paused
 
     # -- input -----------------------------------------------------------
 
@@ -227,12 +309,8 @@ class Session:
         out: list[Command] = []
         if self._closed:
             return out
-        if side is Side.CLIENT:
-            self._client_lines.feed(data)
-            self._read_commands(out)
-        else:
-            self._server_lines.feed(data)
-            self._read_replies(out)
+        (self._client_lines if side is Side.CLIENT else self._server_lines).feed(data)
+        self._advance(out)
         return out
 
     def connection_closed(self, side: Side) -> list[Command]:
@@ -244,7 +322,7 @@ class Session:
             # The client may have half-closed after QUIT and still read the 221:
             # end the session once every command it sent has been answered.
             self._client_eof = True
-            self._maybe_finish(out)
+            self._advance(out)
         else:
             # After "221 Goodbye" nothing is pending and the close is the
             # normal end; with commands unanswered, the backend died.
@@ -258,9 +336,9 @@ class Session:
 
         ``host`` may be None only for an extended (EPSV) request.
         """
-        if not self._paused:
-            raise RuntimeError("passive_opened() without a pending OpenPassive")
-        if self._passive_verb == b"EPSV":
+        self._expect(Waiting.PASSIVE, "passive_opened")
+        assert self._answering is not None
+        if self._answering.verb == b"EPSV":
             return self._resume(format_229(port))
         if host is None:
             raise RuntimeError("passive_opened() needs an address for a 227")
@@ -268,34 +346,75 @@ class Session:
 
     def passive_failed(self, reason: str) -> list[Command]:
         """The shell could not open a public port for the pending mapping."""
-        if not self._paused:
-            raise RuntimeError("passive_failed() without a pending OpenPassive")
+        self._expect(Waiting.PASSIVE, "passive_failed")
         return self._resume(_reply(f"425 Can't open data connection: {reason}."))
 
     def active_opened(self, host: IPv4Address | IPv6Address, port: int) -> list[Command]:
         """The shell listens on ``host:port`` for the backend's data connection."""
-        if not self._commands_paused:
-            raise RuntimeError("active_opened() without a pending OpenActive")
+        self._expect(Waiting.ACTIVE, "active_opened")
+        assert self._deferred is not None
+        verb = self._deferred[0]
+        self._deferred, self._waiting = None, Waiting.NOTHING
         out: list[Command] = []
-        self._commands_paused = False
-        self._forward(self._active_verb, format_port(host, port), out)
-        self._read_commands(out)
+        self._forward(verb, format_port(host, port), out)
+        self._advance(out)
         return out
 
     def active_failed(self, reason: str) -> list[Command]:
         """The shell could not listen for the pending active data connection."""
-        if not self._commands_paused:
-            raise RuntimeError("active_failed() without a pending OpenActive")
+        self._expect(Waiting.ACTIVE, "active_failed")
+        self._deferred, self._waiting = None, Waiting.NOTHING
         out: list[Command] = []
-        self._commands_paused = False
         self._answer_locally(out, _reply(f"425 Can't open data connection: {reason}."))
-        self._read_commands(out)
+        self._advance(out)
         return out
+
+    def transfer_finished(self, failure: str | None = None, *, connected: bool = True) -> list[Command]:
+        """The data relay of the transfer whose 2xx is held has ended.
+
+        ``failure`` says why it did not deliver everything (a reset, a stall,
+        an abort), and ``connected`` whether a data connection was made at all.
+        """
+        self._expect(Waiting.TRANSFER, "transfer_finished")
+        held, self._held, self._held_size = self._held, [], 0
+        if failure is None:
+            return self._resume(CRLF.join(held) + CRLF)
+        if not connected:
+            return self._resume(_reply(f"425 Can't open data connection: {failure}."))
+        return self._resume(_reply(f"426 Connection closed; transfer aborted: {failure}."))
+
+    def _expect(self, waiting: Waiting, name: str) -> None:
+        if self._waiting is not waiting:
+            raise RuntimeError(f"{name}() while the core waits for {self._waiting.value}")
+
+    def _advance(self, out: list[Command]) -> None:
+        """Read what both sides sent, as far as the state allows."""
+        self._read_replies(out)
+        self._read_commands(out)
+        if self._client_eof and not self._closed and not self._pending and self._deferred is None and not self._client_lines.has_line:
+            self._close(out, "client closed the connection")
 
     # -- client side -----------------------------------------------------
 
+    def _reading_commands(self) -> bool:
+        if self._closed or self._waiting is Waiting.ACTIVE or len(self._pending) >= MAX_PENDING:
+            return False
+        # An exclusive command is alone on the wire until its reply is complete.
+        last = self._pending[-1] if self._pending else None
+        return not (isinstance(last, _Forwarded) and last.verb in EXCLUSIVE_VERBS)
+
+    def _quiet(self) -> bool:
+        """True when no reply is outstanding and no reply line is half read."""
+        return not self._pending and self._server_lines.pending == 0
+
     def _read_commands(self, out: list[Command]) -> None:
-        while not self._closed and not self._commands_paused:
+        while self._reading_commands():
+            if self._deferred is not None:
+                if not self._quiet():
+                    return
+                command, self._deferred = self._deferred, None
+                self._on_command(*command, out)
+                continue
             line = self._client_lines.next_line()
             if line is None:
                 return
@@ -307,48 +426,47 @@ class Session:
                     out.append(Note("too many over-long command lines", level="warning"))
                     self._close(out, "client kept sending over-long lines")
                 continue
-            self._on_command(line, out)
+            try:
+                verb, argument = parse_command(line, self.policy.aliases)
+            except CommandRejected as rejected:
+                out.append(Note("command refused", level="debug", fields={"why": str(rejected), "length": len(line)}))
+                self._answer_locally(out, rejected.reply)
+                continue
+            if verb in EXCLUSIVE_VERBS and not self._quiet():
+                self._deferred = (verb, argument)
+                continue
+            self._on_command(verb, argument, out)
 
-    def _on_command(self, line: bytes, out: list[Command]) -> None:
-        # Telnet IAC sequences (RFC 854) may precede the verb, as ftplib's
-        # abort() sends IAC IP IAC DM before ABOR; they are relayed untouched
-        # but must not hide the verb.
-        verb, argument = split_command(telnet_text(line))
-        if not verb:
-            self._answer_locally(out, _reply("500 Empty command line."))
-            return
-        alias = self.policy.aliases.get(verb)
-        if alias is not None:
-            out.append(Note("command alias", level="debug", fields={"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}))
-            verb = alias
-            line = verb + (b" " + argument if argument else b"")
-        out.append(Note("command", level="debug", fields={"verb": verb.decode("latin-1"), "argument": "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")}))
-
+    def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
+        shown = "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")
+        out.append(Note("command", level="debug", fields={"verb": verb.decode("ascii"), "argument": shown}))
         if self._epsv_all and verb in REFUSED_AFTER_EPSV_ALL:
-            self._answer_locally(out, _reply(f"503 {verb.decode('latin-1')} not allowed after EPSV ALL."))
+            self._answer_locally(out, _reply(f"503 {verb.decode('ascii')} not allowed after EPSV ALL."))
             return
         if verb in REFUSED:
             self._answer_locally(out, _reply(REFUSED[verb]))
             return
-        if verb == b"USER":
-            if self.policy.deny_anonymous and argument.strip().upper() in ANONYMOUS_USERS:
-                out.append(Note("anonymous login refused", level="warning"))
-                self._answer_locally(out, _reply("530 Anonymous logins are not allowed here."))
+        match verb:
+            case b"USER":
+                name = argument.strip(SEPARATORS)
+                if self.policy.deny_anonymous and name.upper() in ANONYMOUS_USERS:
+                    out.append(Note("anonymous login refused", level="warning"))
+                    self._answer_locally(out, _reply("530 Anonymous logins are not allowed here."))
+                    return
+                self.user = name.decode("utf-8", "replace")
+            case b"PASV" if isinstance(self.client, IPv6Address):
+                self._answer_locally(out, _reply("425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV."))
                 return
-            self.user = argument.decode("utf-8", "replace")
-        elif verb == b"PASV" and isinstance(self.client, IPv6Address):
-            self._answer_locally(out, _reply("425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV."))
-            return
-        elif verb == b"EPSV":
-            self._on_epsv(argument, out)
-            return
-        elif verb in (b"PORT", b"EPRT"):
-            self._on_active(verb, argument, line, out)
-            return
-        if verb == b"ABOR":
-            self._abort(out)
-            return
-        self._forward(verb, line + CRLF, out)
+            case b"EPSV":
+                self._on_epsv(argument, out)
+                return
+            case b"PORT" | b"EPRT":
+                self._on_active(verb, argument, out)
+                return
+            case b"ABOR":
+                self._abort(out)
+                return
+        self._forward(verb, format_command(verb, argument), out)
 
     def _abort(self, out: list[Command]) -> None:
         # RFC 959 section 4.1.3: Telnet IP, then the synch (IAC DM as TCP
@@ -367,7 +485,7 @@ class Session:
         # RFC 2428 section 3: "EPSV" or "EPSV <net-prt>" asks for a port,
         # "EPSV ALL" promises only EPSV from now on. The data port is on the
         # control connection's address, so only that protocol can be served.
-        selector = argument.strip().upper()
+        selector = argument.strip(SEPARATORS).upper()
         family = b"2" if isinstance(self.client, IPv6Address) else b"1"
         if selector == b"ALL":
             self._epsv_all = True
@@ -384,7 +502,7 @@ class Session:
         self._pending.append(_Forwarded(b"EPSV", sent))
         out.append(SendTo(Side.SERVER, sent + CRLF))
 
-    def _on_active(self, verb: bytes, argument: bytes, line: bytes, out: list[Command]) -> None:
+    def _on_active(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
         name = verb.decode("ascii")
         if self.policy.active == "deny":
             self._answer_locally(out, _reply(f"502 {name} is disabled here; use passive mode (PASV or EPSV)."))
@@ -399,9 +517,9 @@ class Session:
             return
         # Bounce protection, RFC 2577 section 3: data goes only to the client
         # itself, and never to a privileged port.
-        if port < ACTIVE_PORT_FLOOR:
+        if port < PORT_FLOOR:
             out.append(Note("active mode to a privileged port refused", level="warning", fields={"target": f"{host}:{port}"}))
-            self._answer_locally(out, _reply(f"504 {name} refused: port {port} is below {ACTIVE_PORT_FLOOR}."))
+            self._answer_locally(out, _reply(f"504 {name} refused: port {port} is below {PORT_FLOOR}."))
             return
         if host != self.client:
             if self.client is not None and self.policy.fix_address and (host.is_private or host.is_unspecified):
@@ -413,10 +531,12 @@ class Session:
                 self._answer_locally(out, _reply(f"501 {name} refused: the address must be your own ({self.client})."))
                 return
         if self.policy.active == "passthrough":
-            self._forward(verb, line + CRLF, out)
+            # The backend gets the checked address, re-serialised: never the
+            # client's own line, which may name another host.
+            self._forward(verb, format_port(host, port), out)
             return
-        self._commands_paused = True
-        self._active_verb = verb
+        self._waiting = Waiting.ACTIVE
+        self._deferred = (verb, argument)
         out.append(OpenActive(host=str(host), port=port))
 
     def _forward(self, verb: bytes, data: bytes, out: list[Command]) -> None:
@@ -432,7 +552,7 @@ class Session:
     # -- server side -----------------------------------------------------
 
     def _read_replies(self, out: list[Command]) -> None:
-        while not self._paused and not self._closed:
+        while self._waiting in (Waiting.NOTHING, Waiting.ACTIVE) and not self._closed:
             line = self._server_lines.next_line()
             if line is None:
                 return
@@ -446,10 +566,14 @@ class Session:
     def _on_reply_line(self, line: ReplyLine, out: list[Command]) -> None:
         if line.first:
             head = self._pending[0] if self._pending else None
-            self._answering = head if isinstance(head, _Forwarded) else None
+            if not isinstance(head, _Forwarded):
+                self._out_of_turn(line, out)
+                return
+            self._answering = head
             self._action = self._choose_action(line.code)
-            if line.code >= 200 and self._answering is not None and self._answering.verb in TRANSFER_VERBS:
-                out.append(FinishTransfer())
+            if head.verb in TRANSFER_VERBS and line.code >= 300:
+                # Refused or failed: the data connection has nothing more to carry.
+                out.append(CancelTransfer())
 
         if self._action is _Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
@@ -468,6 +592,11 @@ class Session:
             )
         if not line.last:
             return
+        match self._action:
+            case _Action.TRANSFER:
+                self._waiting = Waiting.TRANSFER
+                out.append(FinishTransfer())
+                return
         held, self._held, self._held_size = self._held, [], 0
         match self._action:
             case _Action.PASSIVE:
@@ -484,19 +613,33 @@ class Session:
                 self._answering.sent = b"PASV"
                 out.append(SendTo(Side.SERVER, b"PASV" + CRLF))
 
+    def _out_of_turn(self, line: ReplyLine, out: list[Command]) -> None:
+        """A reply starts while no command awaits one (rule 2)."""
+        text = line.raw[:200].decode("latin-1")
+        if line.code == 421:
+            # RFC 959 section 4.2: the one reply a server may send unasked,
+            # as it closes the connection (an idle timeout, a shutdown).
+            out.append(Note("backend ended the session", fields={"reply": text}))
+            out.append(SendTo(Side.CLIENT, line.raw + CRLF))
+            self._close(out, "backend sent 421")
+            return
+        out.append(Note("backend reply answers no command; ending the session", level="warning", fields={"reply": text}))
+        out.append(SendTo(Side.CLIENT, OUT_OF_TURN))
+        self._close(out, "backend reply answered no command")
+
     def _choose_action(self, code: int) -> _Action:
         answering = self._answering
-        if answering is None:
-            return _Action.RELAY
+        assert answering is not None
         # By reply code, not by the command sent: some servers answer EPSV
         # with a 227, and a 229 is as good as a 227 for ftpfix.
         if answering.verb in PASSIVE_VERBS and code in (227, 229):
-            self._passive_verb = answering.verb
             return _Action.PASSIVE
         if answering.sent == b"EPSV" and code in EPSV_UNKNOWN and self.policy.epsv == "auto":
             return _Action.FALLBACK
         if answering.verb == b"FEAT" and code == 211:
             return _Action.FEAT
+        if answering.verb in TRANSFER_VERBS and 200 <= code < 300:
+            return _Action.TRANSFER
         return _Action.RELAY
 
     def _on_passive_reply(self, code: int, text: bytes, out: list[Command]) -> None:
@@ -506,19 +649,36 @@ class Session:
                 advertised = str(host)
             else:
                 port, advertised = parse_229(text), ""
+            self._check_passive_port(port)
         except AddressError as error:
             out.append(Note(f"unusable {code} from the backend", level="warning", fields={"reply": text.decode("latin-1").strip(), "error": str(error)}))
             out.append(SendTo(Side.CLIENT, _reply("425 Can't open data connection: the server's passive reply was unusable.")))
             self._complete(out)
             return
-        self._paused = True
-        out.append(OpenPassive(advertised_host=advertised, backend_port=port, extended=self._passive_verb == b"EPSV"))
+        self._waiting = Waiting.PASSIVE
+        assert self._answering is not None
+        out.append(OpenPassive(advertised_host=advertised, backend_port=port, extended=self._answering.verb == b"EPSV"))
+
+    def _check_passive_port(self, port: int) -> None:
+        """Raise AddressError for a port no backend would offer for PASV.
+
+        NAT slipstreaming aims a forged 227 at another service of the backend
+        host (SSH, a database, the FTP port itself): a privileged port, the
+        control port, or one outside the backend's known passive range.
+        """
+        if port < PORT_FLOOR:
+            raise AddressError(f"port {port} is privileged")
+        if port == self.policy.backend_port:
+            raise AddressError(f"port {port} is the server's control port")
+        ports = self.policy.backend_passive_ports
+        if ports is not None and port not in ports:
+            raise AddressError(f"port {port} is outside the server's passive ports {ports.start}-{ports.stop - 1}")
 
     def _resume(self, reply: bytes) -> list[Command]:
         out: list[Command] = [SendTo(Side.CLIENT, reply)]
-        self._paused = False
+        self._waiting = Waiting.NOTHING
         self._complete(out)
-        self._read_replies(out)
+        self._advance(out)
         return out
 
     def _complete(self, out: list[Command]) -> None:
@@ -527,11 +687,6 @@ class Session:
             self._pending.popleft()
         while self._pending and isinstance(self._pending[0], _Local):
             out.append(SendTo(Side.CLIENT, self._pending.popleft().reply))  # type: ignore[union-attr]
-        self._maybe_finish(out)
-
-    def _maybe_finish(self, out: list[Command]) -> None:
-        if self._client_eof and not self._pending:
-            self._close(out, "client closed the connection")
 
     def _close(self, out: list[Command], reason: str) -> None:
         self._closed = True

@@ -33,6 +33,7 @@ from tests.harness.clients import sha256
 from tests.harness.procstat import cpu_seconds, rss_kib
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
+
 @dataclass
 class Endpoint:
     name: str

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 import atheris
 
 with atheris.instrument_imports():
-    from ftpfix.protocol import FtpfixError, OpenActive, OpenPassive, Policy, SendTo, Session, Side
+    from ftpfix.protocol import FinishTransfer, FtpfixError, OpenActive, OpenPassive, Policy, SendTo, Session, Side
 
 POLICIES = [
     Policy(max_line=64),
@@ -31,7 +31,7 @@ CLIENT = IPv4Address("198.51.100.10")
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     session = Session(POLICIES[fdp.ConsumeIntInRange(0, len(POLICIES) - 1)], client=CLIENT)
-    waiting_passive = waiting_active = False
+    waiting_passive = waiting_active = waiting_transfer = False
     while fdp.remaining_bytes():
         action = fdp.ConsumeIntInRange(0, 7)
         try:
@@ -46,6 +46,9 @@ def one_input(data: bytes) -> None:
                 elif waiting_active:
                     out = session.active_opened(IPv4Address("192.0.2.10"), 40000) if fdp.ConsumeBool() else session.active_failed("x")
                     waiting_active = False
+                elif waiting_transfer:
+                    out = session.transfer_finished(None if fdp.ConsumeBool() else "reset", connected=fdp.ConsumeBool())
+                    waiting_transfer = False
                 else:
                     continue
             else:
@@ -64,6 +67,14 @@ def one_input(data: bytes) -> None:
             elif isinstance(command, OpenActive):
                 assert int(command.port) >= 1024 and command.host == str(CLIENT), command
                 waiting_active = True
+            elif isinstance(command, FinishTransfer):
+                assert not waiting_transfer, "a second FinishTransfer before the first was answered"
+                waiting_transfer = True
+            elif isinstance(command, SendTo) and command.side is Side.SERVER:
+                # Only canonical lines reach the backend: no control byte but
+                # the line's end (the ABOR sequence's Telnet bytes aside).
+                line = command.data.rstrip(b"\r\n")
+                assert command.urgent or line.startswith(b"\xff") or not any(byte < 32 or byte == 127 for byte in line), line
 
 
 def main() -> None:

@@ -57,7 +57,10 @@ def test_a_stranger_is_refused_and_the_client_still_gets_its_file(vsftpd, tmp_pa
             stranger.bind(("127.0.0.2", 0))
             stranger.settimeout(10)
             stranger.connect(("127.0.0.1", port))
-            assert stranger.recv(1) == b""  # closed at once, nothing relayed
+            try:
+                assert stranger.recv(1) == b""  # closed at once, nothing relayed
+            except ConnectionResetError:
+                pass  # refused with a reset: nothing relayed either
         proxy.wait_for("data connection from a stranger refused")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             ftp.sendcmd("RETR f.bin")

@@ -277,7 +277,8 @@ def test_sigterm_stops_accepting_and_lets_transfers_finish(vsftpd, tmp_path, sto
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).recv(1)
     worker.join(30)
     assert b"".join(received) == data
-    ftp.quit()
+    # Its transfer done, the session is idle: it is told at once.
+    assert ftp.getline().startswith("421 Service shutting down")
     assert proxy.process.wait(20) == 0
     assert proxy.events("stopped")
 

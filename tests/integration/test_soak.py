@@ -85,7 +85,7 @@ def test_soak_300_sessions(server_dir: Path, tmp_path: Path) -> None:
                         while True:
                             if ftp.getresp()[:3] in ("225", "226"):
                                 break
-                    except (ftplib.error_temp, ftplib.error_perm, TimeoutError, socket.timeout):
+                    except (ftplib.error_temp, ftplib.error_perm, TimeoutError):
                         pass
                     ftp.sock.settimeout(60)
                     assert ftp.sendcmd("NOOP").startswith("200")

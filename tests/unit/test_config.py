@@ -68,7 +68,7 @@ def test_aliases_are_configurable(tmp_path: Path) -> None:
         (lambda t: t.replace('"50000-50019"', '"lots"'), "[passive] ports: 'lots' is not a port range"),
         (lambda t: t.replace("port = 21\n[backend]", "port = 70000\n[backend]"), "[listen] port: 70000 is not a TCP port"),
         (lambda t: t + "[extra]\n", "[extra]: unknown section"),
-        (lambda t: t + "[limits]\nmax_line = -1\n", "[limits] max_line: -1 is not a positive integer"),
+        (lambda t: t + "[limits]\nmax_line = -1\n", "[limits] max_line: -1 is not a whole number from 1 to 1048576"),
         (lambda t: t.replace("[listen]", "[listen"), "not valid TOML"),
     ],
 )

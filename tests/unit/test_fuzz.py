@@ -5,10 +5,10 @@ from ipaddress import IPv4Address
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftpfix.protocol import FtpfixError, Policy, SendTo, Session, Side
+from ftpfix.protocol import FtpfixError, Policy, SendTo, Session, Side, Waiting
 
 # Bytes that make FTP interesting, so the search finds structure quickly.
-FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"ABOR", b"PORT 198,51,100,10,195,80", b"FEAT", b"211-", b" EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
+FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"ABOR", b"STAT .", b"213-", b"213 ", b"\t", b"USER\tanonymous", b"PORT 198,51,100,10,195,80", b"FEAT", b"211-", b" EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
 chunk = st.one_of(st.binary(max_size=64), st.sampled_from(FRAGMENTS), st.lists(st.sampled_from(FRAGMENTS), max_size=8).map(b"".join))
 step = st.tuples(st.sampled_from([Side.CLIENT, Side.SERVER, "open", "fail", "close"]), chunk)
 
@@ -20,17 +20,25 @@ def test_only_own_errors_escape(steps: list) -> None:
     for kind, data in steps:
         try:
             if kind == "open":
-                if session.paused:
-                    out = session.passive_opened(IPv4Address("203.0.113.1"), 50000)
-                elif session._commands_paused:
-                    out = session.active_opened(IPv4Address("192.0.2.10"), 40000)
-                else:
-                    continue
+                match session.waiting_for:
+                    case Waiting.PASSIVE:
+                        out = session.passive_opened(IPv4Address("203.0.113.1"), 50000)
+                    case Waiting.ACTIVE:
+                        out = session.active_opened(IPv4Address("192.0.2.10"), 40000)
+                    case Waiting.TRANSFER:
+                        out = session.transfer_finished()
+                    case _:
+                        continue
             elif kind == "fail":
-                if session.paused:
-                    out = session.passive_failed("no port")
-                else:
-                    continue
+                match session.waiting_for:
+                    case Waiting.PASSIVE:
+                        out = session.passive_failed("no port")
+                    case Waiting.ACTIVE:
+                        out = session.active_failed("no port")
+                    case Waiting.TRANSFER:
+                        out = session.transfer_finished("reset", connected=data[:1] < b"\x80")
+                    case _:
+                        continue
             elif kind == "close":
                 out = session.connection_closed(Side.CLIENT if data[:1] < b"\x80" else Side.SERVER)
             else:

@@ -3,7 +3,18 @@ from ipaddress import IPv4Address
 import pytest
 
 from ftpfix.protocol.errors import BackendError
-from ftpfix.protocol.grammar import AddressError, ReplyFramer, format_227, format_229, parse_227, split_command, telnet_text
+from ftpfix.protocol.grammar import (
+    AddressError,
+    CommandRejected,
+    ReplyFramer,
+    format_227,
+    format_229,
+    format_command,
+    parse_227,
+    parse_command,
+)
+
+ALIASES = {b"P@SW": b"PASV"}
 from ftpfix.protocol.lines import TOO_LONG, LineBuffer
 
 
@@ -40,15 +51,54 @@ def test_format() -> None:
     assert format_229(50000) == b"229 Entering Extended Passive Mode (|||50000|)\r\n"
 
 
-def test_split_command() -> None:
-    assert split_command(b"retr my file.txt") == (b"RETR", b"my file.txt")
-    assert split_command(b"NOOP") == (b"NOOP", b"")
+def test_parse_command_upper_cases_the_verb_and_keeps_the_argument() -> None:
+    assert parse_command(b"retr my file.txt", ALIASES) == (b"RETR", b"my file.txt")
+    assert parse_command(b"NOOP", ALIASES) == (b"NOOP", b"")
+    assert parse_command(b"p@sw", ALIASES) == (b"PASV", b"")
+    assert parse_command(b"RETR caf\xc3\xa9 \xe9\xfe", ALIASES) == (b"RETR", b"caf\xc3\xa9 \xe9\xfe")
 
 
-def test_telnet_text() -> None:
-    assert telnet_text(b"\xff\xf4\xff\xf2ABOR") == b"ABOR"
-    assert telnet_text(b"\xff\xfb\x01NOOP") == b"NOOP"
-    assert telnet_text(b"RETR a\xff\xffb") == b"RETR a\xffb"
+@pytest.mark.parametrize("separator", [b" ", b"\t", b"\x0b", b"\x0c"])
+def test_any_separator_a_server_splits_on_is_a_separator(separator: bytes) -> None:
+    # ProFTPD splits on any white space: USER<TAB>anonymous is anonymous there.
+    assert parse_command(b"USER" + separator + b"anonymous", ALIASES) == (b"USER", b"anonymous")
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"", b"500"),
+        (b"   ", b"500"),
+        (b"\tNOOP", b"500"),
+        (b"NO\x01OP", b"500"),
+        (b"NO\rOP", b"500"),
+        (b"N0OP", b"500"),
+        (b"\xc3\xa9", b"500"),
+        (b"USER anonymous\x00", b"501"),
+        (b"MKD x\x00213 y", b"501"),
+        (b"RETR a\rb", b"501"),
+        (b"RETR a\x7fb", b"501"),
+    ],
+)
+def test_lines_a_server_could_read_differently_are_rejected(line: bytes, code: bytes) -> None:
+    with pytest.raises(CommandRejected) as caught:
+        parse_command(line, ALIASES)
+    assert caught.value.reply.startswith(code) and caught.value.reply.endswith(b"\r\n")
+
+
+def test_format_command_is_canonical() -> None:
+    assert format_command(b"USER", b"alice") == b"USER alice\r\n"
+    assert format_command(b"NOOP") == b"NOOP\r\n"
+
+
+def test_telnet_commands_before_the_verb_are_dropped() -> None:
+    assert parse_command(b"\xff\xf4\xff\xf2ABOR", ALIASES) == (b"ABOR", b"")
+    assert parse_command(b"\xff\xfb\x01NOOP", ALIASES) == (b"NOOP", b"")
+    # An escaped IAC is data, and stays escaped for the backend; a lone one is
+    # a Telnet command that ProFTPD would act on and vsftpd would not.
+    assert parse_command(b"RETR a\xff\xffb", ALIASES) == (b"RETR", b"a\xff\xffb")
+    with pytest.raises(CommandRejected):
+        parse_command(b"RETR a\xff\xfeb", ALIASES)
 
 
 def test_reply_framer() -> None:

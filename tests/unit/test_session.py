@@ -7,9 +7,36 @@ from types import MappingProxyType
 
 import pytest
 
-from ftpfix.protocol import AbortTransfer, BackendError, Close, FinishTransfer, Note, OpenActive, OpenPassive, Policy, SendTo, Session, Side
+from ftpfix.protocol import (
+    AbortTransfer,
+    BackendError,
+    CancelTransfer,
+    Close,
+    FinishTransfer,
+    Note,
+    OpenActive,
+    OpenPassive,
+    Policy,
+    SendTo,
+    Session,
+    Side,
+)
 
-from .transcript import ActiveOpened, Client, ClientClosed, Failed, Opened, Server, ServerClosed, both_ways, merge, replay, to_client, to_server
+from .transcript import (
+    ActiveOpened,
+    Client,
+    ClientClosed,
+    Failed,
+    Finished,
+    Opened,
+    Server,
+    ServerClosed,
+    both_ways,
+    merge,
+    replay,
+    to_client,
+    to_server,
+)
 
 GREETING = Server(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n")
 LOGIN = [GREETING, Client(b"USER alice\r\n"), Server(b"331 Password required\r\n"), Client(b"PASS secret\r\n"), Server(b"230 Logged in\r\n")]
@@ -44,8 +71,9 @@ def test_smc_mangled_pasv_reaches_the_backend_as_pasv(spelling: bytes) -> None:
 
 def test_aliases_come_from_the_policy() -> None:
     policy = Policy(aliases=MappingProxyType({b"XPWD": b"PWD"}))
-    out = both_ways([GREETING, Client(b"xpwd\r\nP@SW\r\n")], policy=policy)
-    assert out[1:] == [to_server(b"PWD\r\nP@SW\r\n")]
+    out = both_ways([GREETING, Client(b"xpwd\r\nP@SW\r\n"), Server(b'257 "/"\r\n')], policy=policy)
+    # Without the default alias, P@SW is no verb: ftpfix answers it itself.
+    assert out[1:] == [to_server(b"PWD\r\n"), to_client(b'257 "/"\r\n500 Syntax error, command unrecognized.\r\n')]
 
 
 def test_alias_keeps_the_argument() -> None:
@@ -70,11 +98,35 @@ def test_every_227_form_of_rfc_1123_is_understood(reply: bytes) -> None:
     assert out[2:] == [OpenPassive("192.168.123.1", 30000), to_client(PUBLIC_227)]
 
 
-@pytest.mark.parametrize("reply", [b"227 Entering Passive Mode (192,168,123,300,117,48).", b"227 Entering Passive Mode (192,168,123,1,256,0)", b"227 no numbers at all", b"227 (1,2,3,4,0,0)"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"227 Entering Passive Mode (192,168,123,300,117,48).",
+        b"227 Entering Passive Mode (192,168,123,1,256,0)",
+        b"227 no numbers at all",
+        b"227 (1,2,3,4,0,0)",
+        # Ports no server offers for PASV: privileged, or the control port.
+        b"227 Entering Passive Mode (192,168,123,1,0,22).",
+        b"227 Entering Passive Mode (192,168,123,1,0,21).",
+        b"229 Entering Extended Passive Mode (|||80|)",
+    ],
+)
 def test_an_unusable_227_gets_425_and_opens_nothing(reply: bytes) -> None:
-    out = both_ways([GREETING, Client(b"PASV\r\nNOOP\r\n"), Server(reply + b"\r\n200 NOOP ok\r\n")])
+    out = both_ways([GREETING, Client(b"PASV\r\nNOOP\r\n"), Server(reply + b"\r\n"), Server(b"200 NOOP ok\r\n")])
     assert not any(isinstance(command, OpenPassive) for command in out)
-    assert out[-1] == to_client(b"425 Can't open data connection: the server's passive reply was unusable.\r\n200 NOOP ok\r\n")
+    assert out[-3:] == [
+        to_client(b"425 Can't open data connection: the server's passive reply was unusable.\r\n"),
+        to_server(b"NOOP\r\n"),
+        to_client(b"200 NOOP ok\r\n"),
+    ]
+
+
+def test_a_227_outside_the_backends_passive_range_opens_nothing() -> None:
+    policy = Policy(backend_passive_ports=range(40000, 40010))
+    inside = both_ways([GREETING, Client(b"PASV\r\n"), Server(b"227 (192,168,123,1,156,69)\r\n")], policy=policy)
+    assert inside[-1] == OpenPassive("192.168.123.1", 40005)
+    outside = both_ways([GREETING, Client(b"PASV\r\n"), Server(b"227 (192,168,123,1,156,164)\r\n")], policy=policy)
+    assert outside[-1] == to_client(b"425 Can't open data connection: the server's passive reply was unusable.\r\n")
 
 
 @pytest.mark.parametrize(
@@ -101,27 +153,39 @@ def test_pipelined_commands_keep_their_replies_in_order() -> None:
     out = both_ways(
         [
             GREETING,
-            Client(b"PASV\r\nNOOP\r\nPWD\r\n"),
-            Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n200 NOOP ok\r\n257 \"/\"\r\n"),
-            Opened("203.0.113.1", 50000),
+            Client(b"TYPE I\r\nNOOP\r\nPWD\r\n"),
+            Server(b"200 Type set to I\r\n200 NOOP ok\r\n257 \"/\"\r\n"),
         ]
     )
     assert out[1:] == [
-        to_server(b"PASV\r\nNOOP\r\nPWD\r\n"),
-        OpenPassive("192.168.123.1", 30000),
-        to_client(PUBLIC_227 + b'200 NOOP ok\r\n257 "/"\r\n'),
+        to_server(b"TYPE I\r\nNOOP\r\nPWD\r\n"),
+        to_client(b'200 Type set to I\r\n200 NOOP ok\r\n257 "/"\r\n'),
     ]
 
 
-def test_replies_after_a_227_wait_until_the_port_is_open() -> None:
+def test_a_pasv_goes_out_alone_and_later_commands_wait_for_its_227() -> None:
+    # Rule 3: nothing is outstanding when PASV goes out, and nothing follows
+    # it until its reply is complete, so every 227 answers exactly one PASV.
     session = Session()
     session.receive_data(Side.SERVER, GREETING.data)
-    session.receive_data(Side.CLIENT, b"PASV\r\nNOOP\r\n")
-    out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n200 NOOP ok\r\n")
+    assert merge(session.receive_data(Side.CLIENT, b"NOOP\r\nPASV\r\nNOOP\r\n")) == [to_server(b"NOOP\r\n")]
+    assert merge(session.receive_data(Side.SERVER, b"200 NOOP ok\r\n")) == [to_client(b"200 NOOP ok\r\n"), to_server(b"PASV\r\n")]
+    out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n")
     assert out == [OpenPassive("192.168.123.1", 30000)]
     assert session.paused
-    assert session.receive_data(Side.SERVER, b"") == []
-    assert session.passive_opened(IPv4Address("203.0.113.1"), 50000) == [to_client(PUBLIC_227), to_client(b"200 NOOP ok\r\n")]
+    assert merge(session.passive_opened(IPv4Address("203.0.113.1"), 50000)) == [to_client(PUBLIC_227), to_server(b"NOOP\r\n")]
+
+
+def test_a_pasv_waits_while_a_reply_line_is_half_read() -> None:
+    session = Session()
+    session.receive_data(Side.SERVER, GREETING.data)
+    session.receive_data(Side.CLIENT, b"STAT .\r\nPASV\r\n")
+    # The STAT reply looks complete, but more of the stream is on its way.
+    out = merge(session.receive_data(Side.SERVER, b"213-Status\r\n x\r\n213 y\r\n227 Entering"))
+    assert to_server(b"PASV\r\n") not in out
+    out = merge(session.receive_data(Side.SERVER, b" Passive Mode (127,0,0,1,8,174)\r\n"))
+    assert not any(isinstance(command, OpenPassive) for command in out)
+    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
 
 
 def test_a_command_split_across_segments() -> None:
@@ -173,8 +237,27 @@ def test_a_line_that_never_ends_is_bounded() -> None:
 
 
 def test_the_final_reply_to_a_transfer_waits_for_the_data_relay() -> None:
-    out = both_ways([GREETING, Client(b"RETR f\r\n"), Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n")])
-    assert out[1:] == [to_server(b"RETR f\r\n"), to_client(b"150 Opening BINARY mode\r\n"), FinishTransfer(), to_client(b"226 Transfer complete\r\n")]
+    out = both_ways([GREETING, Client(b"RETR f\r\nNOOP\r\n"), Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n200 NOOP ok\r\n"), Finished()])
+    assert out[1:] == [
+        to_server(b"RETR f\r\nNOOP\r\n"),
+        to_client(b"150 Opening BINARY mode\r\n"),
+        FinishTransfer(),
+        to_client(b"226 Transfer complete\r\n200 NOOP ok\r\n"),
+    ]
+
+
+def test_a_failed_relay_never_gets_a_2xx() -> None:
+    # The backend saw a clean end (or wrote into a buffer) and says 226;
+    # the relay knows better.
+    out = both_ways([GREETING, Client(b"STOR f\r\n"), Server(b"150 ok\r\n226 Transfer complete\r\n"), Finished("upload: Connection reset by peer")])
+    assert out[-1] == to_client(b"426 Connection closed; transfer aborted: upload: Connection reset by peer.\r\n")
+    out = both_ways([GREETING, Client(b"RETR f\r\n"), Server(b"150 ok\r\n226 Transfer complete\r\n"), Finished("cannot connect to the client", connected=False)])
+    assert out[-1] == to_client(b"425 Can't open data connection: cannot connect to the client.\r\n")
+
+
+def test_a_refused_transfer_is_passed_on_at_once_and_ends_the_data_connection() -> None:
+    out = both_ways([GREETING, Client(b"RETR missing.txt\r\n"), Server(b"550 Failed to open file.\r\n")])
+    assert out[1:] == [to_server(b"RETR missing.txt\r\n"), CancelTransfer(), to_client(b"550 Failed to open file.\r\n")]
 
 
 def test_a_non_transfer_reply_is_not_held() -> None:
@@ -229,9 +312,12 @@ def test_a_malformed_backend_line_is_a_backend_error_with_a_421() -> None:
     assert caught.value.reply.startswith(b"421 ")
 
 
-def test_nul_bytes_and_invalid_utf8_pass_as_bytes() -> None:
-    out = both_ways([GREETING, Client(b"DELE caf\xe9\x00\xff\xfe.bin\r\n"), Server(b"550 caf\xe9\x00\xff\xfe.bin: nope\r\n")])
-    assert out[1:] == [to_server(b"DELE caf\xe9\x00\xff\xfe.bin\r\n"), to_client(b"550 caf\xe9\x00\xff\xfe.bin: nope\r\n")]
+def test_invalid_utf8_passes_as_bytes_but_nul_never_reaches_the_backend() -> None:
+    out = both_ways([GREETING, Client(b"DELE caf\xe9\xfe.bin\r\n"), Server(b"550 caf\xe9\xfe.bin: nope\r\n")])
+    assert out[1:] == [to_server(b"DELE caf\xe9\xfe.bin\r\n"), to_client(b"550 caf\xe9\xfe.bin: nope\r\n")]
+    # vsftpd turns NUL into LF in its replies: a name with NUL forges lines.
+    out = both_ways([GREETING, Client(b"MKD x\x00213 y\x00227 Entering Passive Mode (127,0,0,1,8,174)\r\n")])
+    assert out == [to_client(GREETING.data + b"501 Syntax error in parameters: control characters are not allowed.\r\n")]
 
 
 def test_telnet_interrupt_before_abor_does_not_hide_the_verb() -> None:
@@ -344,7 +430,12 @@ def active(script, policy: Policy | None = None):
 
 def test_port_is_proxied_through_a_listener_of_ftpfix() -> None:
     out = active([GREETING, Client(b"PORT 198,51,100,10,195,80\r\nRETR f\r\n"), ActiveOpened("192.0.2.10", 40000), Server(b"200 PORT ok\r\n")])
-    assert out[1:] == [OpenActive("198.51.100.10", 50000), to_server(b"PORT 192,0,2,10,156,64\r\nRETR f\r\n"), to_client(b"200 PORT ok\r\n")]
+    assert out[1:] == [
+        OpenActive("198.51.100.10", 50000),
+        to_server(b"PORT 192,0,2,10,156,64\r\n"),
+        to_client(b"200 PORT ok\r\n"),
+        to_server(b"RETR f\r\n"),
+    ]
 
 
 def test_eprt_for_ipv4_and_ipv6() -> None:

@@ -47,6 +47,14 @@ class ActiveFailed:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """The shell's answer to FinishTransfer: the relay's failure, if any."""
+
+    failure: str | None = None
+    connected: bool = True
+
+
+@dataclass(frozen=True)
 class ClientClosed:
     pass
 
@@ -56,7 +64,7 @@ class ServerClosed:
     pass
 
 
-Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | ClientClosed | ServerClosed
+Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | ClientClosed | ServerClosed
 
 
 def replay(
@@ -84,6 +92,8 @@ def replay(
                 out += session.active_opened(ip_address(host), port)
             case ActiveFailed(reason):
                 out += session.active_failed(reason)
+            case Finished(failure, connected):
+                out += session.transfer_finished(failure, connected=connected)
             case ClientClosed():
                 out += session.connection_closed(Side.CLIENT)
             case ServerClosed():
