@@ -172,8 +172,10 @@ class ControlChannel:
         self._last_activity = now
         self._partial_since: float | None = None
         self._rearm = trio.Event()
-        self._client_wanted = trio.Event()
-        self._client_wanted.set()
+        # Set while the core wants more from a side; read before each receive.
+        self._wanted = {side: trio.Event() for side in Side}
+        for event in self._wanted.values():
+            event.set()
         limits = config.limits
         self._upload_limit = TokenBucket(limits.upload_rate, now) if limits.upload_rate else None
         self._download_limit = TokenBucket(limits.download_rate, now) if limits.download_rate else None
@@ -237,10 +239,16 @@ class ControlChannel:
                         self._rearm.set()  # a nearer deadline for the watchdog
         if not await self._execute(commands):
             return False
-        if self.core.wants_client_data:
-            self._client_wanted.set()
-        elif self._client_wanted.is_set():
-            self._client_wanted = trio.Event()
+        while self.core.can_advance:
+            # Buffered lines, one bounded batch at a time: each batch's
+            # replies are written before the next is read.
+            if not await self._execute(self.core.advance()):
+                return False
+        for side in Side:
+            if self.core.wants_data(side):
+                self._wanted[side].set()
+            elif self._wanted[side].is_set():
+                self._wanted[side] = trio.Event()
         if self._draining and self.core.idle:
             self.close_reason = "ftpfix is shutting down"
             await self._send(Side.CLIENT, SHUTDOWN_REPLY)
@@ -283,17 +291,15 @@ class ControlChannel:
         async with send:
             try:
                 while True:
-                    while side is Side.CLIENT and not self.core.wants_client_data:
-                        await self._client_wanted.wait()
+                    while not self.core.wants_data(side):
+                        await self._wanted[side].wait()
                     data = await stream.receive_some(CONTROL_READ_SIZE)
                     await send.send(_Received(side, data))
                     if not data:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # A reset, not an orderly close: nobody is left to answer.
-                self.close_reason = f"{side.value} connection reset"
-                assert self._nursery is not None
-                self._nursery.cancel_scope.cancel()
+                self._end(f"{side.value} connection reset")
 
     async def _execute(self, commands: list[Command]) -> bool:
         """Run the core's commands in order; False once the session must end."""
@@ -347,19 +353,30 @@ class ControlChannel:
             await send.send(_TransferDone(mapping))
 
     async def _send(self, side: Side, data: bytes, urgent: bool = False) -> None:
+        """Write to ``side``; a peer that takes nothing for ``idle_timeout`` ends the session.
+
+        Everything else (deadlines included) waits while this loop writes, so
+        a peer that stops reading must not be able to hold it forever.
+        """
         stream = self.streams[side]
         try:
-            if urgent:
-                # trio's streams have no flags; the socket's send has. One
-                # byte always goes whole.
-                await stream.socket.send(data, socket.MSG_OOB)
-            else:
-                await stream.send_all(data)
+            with trio.move_on_after(self.config.limits.idle_timeout) as writing:
+                if urgent:
+                    # trio's streams have no flags; the socket's send has. One
+                    # byte always goes whole.
+                    await stream.socket.send(data, socket.MSG_OOB)
+                else:
+                    await stream.send_all(data)
+            if writing.cancelled_caught:
+                self._end(f"{side.value} stopped reading")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.close_reason = f"{side.value} connection lost"
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+            self._end(f"{side.value} connection lost")
             await trio.lowlevel.checkpoint()
+
+    def _end(self, reason: str) -> None:
+        self.close_reason = reason
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     def _make_room(self) -> bool:
         """Retire mappings a new one replaces; False if the session holds too many.

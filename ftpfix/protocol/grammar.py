@@ -47,8 +47,8 @@ def parse_command(line: bytes, aliases: Mapping[bytes, bytes]) -> tuple[bytes, b
 
     Telnet commands (RFC 854) before the verb are dropped: clients put IAC IP
     IAC DM before ABOR. A verb is letters (RFC 959 section 5.3.1), or one of
-    ``aliases`` (``P@SW``, the SMC Barricade's mangled PASV), which names the
-    verb it stands for. The argument keeps its bytes exactly, invalid UTF-8
+    ``aliases`` (``P@SW``, the SMC Barricade's mangled PASV), which the caller
+    maps to the verb it stands for. The argument keeps its bytes exactly, invalid UTF-8
     included, but no control byte and no Telnet command (an IAC that is not
     doubled): those are where servers disagree (pure-ftpd silently drops a
     line with a control byte, vsftpd turns NUL into LF in its replies, ProFTPD
@@ -62,9 +62,7 @@ def parse_command(line: bytes, aliases: Mapping[bytes, bytes]) -> tuple[bytes, b
     if not verb:
         text = "500 Empty command line." if not line.strip(SEPARATORS) else "500 Syntax error: a command starts with its verb."
         raise CommandRejected("no verb", reply=text.encode("ascii") + CRLF)
-    if verb in aliases:
-        verb = aliases[verb]
-    elif not _LETTERS.fullmatch(verb):
+    if verb not in aliases and not _LETTERS.fullmatch(verb):
         raise CommandRejected("verb is not letters", reply=b"500 Syntax error, command unrecognized." + CRLF)
     if _CONTROL.search(argument) or b"\xff" in argument.replace(b"\xff\xff", b""):
         raise CommandRejected(

@@ -50,7 +50,7 @@ byte, or failed, in which case the client gets 426 (or 425) in its place. A
 4xx or 5xx ends the transfer at once (``CancelTransfer``).
 
 Everything is bounded: at most ``MAX_PENDING`` commands outstanding, and the
-shell stops reading the client while ``wants_client_data`` is False, so a
+shell stops reading a side while ``wants_data`` is False, so a
 flood of lines is held back by TCP rather than buffered here.
 """
 
@@ -150,6 +150,10 @@ MAX_PENDING = 32
 
 #: Unread client bytes the core holds before the shell stops reading.
 CLIENT_BACKLOG = 64 * 1024
+
+#: Unread backend bytes the core holds while a reply waits for the shell:
+#: room for a full reply line and more.
+SERVER_BACKLOG = 2 * MAX_REPLY_LINE
 
 #: Telnet "interrupt process" (RFC 854): IAC IP.
 TELNET_IP = b"\xff\xf4"
@@ -292,17 +296,39 @@ class Session:
         """What the core waits for from the shell."""
         return self._waiting
 
-    @property
-    def wants_client_data(self) -> bool:
-        """False while the client's unread input is at its bound: stop reading it."""
-        return not self._closed and self._client_lines.pending < CLIENT_BACKLOG
+    def wants_data(self, side: Side) -> bool:
+        """False while ``side``'s unread input is at its bound: stop reading it.
+
+        The client's input waits while commands are held back (an exclusive
+        command, ``MAX_PENDING``); the backend's while a reply is held for
+        the shell. Either peer then meets TCP backpressure.
+        """
+        if side is Side.CLIENT:
+            return not self._closed and self._client_lines.pending < CLIENT_BACKLOG
+        return not self._closed and self._server_lines.pending < SERVER_BACKLOG
 
     @property
     def idle(self) -> bool:
         """True when no command is outstanding: nothing would be cut short by a 421."""
         return not self._pending and self._deferred is None and not self.paused
 
+    @property
+    def can_advance(self) -> bool:
+        """True if buffered client lines could be read now: call ``advance``."""
+        if not self._reading_commands():
+            return False
+        if self._deferred is not None:
+            return self._quiet()
+        return self._client_lines.has_line
+
     # -- input -----------------------------------------------------------
+
+    def advance(self) -> list[Command]:
+        """Read on from what is buffered (see ``can_advance``); return what to do."""
+        out: list[Command] = []
+        if not self._closed:
+            self._advance(out)
+        return out
 
     def receive_data(self, side: Side, data: bytes) -> list[Command]:
         """Take bytes that arrived from ``side``; return what to do now."""
@@ -408,7 +434,12 @@ class Session:
         return not self._pending and self._server_lines.pending == 0
 
     def _read_commands(self, out: list[Command]) -> None:
-        while self._reading_commands():
+        # At most MAX_PENDING lines per call, so a flood of lines that ftpfix
+        # answers itself turns into bounded batches of replies, each written
+        # (and pushed back by the client's TCP window) before the next.
+        budget = MAX_PENDING
+        while budget and self._reading_commands():
+            budget -= 1
             if self._deferred is not None:
                 if not self._quiet():
                     return
@@ -432,6 +463,10 @@ class Session:
                 out.append(Note("command refused", level="debug", fields={"why": str(rejected), "length": len(line)}))
                 self._answer_locally(out, rejected.reply)
                 continue
+            alias = self.policy.aliases.get(verb)
+            if alias is not None:
+                out.append(Note("command alias", level="debug", fields={"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}))
+                verb = alias
             if verb in EXCLUSIVE_VERBS and not self._quiet():
                 self._deferred = (verb, argument)
                 continue

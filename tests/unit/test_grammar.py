@@ -54,7 +54,7 @@ def test_format() -> None:
 def test_parse_command_upper_cases_the_verb_and_keeps_the_argument() -> None:
     assert parse_command(b"retr my file.txt", ALIASES) == (b"RETR", b"my file.txt")
     assert parse_command(b"NOOP", ALIASES) == (b"NOOP", b"")
-    assert parse_command(b"p@sw", ALIASES) == (b"PASV", b"")
+    assert parse_command(b"p@sw", ALIASES) == (b"P@SW", b"")
     assert parse_command(b"RETR caf\xc3\xa9 \xe9\xfe", ALIASES) == (b"RETR", b"caf\xc3\xa9 \xe9\xfe")
 
 

@@ -540,3 +540,94 @@ def test_logged_in_follows_the_230() -> None:
     session.receive_data(Side.CLIENT, b"PASS right\r\n")
     session.receive_data(Side.SERVER, b"230 Logged in\r\n")
     assert session.logged_in
+
+
+# -- hostile input: the attack suite's defects, at the core ---------------------
+
+
+def test_a_flood_of_empty_lines_is_held_back_not_buffered() -> None:
+    # While the backend has not answered, each "\n" would queue a local 500:
+    # past MAX_PENDING the core reads no more, and past CLIENT_BACKLOG the
+    # shell stops reading the socket.
+    from ftpfix.protocol.session import CLIENT_BACKLOG, MAX_PENDING
+
+    session = Session()
+    session.receive_data(Side.CLIENT, b"\n" * (CLIENT_BACKLOG + MAX_PENDING + 10))
+    assert len(session._pending) == MAX_PENDING
+    assert not session.wants_data(Side.CLIENT)
+    # Once answered, the backlog drains in batches the shell writes one by one.
+    out = merge(session.receive_data(Side.SERVER, GREETING.data))
+    assert out == [to_client(GREETING.data + b"500 Empty command line.\r\n" * (2 * MAX_PENDING - 1))]
+    batches = 0
+    while session.can_advance:
+        out = merge(session.advance())
+        assert len(out) == 1 and out[0].data.count(b"\r\n") <= MAX_PENDING
+        batches += 1
+    assert batches >= CLIENT_BACKLOG // MAX_PENDING - 2
+    assert session.wants_data(Side.CLIENT)
+
+
+@pytest.mark.parametrize("user", [b"USER\tanonymous", b"USER\x0banonymous", b"user  ANONYMOUS", b"USER ftp ", b"USER\x0cftp"])
+def test_anonymous_is_refused_however_it_is_separated(user: bytes) -> None:
+    out = both_ways([GREETING, Client(user + b"\r\n")], policy=Policy(deny_anonymous=True))
+    assert out[-1].data.endswith(b"530 Anonymous logins are not allowed here.\r\n")
+
+
+def test_a_nul_after_anonymous_is_refused_before_the_backend_sees_it() -> None:
+    out = both_ways([GREETING, Client(b"USER anonymous\x00\r\n")], policy=Policy(deny_anonymous=True))
+    assert out == [to_client(GREETING.data + b"501 Syntax error in parameters: control characters are not allowed.\r\n")]
+
+
+def test_a_password_separated_by_a_tab_is_masked_and_sent_canonical() -> None:
+    out = replay([GREETING, Client(b"USER\talice\r\nPASS\twonderland\r\n")], notes=True)
+    assert to_server(b"USER alice\r\nPASS wonderland\r\n") in merge(out)
+    assert not any(b"wonderland" in repr(item.fields).encode() for item in out if isinstance(item, Note))
+    session = Session()
+    session.receive_data(Side.CLIENT, b"USER\talice\r\n")
+    assert session.user == "alice"
+
+
+def test_epsv_auto_fallback_is_not_fooled_by_pipelining() -> None:
+    # The backend knows no EPSV: its 500 is swallowed and PASV sent. Had
+    # TYPE I gone out behind EPSV, its 200 would answer the PASV.
+    out = both_ways(
+        [
+            GREETING,
+            Client(b"EPSV\r\nTYPE I\r\n"),
+            Server(b"500 EPSV not understood\r\n"),
+            Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"),
+            Opened("203.0.113.1", 50000),
+            Server(b"200 Type set to I\r\n"),
+        ]
+    )
+    assert out[1:] == [
+        to_server(b"EPSV\r\nPASV\r\n"),
+        OpenPassive("192.168.123.1", 30000, extended=True),
+        to_client(b"229 Entering Extended Passive Mode (|||50000|)\r\n"),
+        to_server(b"TYPE I\r\n"),
+        to_client(b"200 Type set to I\r\n"),
+    ]
+
+
+def test_an_unsolicited_421_is_passed_on_and_ends_the_session() -> None:
+    out = both_ways([GREETING, Server(b"421 Timeout.\r\n")])
+    assert out == [to_client(GREETING.data + b"421 Timeout.\r\n"), Close("backend sent 421")]
+
+
+def test_fix_address_in_passthrough_sends_the_fixed_address_not_the_line() -> None:
+    policy = Policy(active="passthrough")
+    out = active([GREETING, Client(b"PORT 127,0,0,2,31,144\r\n")], policy)
+    assert out[-1] == to_server(b"PORT 198,51,100,10,31,144\r\n")
+
+
+def test_several_pipelined_pasvs_each_get_their_own_mapping_in_turn() -> None:
+    session = Session()
+    session.receive_data(Side.SERVER, GREETING.data)
+    out = merge(session.receive_data(Side.CLIENT, b"PASV\r\nPASV\r\nPASV\r\n"))
+    assert out == [to_server(b"PASV\r\n")]
+    for port in (50000, 50001, 50002):
+        out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n")
+        assert out == [OpenPassive("192.168.123.1", 30000)]
+        out = merge(session.passive_opened(IPv4Address("203.0.113.1"), port))
+        assert out[0].data.startswith(b"227 ")
+    assert session.idle

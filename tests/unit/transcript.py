@@ -98,6 +98,8 @@ def replay(
                 out += session.connection_closed(Side.CLIENT)
             case ServerClosed():
                 out += session.connection_closed(Side.SERVER)
+        while session.can_advance:
+            out += session.advance()
     return merge(out, notes=notes)
 
 
