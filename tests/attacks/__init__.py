@@ -1,0 +1,1 @@
+"""Standing attack suite: hostile clients and backends against a real ftpfix process."""
