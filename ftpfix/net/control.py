@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import select
 import socket
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from ..config import Config
 from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
+    AwaitQuiet,
     CancelTransfer,
     Close,
     Command,
@@ -52,9 +54,25 @@ CONTROL_READ_SIZE = 16 * 1024
 #: data connections open.
 MAX_MAPPINGS = 2
 
+#: Seconds the backend must stay silent before PASV, EPSV, PORT or EPRT goes
+#: out after a multi-line reply (see ``AwaitQuiet``). A server writes one
+#: reply in a burst; on loopback or a LAN the rest of it arrives in well
+#: under a millisecond. Paid only after multi-line replies (FEAT, STAT).
+QUIET_PERIOD = 0.05
+
 SHUTDOWN_REPLY = b"421 Service shutting down, closing control connection.\r\n"
 
+#: Most backend bytes gathered into one event (see ``_read_rest``).
+SERVER_DRAIN = 256 * 1024
+
 _session_ids = itertools.count(1)
+
+
+def _readable_now(fd: int) -> bool:
+    """True if ``fd`` has bytes (or its end) to read without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +113,16 @@ class _TransferDone:
 
 
 @dataclass(frozen=True, slots=True)
+class _Quiet:
+    """The backend has sent nothing for ``QUIET_PERIOD`` seconds."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Drain:
     """ftpfix is shutting down: end the session once nothing is in flight."""
 
 
-_Event = _Received | _Expired | _TransferDone | _Drain
+_Event = _Received | _Expired | _TransferDone | _Quiet | _Drain
 
 
 @dataclass(slots=True)
@@ -170,6 +193,7 @@ class ControlChannel:
         now = trio.current_time()
         self._started = now
         self._last_activity = now
+        self._last_backend_data = now
         self._partial_since: float | None = None
         self._rearm = trio.Event()
         # Set while the core wants more from a side; read before each receive.
@@ -222,6 +246,8 @@ class ControlChannel:
             case _Drain():
                 self._draining = True
                 commands: list[Command] = []
+            case _Quiet():
+                commands = self.core.quiet_confirmed()
             case _TransferDone(mapping=mapping):
                 if mapping is None or mapping.failure is None:
                     commands = self.core.transfer_finished()
@@ -267,12 +293,19 @@ class ControlChannel:
         async with send:
             while True:
                 now = trio.current_time()
-                last = max([self._last_activity, *(m.stats.last_progress for m in self._mappings if m.connected)])
-                deadlines = [(last + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout")]
+                deadlines = []
+                if not any(mapping.connected for mapping in self._mappings):
+                    # While data moves, the relay's own stall deadline rules:
+                    # a transfer ends with 426, not the session with 421.
+                    deadlines.append((self._last_activity + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout"))
                 if not self.core.logged_in:
                     deadlines.append((self._started + limits.login_timeout, f"421 Login timeout ({limits.login_timeout:g} s), closing control connection.", "login timeout"))
                 if self._partial_since is not None:
                     deadlines.append((self._partial_since + limits.line_timeout, f"421 Command line not completed within {limits.line_timeout:g} s.", "line timeout"))
+                if not deadlines:
+                    await self._rearm.wait()
+                    self._rearm = trio.Event()
+                    continue
                 deadline, reply, reason = min(deadlines)
                 if deadline <= now:
                     await send.send(_Expired(reply.encode("ascii") + b"\r\n", reason))
@@ -294,12 +327,33 @@ class ControlChannel:
                     while not self.core.wants_data(side):
                         await self._wanted[side].wait()
                     data = await stream.receive_some(CONTROL_READ_SIZE)
+                    if side is Side.SERVER:
+                        self._last_backend_data = trio.current_time()
+                        data, ended = await self._read_rest(stream, data)
+                        if ended:
+                            await send.send(_Received(side, data))
+                            data = b""
                     await send.send(_Received(side, data))
                     if not data:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # A reset, not an orderly close: nobody is left to answer.
                 self._end(f"{side.value} connection reset")
+
+    async def _read_rest(self, stream: trio.SocketStream, data: bytes) -> tuple[bytes, bool]:
+        """``data`` and whatever else the backend socket already holds; True at its end.
+
+        The core must see a reply together with what follows it, as far as
+        it has arrived: a 227 followed by more bytes is forged (the rule in
+        ``Session._on_passive_reply``), and a read boundary must not hide that.
+        """
+        sock = stream.socket
+        while data and len(data) < SERVER_DRAIN and _readable_now(sock.fileno()):
+            more = await stream.receive_some(CONTROL_READ_SIZE)
+            if not more:
+                return data, True
+            data += more
+        return data, False
 
     async def _execute(self, commands: list[Command]) -> bool:
         """Run the core's commands in order; False once the session must end."""
@@ -324,6 +378,9 @@ class ControlChannel:
                         mapping.answered.set()
                         if not mapping.aborted:
                             mapping.cancel(self.pool, "the server ended the transfer")
+                case AwaitQuiet():
+                    assert self._nursery is not None and self._events is not None
+                    self._nursery.start_soon(self._report_quiet, self._events.clone())
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
                 case Close(reason=reason):
@@ -340,9 +397,8 @@ class ControlChannel:
             mapping.answered.set()
             if not mapping.accepted.is_set() and not mapping.active:
                 # Nobody connected to the public port, so ftpfix never dialed
-                # the backend: its 2xx involved no data connection of ours.
-                mapping.cancel(self.pool, "the transfer is over")
-                mapping = None
+                # the backend: whatever its 2xx says, no data went anywhere.
+                mapping.cancel(self.pool, "no data connection was made")
         assert self._nursery is not None and self._events is not None
         self._nursery.start_soon(self._report_transfer, mapping, self._events.clone())
 
@@ -351,6 +407,12 @@ class ControlChannel:
             if mapping is not None:
                 await mapping.delivered.wait()
             await send.send(_TransferDone(mapping))
+
+    async def _report_quiet(self, send: trio.MemorySendChannel[_Event]) -> None:
+        async with send:
+            while (silent := trio.current_time() - self._last_backend_data) < QUIET_PERIOD:
+                await trio.sleep(QUIET_PERIOD - silent)
+            await send.send(_Quiet())
 
     async def _send(self, side: Side, data: bytes, urgent: bool = False) -> None:
         """Write to ``side``; a peer that takes nothing for ``idle_timeout`` ends the session.
@@ -487,7 +549,10 @@ class ControlChannel:
             mapping.delivered.set()
             mapping.finished.set()
             self._mappings.remove(mapping)
-            self._last_activity = max(self._last_activity, mapping.stats.last_progress)
+            if mapping.connected:
+                # The session's idle clock starts again when its transfer ends.
+                self._last_activity = trio.current_time()
+            self._rearm.set()
             self.totals.add(mapping)
             if mapping.stats.error:
                 self.log.info("data connection ended abruptly", port=mapping.port, error=mapping.stats.error)

@@ -312,6 +312,8 @@ async def _accept(mapping: DataMapping, log: FilteringBoundLogger) -> socket.soc
     connection would otherwise wake this loop forever.
     """
     while True:
+        if mapping.listener.fileno() == -1:
+            raise trio.ClosedResourceError("the data port was closed")
         await trio.lowlevel.wait_readable(mapping.listener)
         try:
             sock, peer = mapping.listener.accept()
@@ -320,6 +322,8 @@ async def _accept(mapping: DataMapping, log: FilteringBoundLogger) -> socket.soc
         except OSError as error:
             if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue
+            if error.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the data port was closed") from None
             raise
         try:
             host = normalize_host(peer[0])

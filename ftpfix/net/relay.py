@@ -26,6 +26,7 @@ import fcntl
 import os
 import socket
 import struct
+import termios
 from dataclasses import dataclass, field
 
 import trio
@@ -43,6 +44,9 @@ PIPE_SIZE = 1024 * 1024
 
 #: Whether splice(2) works here; set to False the first time it does not.
 _splice_works = hasattr(os, "splice")
+
+#: Seconds between looks at a relay's send queues for the stall deadline.
+STALL_SAMPLE = 1.0
 
 #: Seconds the client may keep its side of a data connection open once the
 #: backend has closed its own: long enough for any client to read the tail and
@@ -201,6 +205,14 @@ def _shutdown_write(target: socket.socket) -> None:
         pass  # the target is gone already; nothing left to deliver
 
 
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue not yet acknowledged by the peer (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return -1
+
+
 #: ``struct linger`` with l_onoff 1 and l_linger 0: close() sends a reset.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -257,13 +269,21 @@ async def relay(
             nursery.cancel_scope.cancel()
 
     async def watch_for_stall(nursery: trio.Nursery) -> None:
+        # A slow reader drains the send queue long before a write wakes up
+        # (the kernel signals room only once a third of the buffer is free),
+        # so progress is also read off the queues themselves.
+        queued = (_unsent(client), _unsent(backend))
         # Once the download is delivered, CLIENT_LINGER bounds the rest.
         while download in running:
+            now = trio.current_time()
+            if (current := (_unsent(client), _unsent(backend))) != queued:
+                queued = current
+                stats.last_progress = now
             deadline = stats.last_progress + stall_timeout
-            if trio.current_time() >= deadline:
+            if now >= deadline:
                 fail(f"no data moved for {stall_timeout:g} s", nursery)
                 return
-            await trio.sleep_until(deadline)
+            await trio.sleep_until(min(deadline, now + STALL_SAMPLE))
 
     def fail(reason: str, nursery: trio.Nursery) -> None:
         if stats.error is None:

@@ -8,6 +8,7 @@ transcript be tested synchronously, one byte at a time, and fuzzed.
 
 from .commands import (
     AbortTransfer,
+    AwaitQuiet,
     CancelTransfer,
     Close,
     Command,
@@ -23,6 +24,7 @@ from .session import Policy, Session, Waiting
 
 __all__ = [
     "AbortTransfer",
+    "AwaitQuiet",
     "BackendError",
     "CancelTransfer",
     "ClientError",

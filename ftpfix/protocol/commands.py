@@ -101,6 +101,18 @@ class CancelTransfer:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitQuiet:
+    """Tell the core, with ``Session.quiet_confirmed``, once the backend has
+    sent nothing for a moment.
+
+    Asked before PASV, EPSV, PORT or EPRT goes out after a multi-line reply:
+    a server that lists names at the start of lines (STAT) lets a client forge
+    the reply's end, and the rest of the real reply must not be taken for the
+    answer to what ftpfix sends next.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """End the session, after sending what was queued before this command."""
 
@@ -116,4 +128,4 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | CancelTransfer | Close | Note
+Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | CancelTransfer | AwaitQuiet | Close | Note

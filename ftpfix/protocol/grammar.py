@@ -126,7 +126,10 @@ class ReplyFramer:
 # the first digit of the host and port numbers." So: six comma-separated decimal
 # numbers anywhere in the text, with or without parentheses, after "=" or not.
 # Optional blanks around the commas are tolerated; leading zeros are decimal.
-_SIX_NUMBERS = re.compile(rb"(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)")
+# Each number is at most three digits (leading zeros allowed): more is no
+# address, and Python refuses to convert a string of over 4300 digits.
+_NUMBER = rb"(?<!\d)(\d{1,3})(?!\d)"
+_SIX_NUMBERS = re.compile(rb"\s*,\s*".join([_NUMBER] * 6))
 
 
 class AddressError(ValueError):
@@ -140,12 +143,18 @@ def parse_227(text: bytes) -> tuple[IPv4Address, int]:
     put the numbers on a continuation line. The code itself is skipped so that
     it can never be read as a number.
 
-    Raises AddressError when no six numbers are found or any is over 255.
+    Raises AddressError when no six numbers are found, or more than one set,
+    or any number is over 255.
     """
     body = text[3:] if text[:3].isdigit() else text
-    match = _SIX_NUMBERS.search(body)
-    if match is None:
+    matches = list(_SIX_NUMBERS.finditer(body))
+    if not matches:
         raise AddressError("no h1,h2,h3,h4,p1,p2 in the 227 reply")
+    if len(matches) > 1:
+        # A real 227 names one address. Two means text the server echoed
+        # (a file name) became part of it: trust neither.
+        raise AddressError("more than one address in the 227 reply")
+    match = matches[0]
     numbers = [int(group) for group in match.groups()]
     if any(n > 255 for n in numbers):
         raise AddressError(f"a number over 255 in the 227 reply: {numbers}")
@@ -194,7 +203,7 @@ def parse_port(argument: bytes) -> tuple[IPv4Address, int]:
     Raises AddressError if it is not six numbers from 0 to 255.
     """
     parts = argument.strip().split(b",")
-    if len(parts) != 6 or not all(part.strip().isdigit() for part in parts):
+    if len(parts) != 6 or not all(part.strip().isdigit() and len(part.strip()) <= 3 for part in parts):
         raise AddressError("PORT takes six comma-separated numbers")
     numbers = [int(part) for part in parts]
     if any(n > 255 for n in numbers):
@@ -222,7 +231,7 @@ def parse_eprt(argument: bytes) -> tuple[IPv4Address | IPv6Address, int]:
         host = (IPv4Address if family == b"1" else IPv6Address)(address.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise AddressError(f"not an address for protocol {family.decode('latin-1')}") from None
-    if not port.isdigit() or not 0 < int(port) <= 65535:
+    if not port.isdigit() or len(port) > 5 or not 0 < int(port) <= 65535:
         raise AddressError("not a TCP port")
     return host, int(port)
 

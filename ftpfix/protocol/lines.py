@@ -42,6 +42,10 @@ class LineBuffer:
         """Bytes held and not yet read as lines."""
         return len(self._buffer)
 
+    def head(self, size: int) -> bytes:
+        """The first ``size`` bytes held, for a log line."""
+        return bytes(self._buffer[:size])
+
     @property
     def partial(self) -> int:
         """Bytes held after the last complete line: a line still being sent."""

@@ -33,11 +33,15 @@ in a STAT listing, a 550, a 257) and so forge reply lines:
    real reply with nothing to answer, and are caught here.
 3. PASV, EPSV, PORT and EPRT are *exclusive*: sent only when every earlier
    reply is complete and no partial reply line is buffered, and nothing else
-   is read from the client until their own reply is complete. A forged 227
-   can therefore only arrive while nothing is pending, and rule 2 ends the
-   session. A 227 that does answer PASV must also name a plausible port
-   (``Policy.backend_passive_ports``): NAT slipstreaming aims at the backend
-   host's other services.
+   is read from the client until their own reply is complete. After a
+   multi-line reply (the only kind in which a server puts client-chosen text
+   at the start of a line: a STAT listing) the shell must also confirm that
+   the backend has gone quiet (``AwaitQuiet``), so the rest of a reply whose
+   end was forged arrives, and is caught by rule 2, before anything new is
+   asked. A 227 followed by any further byte opens nothing either, and one
+   that names two addresses is refused. A 227 that does answer PASV must
+   also name a plausible port (``Policy.backend_passive_ports``): NAT
+   slipstreaming aims at the backend host's other services.
 
 When a 227 is complete the session emits ``OpenPassive`` and stops reading
 replies until the shell calls ``passive_opened`` (the public port is
@@ -65,6 +69,7 @@ from types import MappingProxyType
 
 from .commands import (
     AbortTransfer,
+    AwaitQuiet,
     CancelTransfer,
     Close,
     Command,
@@ -274,7 +279,11 @@ class Session:
         self._action = _Action.RELAY
         self._held: list[bytes] = []
         self._held_size = 0
-        self._held_code = 0
+        # Set when a multi-line reply completes, until the shell confirms that
+        # the backend went quiet after it (rule 3).
+        self._unsettled = False
+        self._quiet_asked = False
+        self._reply_multiline = False
         self._epsv_all = False
         self._backend_knows_epsv = True
         self._long_lines = 0
@@ -318,7 +327,7 @@ class Session:
         if not self._reading_commands():
             return False
         if self._deferred is not None:
-            return self._quiet()
+            return self._quiet() and not self._unsettled
         return self._client_lines.has_line
 
     # -- input -----------------------------------------------------------
@@ -433,6 +442,14 @@ class Session:
         """True when no reply is outstanding and no reply line is half read."""
         return not self._pending and self._server_lines.pending == 0
 
+    def quiet_confirmed(self) -> list[Command]:
+        """The shell's answer to ``AwaitQuiet``: the backend has sent nothing for a while."""
+        if not self._quiet_asked:
+            raise RuntimeError("quiet_confirmed() without a pending AwaitQuiet")
+        self._quiet_asked = False
+        self._unsettled = False
+        return self.advance()
+
     def _read_commands(self, out: list[Command]) -> None:
         # At most MAX_PENDING lines per call, so a flood of lines that ftpfix
         # answers itself turns into bounded batches of replies, each written
@@ -442,6 +459,11 @@ class Session:
             budget -= 1
             if self._deferred is not None:
                 if not self._quiet():
+                    return
+                if self._unsettled:
+                    if not self._quiet_asked:
+                        self._quiet_asked = True
+                        out.append(AwaitQuiet())
                     return
                 command, self._deferred = self._deferred, None
                 self._on_command(*command, out)
@@ -467,7 +489,7 @@ class Session:
             if alias is not None:
                 out.append(Note("command alias", level="debug", fields={"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}))
                 verb = alias
-            if verb in EXCLUSIVE_VERBS and not self._quiet():
+            if verb in EXCLUSIVE_VERBS and (self._unsettled or not self._quiet()):
                 self._deferred = (verb, argument)
                 continue
             self._on_command(verb, argument, out)
@@ -504,6 +526,11 @@ class Session:
         self._forward(verb, format_command(verb, argument), out)
 
     def _abort(self, out: list[Command]) -> None:
+        if not any(isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS for entry in self._pending):
+            # Nothing to abort. pure-ftpd never answers an ABOR it does not
+            # need, and the reply it owes would shift every later pairing.
+            self._answer_locally(out, _reply("225 No transfer to abort."))
+            return
         # RFC 959 section 4.1.3: Telnet IP, then the synch (IAC DM as TCP
         # urgent data), then ABOR. Clients send it in different ways, and the
         # urgent mark does not survive ftpfix, so send the canonical form:
@@ -605,6 +632,7 @@ class Session:
                 self._out_of_turn(line, out)
                 return
             self._answering = head
+            self._reply_multiline = not line.last
             self._action = self._choose_action(line.code)
             if head.verb in TRANSFER_VERBS and line.code >= 300:
                 # Refused or failed: the data connection has nothing more to carry.
@@ -685,10 +713,17 @@ class Session:
             else:
                 port, advertised = parse_229(text), ""
             self._check_passive_port(port)
-        except AddressError as error:
+        except ValueError as error:
             out.append(Note(f"unusable {code} from the backend", level="warning", fields={"reply": text.decode("latin-1").strip(), "error": str(error)}))
             out.append(SendTo(Side.CLIENT, _reply("425 Can't open data connection: the server's passive reply was unusable.")))
             self._complete(out)
+            return
+        if self._server_lines.pending:
+            # Nothing else is outstanding (rule 3): whatever follows the 227
+            # answers no command, and the 227 may be forged too.
+            out.append(Note("backend sent more after its 227; ending the session", level="warning", fields={"after": self._server_lines.head(200).decode("latin-1")}))
+            out.append(SendTo(Side.CLIENT, OUT_OF_TURN))
+            self._close(out, "backend reply answered no command")
             return
         self._waiting = Waiting.PASSIVE
         assert self._answering is not None
@@ -720,6 +755,8 @@ class Session:
         """The reply to the command at the head of the FIFO is complete."""
         if self._pending and isinstance(self._pending[0], _Forwarded):
             self._pending.popleft()
+            if self._reply_multiline:
+                self._unsettled = True
         while self._pending and isinstance(self._pending[0], _Local):
             out.append(SendTo(Side.CLIENT, self._pending.popleft().reply))  # type: ignore[union-attr]
 

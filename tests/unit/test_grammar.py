@@ -24,7 +24,7 @@ from ftpfix.protocol.lines import TOO_LONG, LineBuffer
         (b"227 Entering Passive Mode (192,168,123,1,4,1).", ("192.168.123.1", 1025)),
         (b"227 Entering Passive Mode 192,168,123,1,4,1", ("192.168.123.1", 1025)),
         (b"227 =192,168,123,1,4,1", ("192.168.123.1", 1025)),
-        (b"227 ok (010,000,000,001,004,001) trailing text 9,9,9,9,9,9", ("10.0.0.1", 1025)),
+        (b"227 ok (010,000,000,001,004,001) trailing text", ("10.0.0.1", 1025)),
         (b"227 ok (10, 0, 0, 1, 4, 1)", ("10.0.0.1", 1025)),
         (b"227-\r\n 192,168,123,1,255,255\r\n227 end", ("192.168.123.1", 65535)),
     ],
@@ -32,6 +32,22 @@ from ftpfix.protocol.lines import TOO_LONG, LineBuffer
 def test_parse_227(text: bytes, expected: tuple[str, int]) -> None:
     host, port = parse_227(text)
     assert (str(host), port) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Two addresses: text the server echoed became part of the reply.
+        b"227 ok (010,000,000,001,004,001) trailing text 9,9,9,9,9,9",
+        b"227-Entering Passive Mode (127,0,0,1,86,79)\r\n213 End.\r\n227 Entering Passive Mode (127,0,0,1,97,190).",
+        # A number of 5000 digits: no address, and no crash converting it.
+        b"227 Entering Passive Mode (127,0,0,1,4," + b"9" * 5000 + b")",
+        b"227 (1,2,3,4,1234,5)",
+    ],
+)
+def test_parse_227_refuses_what_no_server_sends(text: bytes) -> None:
+    with pytest.raises(AddressError):
+        parse_227(text)
 
 
 @pytest.mark.parametrize("text", [b"227 (1,2,3,256,4,1)", b"227 (1,2,3,4,4,1000)", b"227 Entering Passive Mode", b"227 (1,2,3,4,5)", b"227 (1,2,3,4,0,0)"])

@@ -9,6 +9,7 @@ import pytest
 
 from ftpfix.protocol import (
     AbortTransfer,
+    AwaitQuiet,
     BackendError,
     CancelTransfer,
     Close,
@@ -29,6 +30,7 @@ from .transcript import (
     Failed,
     Finished,
     Opened,
+    Quiet,
     Server,
     ServerClosed,
     both_ways,
@@ -391,8 +393,35 @@ def test_epsv_auto_falls_back_to_pasv_when_the_backend_refuses() -> None:
 
 def test_epsv_auto_learns_from_feat() -> None:
     feat = b"211-Features:\r\n MDTM\r\n SIZE\r\n211 End\r\n"
-    out = both_ways([GREETING, Client(b"FEAT\r\n"), Server(feat), Client(b"EPSV\r\n")])
+    out = both_ways([GREETING, Client(b"FEAT\r\n"), Server(feat), Client(b"EPSV\r\n"), Quiet()])
     assert out[-1] == to_server(b"PASV\r\n")
+
+
+def test_after_a_multi_line_reply_pasv_waits_until_the_backend_is_quiet() -> None:
+    # pure-ftpd's STAT -1 lists names at the start of lines: a client can
+    # forge the end of the reply, aligned to where ftpfix's read ends.
+    session = Session()
+    session.receive_data(Side.SERVER, GREETING.data)
+    session.receive_data(Side.CLIENT, b"STAT -1\r\nPASV\r\n")
+    out = session.receive_data(Side.SERVER, b"213-Status\r\n a\r\n213 x\r\n")
+    assert out[-1] == AwaitQuiet()
+    assert not session.can_advance
+    # The rest of the real reply arrives: it answers nothing.
+    out = session.receive_data(Side.SERVER, b"227-Entering Passive Mode (127,0,0,1,86,79)\r\n213 End.\r\n")
+    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
+
+
+def test_the_quiet_backend_lets_pasv_go() -> None:
+    out = both_ways([GREETING, Client(b"STAT -1\r\nPASV\r\n"), Server(b"213-Status\r\n a\r\n213 End\r\n"), Quiet()])
+    assert out[-2:] == [AwaitQuiet(), to_server(b"PASV\r\n")]
+
+
+def test_bytes_after_a_227_open_nothing() -> None:
+    # Only when they arrive with it (the shell reads all the socket holds):
+    # one byte at a time, the 227 opens a port and the bytes end the session.
+    out = replay([GREETING, Client(b"PASV\r\n"), Server(b"227 (127,0,0,1,86,79)\r\n213 End.\r\n")])
+    assert not any(isinstance(item, OpenPassive) for item in out)
+    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
 
 
 def test_a_server_that_answers_epsv_with_227_is_rewritten_by_code() -> None:
@@ -490,9 +519,9 @@ def test_commands_wait_while_the_active_listener_opens() -> None:
 
 
 def test_abor_tears_down_the_data_connection_first() -> None:
-    out = both_ways([GREETING, Client(b"\xff\xf4\xff\xf2ABOR\r\n")])
+    out = both_ways([GREETING, Client(b"RETR f\r\n\xff\xf4\xff\xf2ABOR\r\n")])
     assert out[1:] == [
-        to_server(b"\xff\xf4\xff"),
+        to_server(b"RETR f\r\n\xff\xf4\xff"),
         SendTo(Side.SERVER, b"\xf2", urgent=True),
         to_server(b"ABOR\r\n"),
         AbortTransfer(),
@@ -501,8 +530,15 @@ def test_abor_tears_down_the_data_connection_first() -> None:
 
 @pytest.mark.parametrize("abor", [b"ABOR", b"abor", b"\xff\xf4\xff\xf2ABOR", b"\xff\xf4ABOR"])
 def test_every_way_of_sending_abor_reaches_the_backend_in_the_rfc_959_form(abor: bytes) -> None:
-    out = both_ways([GREETING, Client(abor + b"\r\n")])
-    assert out[1:3] == [to_server(b"\xff\xf4\xff"), SendTo(Side.SERVER, b"\xf2", urgent=True)]
+    out = both_ways([GREETING, Client(b"STOR f\r\n" + abor + b"\r\n")])
+    assert out[1:3] == [to_server(b"STOR f\r\n\xff\xf4\xff"), SendTo(Side.SERVER, b"\xf2", urgent=True)]
+
+
+def test_abor_with_no_transfer_is_answered_by_ftpfix() -> None:
+    # pure-ftpd never answers it, which would leave every later reply
+    # paired with the command before it.
+    out = both_ways([GREETING, Client(b"ABOR\r\nNOOP\r\n"), Server(b"200 NOOP ok\r\n")])
+    assert out == [to_client(GREETING.data + b"225 No transfer to abort.\r\n"), to_server(b"NOOP\r\n"), to_client(b"200 NOOP ok\r\n")]
 
 
 def test_pasv_from_an_ipv6_client_is_refused_and_epsv_works() -> None:

@@ -55,6 +55,11 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Quiet:
+    """The shell's answer to AwaitQuiet: the backend has gone quiet."""
+
+
+@dataclass(frozen=True)
 class ClientClosed:
     pass
 
@@ -64,7 +69,7 @@ class ServerClosed:
     pass
 
 
-Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | ClientClosed | ServerClosed
+Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | Quiet | ClientClosed | ServerClosed
 
 
 def replay(
@@ -94,6 +99,8 @@ def replay(
                 out += session.active_failed(reason)
             case Finished(failure, connected):
                 out += session.transfer_finished(failure, connected=connected)
+            case Quiet():
+                out += session.quiet_confirmed()
             case ClientClosed():
                 out += session.connection_closed(Side.CLIENT)
             case ServerClosed():
