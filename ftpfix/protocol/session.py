@@ -134,6 +134,11 @@ REFUSED = {
 #: A backend's passive port below it is just as implausible.
 PORT_FLOOR = 1024
 
+#: Replies a server gives to ABOR (RFC 959 section 4.1.3: 225 or 226, after the
+#: transfer's 426), errors, and 426 itself: ProFTPD in ASCII mode answers
+#: the ABOR first and the transfer second.
+ABOR_REPLIES = frozenset({225, 226, 421, 426, 450, 451, 500, 501, 502, 503, 504})
+
 #: Backend replies to EPSV that mean "I do not know EPSV" (RFC 959 4.2).
 EPSV_UNKNOWN = frozenset({500, 502})
 
@@ -327,7 +332,7 @@ class Session:
         if not self._reading_commands():
             return False
         if self._deferred is not None:
-            return self._quiet() and not self._unsettled
+            return self._held_back(self._deferred[0]) is None
         return self._client_lines.has_line
 
     # -- input -----------------------------------------------------------
@@ -458,16 +463,15 @@ class Session:
         while budget and self._reading_commands():
             budget -= 1
             if self._deferred is not None:
-                if not self._quiet():
-                    return
-                if self._unsettled:
-                    if not self._quiet_asked:
+                match self._held_back(self._deferred[0]):
+                    case None:
+                        command, self._deferred = self._deferred, None
+                        self._on_command(*command, out)
+                        continue
+                    case "quiet" if not self._quiet_asked:
                         self._quiet_asked = True
                         out.append(AwaitQuiet())
-                    return
-                command, self._deferred = self._deferred, None
-                self._on_command(*command, out)
-                continue
+                return
             line = self._client_lines.next_line()
             if line is None:
                 return
@@ -489,10 +493,31 @@ class Session:
             if alias is not None:
                 out.append(Note("command alias", level="debug", fields={"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}))
                 verb = alias
-            if verb in EXCLUSIVE_VERBS and (self._unsettled or not self._quiet()):
+            if self._held_back(verb) is not None:
                 self._deferred = (verb, argument)
                 continue
             self._on_command(verb, argument, out)
+
+    def _held_back(self, verb: bytes) -> str | None:
+        """Why ``verb`` may not go out yet, or None.
+
+        Exclusive commands wait for a quiet stream (rule 3). Anything but ABOR
+        waits while a transfer command is outstanding: some servers (ProFTPD)
+        answer a command sent during a transfer before the transfer's own
+        final reply, and replies out of order are replies paired wrongly.
+        """
+        if verb in EXCLUSIVE_VERBS:
+            if not self._quiet():
+                return "replies outstanding"
+            if self._unsettled:
+                return "quiet"
+            return None
+        if verb != b"ABOR" and self._transfer_outstanding():
+            return "transfer running"
+        return None
+
+    def _transfer_outstanding(self) -> bool:
+        return any(isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS for entry in self._pending)
 
     def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
         shown = "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")
@@ -526,10 +551,18 @@ class Session:
         self._forward(verb, format_command(verb, argument), out)
 
     def _abort(self, out: list[Command]) -> None:
-        if not any(isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS for entry in self._pending):
+        if not self._transfer_outstanding():
             # Nothing to abort. pure-ftpd never answers an ABOR it does not
             # need, and the reply it owes would shift every later pairing.
             self._answer_locally(out, _reply("225 No transfer to abort."))
+            return
+        if self._waiting is Waiting.TRANSFER:
+            # The backend has answered already (its 2xx waits for the relay):
+            # for it the transfer is over, and whether it answers an ABOR now
+            # depends on the server. Cut the relay here; the held 2xx turns
+            # into a 426 if the data was not all delivered.
+            out.append(AbortTransfer())
+            self._answer_locally(out, _reply("226 Abort successful."))
             return
         # RFC 959 section 4.1.3: Telnet IP, then the synch (IAC DM as TCP
         # urgent data), then ABOR. Clients send it in different ways, and the
@@ -628,6 +661,16 @@ class Session:
     def _on_reply_line(self, line: ReplyLine, out: list[Command]) -> None:
         if line.first:
             head = self._pending[0] if self._pending else None
+            if isinstance(head, _Forwarded) and head.verb == b"ABOR" and line.code not in ABOR_REPLIES:
+                # The server did not answer the ABOR (pure-ftpd, when the
+                # transfer ended just before it): this reply is the next
+                # command's. Answer the ABOR for it, so the client stays in step.
+                out.append(Note("the server did not answer ABOR", fields={"next_reply": line.code}))
+                self._pending.popleft()
+                out.append(SendTo(Side.CLIENT, _reply("226 Abort successful.")))
+                while self._pending and isinstance(self._pending[0], _Local):
+                    out.append(SendTo(Side.CLIENT, self._pending.popleft().reply))  # type: ignore[union-attr]
+                head = self._pending[0] if self._pending else None
             if not isinstance(head, _Forwarded):
                 self._out_of_turn(line, out)
                 return

@@ -96,13 +96,25 @@ class LegacyServer:
         subprocess.run(["pkill", "-f", str(self.workdir)], check=False)
 
 
-def start(kind: str, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None) -> LegacyServer:
-    """Start a ``kind`` server listening on ``host:port`` and wait for its banner."""
+def start(
+    kind: str,
+    workdir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    netns: str | None = None,
+    passive_ports: tuple[int, int] | None = None,
+) -> LegacyServer:
+    """Start a ``kind`` server listening on ``host:port`` and wait for its banner.
+
+    ``passive_ports`` (first, last) confines the ports the server opens for
+    PASV; by default it picks any port above 1023.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     files = workdir / "files"
     files.mkdir(exist_ok=True)
     port = port if port is not None else free_port(host)
-    command, user, password = _prepare[kind](workdir, files, host, port)
+    command, user, password = _prepare[kind](workdir, files, host, port, passive_ports=passive_ports)
     log = (workdir / "server.log").open("ab")
     process = subprocess.Popen(in_netns(netns, command), stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     server = LegacyServer(kind, host, port, user, password, files, workdir, process, netns)
@@ -177,7 +189,7 @@ def wait_for_banner(host: str, port: int, *, netns: str | None = None, process: 
 # -- one function per server: write its config, return (argv, user, password)
 
 
-def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+def _vsftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
     # run_as_launching_user: vsftpd runs as whoever starts it and needs no
     # system account, which keeps it inside its folder. It then serves
     # anonymous users only; any password is accepted.
@@ -211,6 +223,7 @@ def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str]
                 # Every session comes from ftpfix's one address: no per-IP cap.
                 "max_per_ip=0",
                 "max_clients=0",
+                *([f"pasv_min_port={passive_ports[0]}", f"pasv_max_port={passive_ports[1]}"] if passive_ports else []),
                 "",
             ]
         )
@@ -218,7 +231,7 @@ def _vsftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str]
     return [str(binary("vsftpd")), str(workdir / "vsftpd.conf")], "anonymous", "ftpfix@example.org"
 
 
-def _pure_ftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+def _pure_ftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
     os.chown(files, NOBODY_UID, NOBODY_GID)
     pure_pw = package_root("pure-ftpd") / "usr/bin/pure-pw"
     passwd, pdb = workdir / "pureftpd.passwd", workdir / "pureftpd.pdb"
@@ -230,16 +243,20 @@ def _pure_ftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[s
         capture_output=True,
     )
     # -E: no anonymous logins; -H: no reverse DNS; -A: chroot everyone.
-    return [str(binary("pure-ftpd")), "-S", f"{host},{port}", "-l", f"puredb:{pdb}", "-E", "-H", "-A"], USER, PASSWORD
+    command = [str(binary("pure-ftpd")), "-S", f"{host},{port}", "-l", f"puredb:{pdb}", "-E", "-H", "-A"]
+    if passive_ports:
+        command += ["-p", f"{passive_ports[0]}:{passive_ports[1]}"]
+    return command, USER, PASSWORD
 
 
-def _proftpd(workdir: Path, files: Path, host: str, port: int) -> tuple[list[str], str, str]:
+def _proftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
     os.chown(files, NOBODY_UID, NOBODY_GID)
     hashed = subprocess.run(["openssl", "passwd", "-6", PASSWORD], check=True, capture_output=True, text=True).stdout.strip()
     passwd = workdir / "ftpd.passwd"
     passwd.write_text(f"{USER}:{hashed}:{NOBODY_UID}:{NOBODY_GID}::{files}:/bin/sh\n")
     passwd.chmod(0o600)
-    (workdir / "proftpd.conf").write_text(proftpd_config(workdir, host, port, passwd))
+    extra = f"PassivePorts {passive_ports[0]} {passive_ports[1]}\n" if passive_ports else ""
+    (workdir / "proftpd.conf").write_text(proftpd_config(workdir, host, port, passwd, extra))
     return [str(binary("proftpd")), "--nodaemon", "-c", str(workdir / "proftpd.conf")], USER, PASSWORD
 
 

@@ -239,13 +239,33 @@ def test_a_line_that_never_ends_is_bounded() -> None:
 
 
 def test_the_final_reply_to_a_transfer_waits_for_the_data_relay() -> None:
-    out = both_ways([GREETING, Client(b"RETR f\r\nNOOP\r\n"), Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n200 NOOP ok\r\n"), Finished()])
+    # A command pipelined behind a transfer waits for the transfer's reply:
+    # ProFTPD would answer it first.
+    out = both_ways([GREETING, Client(b"RETR f\r\nNOOP\r\n"), Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n"), Finished(), Server(b"200 NOOP ok\r\n")])
     assert out[1:] == [
-        to_server(b"RETR f\r\nNOOP\r\n"),
+        to_server(b"RETR f\r\n"),
         to_client(b"150 Opening BINARY mode\r\n"),
         FinishTransfer(),
-        to_client(b"226 Transfer complete\r\n200 NOOP ok\r\n"),
+        to_client(b"226 Transfer complete\r\n"),
+        to_server(b"NOOP\r\n"),
+        to_client(b"200 NOOP ok\r\n"),
     ]
+
+
+def test_abor_after_the_backend_answered_is_answered_by_ftpfix() -> None:
+    out = both_ways([GREETING, Client(b"RETR f\r\n"), Server(b"150 ok\r\n226 Transfer complete\r\n"), Client(b"ABOR\r\n"), Finished("aborted")])
+    # The backend is not asked: for it the transfer is over already.
+    assert out[3:] == [
+        FinishTransfer(),
+        AbortTransfer(),
+        to_client(b"426 Connection closed; transfer aborted: aborted.\r\n226 Abort successful.\r\n"),
+    ]
+
+
+def test_a_server_that_skips_its_abor_reply_is_kept_in_step() -> None:
+    # pure-ftpd answers the transfer, finishes it, and never answers ABOR.
+    out = both_ways([GREETING, Client(b"RETR f\r\nABOR\r\n"), Server(b"150 ok\r\n426 Aborted\r\n"), Client(b"PWD\r\n"), Server(b'257 "/"\r\n')])
+    assert out[-2:] == [to_server(b"PWD\r\n"), to_client(b'226 Abort successful.\r\n257 "/"\r\n')]
 
 
 def test_a_failed_relay_never_gets_a_2xx() -> None:

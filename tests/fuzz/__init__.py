@@ -1,0 +1,1 @@
+"""Network fuzzing of ftpfix against the real legacy servers (see ``netfuzz``)."""
