@@ -104,6 +104,7 @@ PORTS = {
     "logjson": "21054-21057",
     "hold": "21058-21061",
     "active_hold": "21062-21065",
+    "slip_split": "21066-21069",
 }
 
 #: 227 Entering Passive Mode (127,0,0,1,8,174): port 8*256+174.
@@ -1121,3 +1122,52 @@ def test_active_mode_data_sockets_do_not_pile_up(vsftpd, tmp_path, proxies) -> N
             f"ftpfix's descriptors went from {baseline} to {peak} (listener holds {sink.count})"
         )
     assert_healthy(proxy)
+
+
+# == found by the red team ===================================================================
+
+
+def test_forged_reply_end_at_a_read_boundary_opens_nothing(server_dir, tmp_path, proxies) -> None:
+    """Attack (NAT slipstreaming, second form): pure-ftpd's ``STAT -1`` lists
+    names at the start of lines. An ordinary user makes directories whose
+    names are ``213 x`` and ``227-Entering Passive Mode (...)``, with fillers
+    sized so that the forged ``213 x`` ends exactly where ftpfix's first read
+    of the listing ends (16 KiB), then pipelines ``STAT -1`` and ``PASV``.
+
+    Guards: the forged end seen as STAT's end, PASV sent, and the rest of the
+    listing taken as PASV's reply (it mapped the forged port). Now PASV waits
+    until the backend is quiet after a multi-line reply, the rest of the
+    listing answers no command, and the session ends with 421.
+    """
+    require_servers("pure-ftpd")
+    server = legacy.start("pure-ftpd", server_dir / "pure-ftpd")
+    try:
+        with Listener("127.0.0.1", SLIPPED_PORT) as secret:
+            proxy = launch(proxies, tmp_path, (server.host, server.port), PORTS["slip_split"])
+            attacker = Attacker(proxy)
+            attacker.login(server.user, server.password)
+            # Lines before and including "213 x\r\n" total 16384 bytes.
+            fillers = ["0%02d" % index + "a" * 252 for index in range(63)]
+            rest = 16384 - 10 - 7 - 63 * 257
+            fillers.append("0zz" + "b" * (rest - 5))
+            for name in [*fillers, "213 x", "227-Entering Passive Mode (127,0,0,1,8,174)"]:
+                attacker.expect_after(f"MKD {name}", "257")
+            for _ in range(3):
+                attacker.send(b"STAT -1\r\nPASV\r\n")
+                attacker.expect("213")
+                answer = attacker.reply()
+                if not answer.startswith("227"):
+                    break
+                _, port = parse_227(answer)
+                try:
+                    attacker.data_connect(port).close()
+                except OSError:
+                    pass
+            assert answer.startswith("421"), answer
+            time.sleep(0.3)
+            assert secret.count == 0, "the forged 227 reached the service behind it"
+            mapped = [event["backend"] for event in proxy.events("passive mapping")]
+            assert not [backend for backend in mapped if backend.endswith(f":{SLIPPED_PORT}")], mapped
+            assert_healthy(proxy)
+    finally:
+        server.stop()

@@ -71,6 +71,7 @@ ONE_PORT = {
     "stall-down": "21151-21151",
     "stall-up": "21152-21152",
     "stall-up-scripted": "21153-21153",
+    "slow-reader": "21154-21154",
 }
 EXHAUSTION_PORTS = "21160-21199"
 
@@ -805,4 +806,35 @@ def test_a_stranger_cannot_steal_the_passive_port(vsftpd, tmp_path, proxies) -> 
         client.expect("226")
         assert sha(received) == sha(payload)
     assert proxy.events("data connection from a stranger refused")
+    assert_healthy(proxy)
+
+
+def test_a_slow_but_steady_reader_is_not_a_stall(vsftpd, tmp_path, proxies) -> None:
+    """Found by the red team: a client that reads 64 KiB every 0.25 s (about
+    256 KB/s) with ``idle_timeout = 4`` was cut off at 4 s. The kernel wakes a
+    blocked writer only once a third of its send buffer is free, so writes
+    alone looked like a stall. Progress is now read off the send queues: the
+    transfer goes on and its bytes arrive intact."""
+    data = os.urandom(4 * 1024 * 1024)
+    legacy.put_file(vsftpd, "slow.bin", data)
+    proxy = start(proxies, address(vsftpd), tmp_path, limits="idle_timeout = 4", ports=ONE_PORT["slow-reader"])
+    with logged_in(proxy.port, vsftpd) as attacker:
+        attacker.expect_after("TYPE I", "200")
+        host, port = attacker.pasv()
+        data_socket = socket.create_connection((host, port))
+        data_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        attacker.line("RETR slow.bin")
+        attacker.expect("150")
+        received = bytearray()
+        started = time.monotonic()
+        while time.monotonic() - started < 8:  # twice the idle timeout
+            chunk = data_socket.recv(65536)
+            assert chunk, "the data connection ended early"
+            received += chunk
+            time.sleep(0.25)
+        while chunk := data_socket.recv(1 << 20):
+            received += chunk
+        data_socket.close()
+        assert attacker.reply(timeout=10).startswith("226")
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
     assert_healthy(proxy)
