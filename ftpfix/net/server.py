@@ -78,17 +78,27 @@ def open_descriptors() -> int:
 class Admission:
     """Counts sessions, in all and per client address, and turns away the excess.
 
-    ``descriptors`` is the process's descriptor budget: beyond what was open
-    at start and a reserve, each admitted session is counted at its worst
-    case, so a session that is let in can always open its data connections,
-    and a flood is refused with 421 before anything runs out (EMFILE).
+    ``descriptors`` is the process's descriptor limit. As long as every
+    session fits at its worst case (``FDS_PER_SESSION``) beside what was open
+    at start, nothing is measured. Past that, each new session is let in only
+    if the descriptors open now leave room for one more at its worst case and
+    the reserve, so a flood is refused with 421 before anything runs out
+    (EMFILE), while idle sessions (two descriptors each) are not turned away
+    for transfers they are not making.
     """
 
     def __init__(self, descriptors: int | None = None, in_use: int = 0) -> None:
         self.total = 0
         self.per_address: Counter[str] = Counter()
+        self.descriptors = descriptors
         budget = None if descriptors is None else descriptors - in_use - FD_RESERVE
+        #: Sessions that fit at their worst case; beyond, admission measures.
         self.max_by_descriptors = None if budget is None else max(budget // FDS_PER_SESSION, 0)
+
+    def _out_of_descriptors(self) -> bool:
+        if self.descriptors is None or self.max_by_descriptors is None or self.total < self.max_by_descriptors:
+            return False
+        return open_descriptors() + FDS_PER_SESSION + FD_RESERVE > self.descriptors
 
     def admit(self, host: str, config: Config) -> bytes | None:
         """Count the session in, or return the 421 that refuses it."""
@@ -97,7 +107,7 @@ class Admission:
             return b"421 Access denied for your address.\r\n"
         if self.total >= limits.max_sessions:
             return b"421 Too many users (%d at most), try again later.\r\n" % limits.max_sessions
-        if self.max_by_descriptors is not None and self.total >= self.max_by_descriptors:
+        if self._out_of_descriptors():
             return b"421 Too many users for this server's resources, try again later.\r\n"
         if self.per_address[host] >= limits.max_sessions_per_ip:
             return b"421 Too many connections from your address (%d at most).\r\n" % limits.max_sessions_per_ip
@@ -299,7 +309,7 @@ async def serve(
     server = Server(config, descriptors)
     if server.admission.max_by_descriptors is not None and server.admission.max_by_descriptors < config.limits.max_sessions:
         log.warning(
-            "the descriptor limit caps the sessions below max_sessions; raise it (ulimit -n, docker run --ulimit nofile=...)",
+            "the descriptor limit may cap the sessions below max_sessions; raise it (ulimit -n, docker run --ulimit nofile=...)",
             descriptors=descriptors,
             sessions=server.admission.max_by_descriptors,
             max_sessions=config.limits.max_sessions,
