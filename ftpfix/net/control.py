@@ -68,6 +68,17 @@ SERVER_DRAIN = 256 * 1024
 _session_ids = itertools.count(1)
 
 
+#: Seconds between checks for a hang-up on a side ftpfix is not reading.
+HANG_UP_CHECK = 1.0
+
+
+def _hung_up(fd: int) -> bool:
+    """True if the peer of ``fd`` closed or reset, even with unread bytes left."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
 def _readable_now(fd: int) -> bool:
     """True if ``fd`` has bytes (or its end) to read without waiting."""
     poller = select.poll()
@@ -325,7 +336,13 @@ class ControlChannel:
             try:
                 while True:
                     while not self.core.wants_data(side):
-                        await self._wanted[side].wait()
+                        # Not reading: a peer that hangs up meanwhile would go
+                        # unnoticed until idle_timeout, so look now and then.
+                        with trio.move_on_after(HANG_UP_CHECK):
+                            await self._wanted[side].wait()
+                        if _hung_up(stream.socket.fileno()):
+                            self._end(f"{side.value} hung up")
+                            return
                     data = await stream.receive_some(CONTROL_READ_SIZE)
                     if side is Side.SERVER:
                         self._last_backend_data = trio.current_time()
