@@ -71,6 +71,10 @@ _session_ids = itertools.count(1)
 #: Seconds between checks for a hang-up on a side ftpfix is not reading.
 HANG_UP_CHECK = 1.0
 
+#: Seconds between looks at whether a running transfer has delivered, after
+#: which the session's idle clock runs again.
+TRANSFER_CHECK = 1.0
+
 
 def _hung_up(fd: int) -> bool:
     """True if the peer of ``fd`` closed or reset, even with unread bytes left."""
@@ -304,21 +308,25 @@ class ControlChannel:
         async with send:
             while True:
                 now = trio.current_time()
-                deadlines = []
-                if not any(mapping.connected for mapping in self._mappings):
-                    # While data moves, the relay's own stall deadline rules:
-                    # a transfer ends with 426, not the session with 421.
-                    deadlines.append((self._last_activity + limits.idle_timeout, f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection.", "idle timeout"))
+                idle_reply = f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection."
+                deadlines: list[tuple[float, str | None, str]] = []
+                if any(mapping.connected and not mapping.delivered.is_set() for mapping in self._mappings):
+                    # While a transfer delivers, the relay's own stall
+                    # deadline rules: it ends with 426, not the session with
+                    # 421. Look again soon: delivery ends without a word here.
+                    deadlines.append((now + TRANSFER_CHECK, None, "transfer check"))
+                else:
+                    # Once delivered, the idle clock runs from the last byte:
+                    # a backend that never sends its final reply cannot hold
+                    # the session, nor a client that keeps its data socket.
+                    moved = [mapping.stats.last_progress for mapping in self._mappings if mapping.connected]
+                    deadlines.append((max([self._last_activity, *moved]) + limits.idle_timeout, idle_reply, "idle timeout"))
                 if not self.core.logged_in:
                     deadlines.append((self._started + limits.login_timeout, f"421 Login timeout ({limits.login_timeout:g} s), closing control connection.", "login timeout"))
                 if self._partial_since is not None:
                     deadlines.append((self._partial_since + limits.line_timeout, f"421 Command line not completed within {limits.line_timeout:g} s.", "line timeout"))
-                if not deadlines:
-                    await self._rearm.wait()
-                    self._rearm = trio.Event()
-                    continue
-                deadline, reply, reason = min(deadlines)
-                if deadline <= now:
+                deadline, reply, reason = min(deadlines, key=lambda entry: entry[0])
+                if deadline <= now and reply is not None:
                     await send.send(_Expired(reply.encode("ascii") + b"\r\n", reason))
                     return
                 with trio.move_on_at(deadline):

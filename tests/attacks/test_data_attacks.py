@@ -181,9 +181,10 @@ def dead_port() -> int:
 class ScriptedBackend:
     """A backend that misbehaves on the data connection exactly as told.
 
-    ``retr`` is "whole" (send the payload, close normally, 226) or
+    ``retr`` is "whole" (send the payload, close normally, 226),
     "half-then-reset" (send half, close with RST, and answer 226 anyway, as a
-    careless server would). A STOR is answered 226 if the upload ended with an
+    careless server would) or "never-answer" (send it all, close, and never
+    send the final reply). A STOR is answered 226 if the upload ended with an
     orderly EOF and 426 if it was reset, like real servers; how each upload
     ended is recorded in ``upload_ends`` ("eof" or "reset").
     """
@@ -254,6 +255,10 @@ class ScriptedBackend:
             with data:
                 data.sendall(self.payload)
             return "226 Transfer complete."
+        if self.retr == "never-answer":
+            with data:
+                data.sendall(self.payload)
+            time.sleep(3600)  # the final reply never comes
         data.sendall(self.payload[: len(self.payload) // 2])
         reset_socket(data)
         return "226 Transfer complete."  # a lie: the client cannot have it all
@@ -837,4 +842,24 @@ def test_a_slow_but_steady_reader_is_not_a_stall(vsftpd, tmp_path, proxies) -> N
         data_socket.close()
         assert attacker.reply(timeout=10).startswith("226")
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+    assert_healthy(proxy)
+
+
+def test_a_backend_that_never_sends_the_final_reply_cannot_hold_the_session(scripted, tmp_path, proxies) -> None:
+    """Found by the second red team: the backend sends the whole file, closes
+    the data connection, and never sends its 226, while the client keeps its
+    data socket open. The session used to wait out the relay's 30 s linger
+    before its idle clock ran; now the clock runs from the last byte, and
+    the client gets 421 after ``idle_timeout``."""
+    backend = scripted(os.urandom(1000), retr="never-answer")
+    proxy = start(proxies, (backend.host, backend.port), tmp_path, limits="idle_timeout = 3")
+    with Attacker(proxy.port) as attacker:
+        attacker.login("alice", "x")
+        host, port = attacker.pasv()
+        with attacker.data_connect(port, host) as data:
+            attacker.line("RETR f.bin")
+            attacker.expect("150")
+            started = time.monotonic()
+            assert attacker.reply(timeout=10).startswith("421 Idle timeout")
+            assert time.monotonic() - started < 6
     assert_healthy(proxy)
