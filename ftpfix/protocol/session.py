@@ -51,7 +51,12 @@ buffered, so the rewritten 227 reaches the client in its place in the stream.
 The final 2xx to a transfer command is held the same way: ``FinishTransfer``,
 answered by ``transfer_finished`` once the data relay has delivered the last
 byte, or failed, in which case the client gets 426 (or 425) in its place. A
-4xx or 5xx ends the transfer at once (``CancelTransfer``).
+4xx or 5xx ends the transfer at once (``CancelTransfer``). While a transfer
+command is outstanding, only ABOR goes to the backend (ProFTPD answers other
+commands before the transfer's reply). ABOR itself goes to the backend only
+while the backend still owes the transfer's reply: with no transfer, or
+once the backend has answered, ftpfix answers it (pure-ftpd would not), and
+a reply the backend skips is supplied, so the client stays in step.
 
 Everything is bounded: at most ``MAX_PENDING`` commands outstanding, and the
 shell stops reading a side while ``wants_data`` is False, so a
