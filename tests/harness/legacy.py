@@ -242,8 +242,11 @@ def _pure_ftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: 
         check=True,
         capture_output=True,
     )
-    # -E: no anonymous logins; -H: no reverse DNS; -A: chroot everyone.
-    command = [str(binary("pure-ftpd")), "-S", f"{host},{port}", "-l", f"puredb:{pdb}", "-E", "-H", "-A"]
+    # -E: no anonymous logins; -H: no reverse DNS; -A: chroot everyone;
+    # -c: clients at once (50 by default, which the soak and the fuzzer pass:
+    # a pure-ftpd session waiting for a data connection outlives its control
+    # connection for a while, and all come from ftpfix's one address).
+    command = [str(binary("pure-ftpd")), "-S", f"{host},{port}", "-l", f"puredb:{pdb}", "-E", "-H", "-A", "-c", "1000"]
     if passive_ports:
         command += ["-p", f"{passive_ports[0]}:{passive_ports[1]}"]
     return command, USER, PASSWORD
