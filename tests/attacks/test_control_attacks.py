@@ -59,7 +59,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -113,21 +113,6 @@ SLIPPED_227 = "227 Entering Passive Mode (127,0,0,1,8,174)"
 
 
 # -- starting ftpfix ----------------------------------------------------------
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Ftpfix]]:
-    started: list[Ftpfix] = []
-    yield started
-    for proxy in started:
-        # No graceful shutdown: sessions the attacks left open would hold it
-        # for the whole shutdown grace.
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-        proxy.process.wait()
-        # Shown by pytest only when the test failed.
-        print(f"--- ftpfix log {proxy.log} (tail) ---")
-        print("\n".join(proxy.log.read_text(errors="replace").splitlines()[-25:]))
 
 
 def launch(
@@ -1147,7 +1132,7 @@ def test_forged_reply_end_at_a_read_boundary_opens_nothing(server_dir, tmp_path,
             attacker = Attacker(proxy)
             attacker.login(server.user, server.password)
             # Lines before and including "213 x\r\n" total 16384 bytes.
-            fillers = ["0%02d" % index + "a" * 252 for index in range(63)]
+            fillers = [f"0{index:02d}" + "a" * 252 for index in range(63)]
             rest = 16384 - 10 - 7 - 63 * 257
             fillers.append("0zz" + "b" * (rest - 5))
             for name in [*fillers, "213 x", "227-Entering Passive Mode (127,0,0,1,8,174)"]:

@@ -83,17 +83,6 @@ def sha(data: bytes) -> str:
 # -- ftpfix and the backends -------------------------------------------------
 
 
-@pytest.fixture
-def proxies() -> Iterator[list[Ftpfix]]:
-    """Every ftpfix a test starts, stopped (and killed if need be) at its end."""
-    started: list[Ftpfix] = []
-    yield started
-    for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-            proxy.process.wait()
-
-
 def start(
     proxies: list[Ftpfix],
     backend: tuple[str, int],
@@ -856,7 +845,7 @@ def test_a_backend_that_never_sends_the_final_reply_cannot_hold_the_session(scri
     with Attacker(proxy.port) as attacker:
         attacker.login("alice", "x")
         host, port = attacker.pasv()
-        with attacker.data_connect(port, host) as data:
+        with attacker.data_connect(port, host):
             attacker.line("RETR f.bin")
             attacker.expect("150")
             started = time.monotonic()
