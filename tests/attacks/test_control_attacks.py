@@ -491,9 +491,17 @@ def flood(sock: socket.socket, total: int, deadline: float, chunk: bytes = b"\n"
     return sent
 
 
-@pytest.mark.parametrize(("kind", "mebibytes"), [("pure-ftpd", 14), ("vsftpd", 8)])
-def test_bare_lf_flood_before_login_keeps_memory_bounded(kind, mebibytes, server_dir, tmp_path, proxies) -> None:
+@pytest.mark.parametrize(
+    ("kind", "mebibytes", "head"),
+    [("pure-ftpd", 14, b"NOOP\x01\r\n"), ("pure-ftpd", 14, b""), ("vsftpd", 8, b"")],
+    ids=["pure-ftpd-unanswered-head", "pure-ftpd", "vsftpd"],
+)
+def test_bare_lf_flood_before_login_keeps_memory_bounded(kind, mebibytes, head, server_dir, tmp_path, proxies) -> None:
     """Attack: megabytes of bare LFs before login, against a server that never answers them.
+
+    With ``head``, a line pure-ftpd never answers goes first (it drops lines
+    with a control byte), so every empty line after it used to queue a reply
+    behind it: 14 MiB took ftpfix from 31 MB to 1.57 GB.
 
     Guards: unbounded queues of pending commands/replies (one entry per empty
     line), i.e. memory exhaustion without backpressure.
@@ -505,6 +513,7 @@ def test_bare_lf_flood_before_login_keeps_memory_bounded(kind, mebibytes, server
         probe = ProcessProbe(proxy.process.pid)
         attacker = Attacker(proxy)
         baseline = probe.rss_kib()
+        attacker.send(head)
         result: list[int] = []
         received: list[int] = []
         stop = threading.Event()
