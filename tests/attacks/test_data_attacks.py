@@ -318,7 +318,7 @@ def test_an_aborted_upload_is_never_answered_226(backend, tmp_path, proxies) -> 
 def test_a_backend_reset_during_retr_is_reported_426(scripted, tmp_path, proxies) -> None:
     """Fault: the backend sends half the file, resets the data connection, and
     still answers 226. The client must see the break (a reset or a short
-    read) and a final 426, never 226."""
+    read) and a final 426 (425 if the reset came first), never 226."""
     payload = os.urandom(4 * 1024 * 1024)
     backend = scripted(payload, retr="half-then-reset")
     proxy = start(proxies, (backend.host, backend.port), tmp_path)
@@ -335,7 +335,9 @@ def test_a_backend_reset_during_retr_is_reported_426(scripted, tmp_path, proxies
                 received = None  # the break reached the client as a reset: fine
         assert received is None or len(received) < len(payload), "the client got the whole file?"
         final = final_reply(attacker)
-        assert final.startswith("426"), f"final reply to a broken RETR: {final!r}"
+        # 426; or 425 when the reset beat ftpfix's dial to the backend, so no
+        # data connection was made at all. Never a 2xx.
+        assert final[:3] in ("425", "426"), f"final reply to a broken RETR: {final!r}"
         attacker.expect_after("NOOP", "200")
     assert_healthy(proxy)
 
