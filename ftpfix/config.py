@@ -9,22 +9,21 @@ by side. Every error is a ConfigError that names the file and the key, as in
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 and older
-    import tomli as tomllib
-
+from .logs import LogFormat
+from .protocol.commands import Level
 from .ports import PortRange
+from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode
 
 DEFAULT_PATH = Path("/etc/ftpfix/ftpfix.toml")
 ENVIRONMENT_VARIABLE = "FTPFIX_CONFIG"
@@ -186,11 +185,12 @@ def _aliases(value: Any) -> Mapping[bytes, bytes]:
     return MappingProxyType(aliases)
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-        return value
+def _choice(choices: type[enum.StrEnum]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> enum.StrEnum:
+        try:
+            return choices(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}") from None
 
     return parse
 
@@ -230,12 +230,12 @@ class Passive:
     internal_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
         _networks, [], "clients in these networks are told the address they dialed"
     )
-    epsv: str = _key(_choice("auto", "translate", "passthrough"), "auto", "what the backend gets for EPSV")
+    epsv: EpsvMode = _key(_choice(EpsvMode), EpsvMode.AUTO, "what the backend gets for EPSV")
 
 
 @dataclass(frozen=True, slots=True)
 class Active:
-    mode: str = _key(_choice("proxy", "passthrough", "deny"), "proxy", "PORT and EPRT: relay, forward as is, or refuse")
+    mode: ActiveMode = _key(_choice(ActiveMode), ActiveMode.PROXY, "PORT and EPRT: relay, forward as is, or refuse")
     source_port: int | None = _key(_optional_port, None, "local port of connections to the client, e.g. 20")
     fix_address: bool = _key(_boolean, True, "replace a private address in PORT/EPRT by the client's own")
     connect_timeout: float = _key(_seconds, 10.0, "seconds to reach the client's data port")
@@ -243,7 +243,9 @@ class Active:
 
 @dataclass(frozen=True, slots=True)
 class Commands:
-    aliases: Mapping[bytes, bytes] = _key(_aliases, {"P@SW": "PASV"}, "verbs rewritten before the backend sees them")
+    aliases: Mapping[bytes, bytes] = _key(
+        _aliases, {verb.decode(): alias.decode() for verb, alias in DEFAULT_ALIASES.items()}, "verbs rewritten before the backend sees them"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +258,7 @@ class Limits:
     data_connect_timeout: float = _key(_seconds, 30.0, "seconds a data port waits for its peer")
     upload_rate: int = _key(_rate, 0, "bytes per second per session, client to server; 0 for none")
     download_rate: int = _key(_rate, 0, "bytes per second per session, server to client; 0 for none")
-    max_line: int = _key(_count(1024 * 1024), 4096, "longest command line, in bytes")
+    max_line: int = _key(_count(1024 * 1024), DEFAULT_MAX_LINE, "longest command line, in bytes")
     shutdown_grace: float = _key(_seconds, 30.0, "seconds sessions may finish after SIGTERM")
 
 
@@ -274,8 +276,8 @@ class Access:
 
 @dataclass(frozen=True, slots=True)
 class Log:
-    level: str = _key(_choice("debug", "info", "warning", "error"), "info", "lowest level logged")
-    format: str = _key(_choice("auto", "json", "console"), "auto", "auto: JSON unless stdout is a terminal")
+    level: Level = _key(_choice(Level), Level.INFO, "lowest level logged")
+    format: LogFormat = _key(_choice(LogFormat), LogFormat.AUTO, "auto: JSON unless stdout is a terminal")
 
 
 @dataclass(frozen=True, slots=True)

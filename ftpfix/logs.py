@@ -8,6 +8,7 @@ line; a person at a terminal wants colours and aligned columns. Session fields
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 import sys
@@ -15,6 +16,8 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+
+from .protocol.commands import Level
 
 #: Field names whose values are never written, whoever logs them.
 SECRET_FIELDS = frozenset({"password", "pass", "passwd", "secret"})
@@ -44,13 +47,21 @@ def mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> M
     return event
 
 
-def configure(level: str = "info", format: str = "auto", stream: TextIO | None = None) -> None:
-    """Set up structlog for the process. ``format`` is auto, json or console."""
+class LogFormat(enum.StrEnum):
+    """How log lines are written."""
+
+    AUTO = "auto"  # console on a terminal, JSON elsewhere
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def configure(level: str = Level.INFO, format: str = LogFormat.AUTO, stream: TextIO | None = None) -> None:
+    """Set up structlog for the process."""
     stream = stream if stream is not None else sys.stdout
-    if format == "auto":
-        format = "console" if stream.isatty() else "json"
+    if format == LogFormat.AUTO:
+        format = LogFormat.CONSOLE if stream.isatty() else LogFormat.JSON
     renderer: Any
-    if format == "json":
+    if format == LogFormat.JSON:
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
@@ -68,6 +79,3 @@ def configure(level: str = "info", format: str = "auto", stream: TextIO | None =
         cache_logger_on_first_use=False,
     )
 
-
-def get_logger(name: str = "ftpfix") -> Any:
-    return structlog.get_logger(name)

@@ -1,7 +1,8 @@
 """The FTP control-channel core of ftpfix.
 
 This package has no networking code at all, in the manner of h11: the shell in
-``ftpfix.net`` feeds it the bytes that arrived from either side and executes the
+``ftpfix.net`` feeds it everything that happens as events
+(``ftpfix.protocol.events``) through ``Session.receive``, and executes the
 commands it returns (``ftpfix.protocol.commands``). Keeping it pure lets every
 transcript be tested synchronously, one byte at a time, and fuzzed.
 """
@@ -13,32 +14,60 @@ from .commands import (
     Close,
     Command,
     FinishTransfer,
+    Level,
     Note,
     OpenActive,
     OpenPassive,
     SendTo,
     Side,
 )
-from .errors import BackendError, ClientError, FtpfixError, ProtocolError
-from .session import Policy, Session, Waiting
+from .errors import BackendError, FtpfixError, ProtocolError
+from .events import (
+    ActiveFailed,
+    ActiveOpened,
+    BackendQuiet,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    PassiveFailed,
+    PassiveOpened,
+    ReadOn,
+    TransferDone,
+)
+from .policy import ActiveMode, EpsvMode, Policy
+from .session import Session
+from .state import TRANSITIONS, Waiting
 
 __all__ = [
+    "TRANSITIONS",
     "AbortTransfer",
+    "ActiveFailed",
+    "ActiveMode",
+    "ActiveOpened",
     "AwaitQuiet",
     "BackendError",
+    "BackendQuiet",
     "CancelTransfer",
-    "ClientError",
     "Close",
     "Command",
+    "ConnectionClosed",
+    "DataReceived",
+    "EpsvMode",
+    "Event",
     "FinishTransfer",
     "FtpfixError",
+    "Level",
     "Note",
     "OpenActive",
     "OpenPassive",
+    "PassiveFailed",
+    "PassiveOpened",
     "Policy",
     "ProtocolError",
+    "ReadOn",
     "SendTo",
     "Session",
     "Side",
+    "TransferDone",
     "Waiting",
 ]

@@ -18,9 +18,14 @@ class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
-    @property
-    def other(self) -> Side:
-        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
+
+class Level(enum.StrEnum):
+    """A log level, named as structlog's bound loggers name their methods."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +51,8 @@ class OpenPassive:
     backend's control address, so a backend (or anything that can inject a 227)
     cannot make ftpfix connect elsewhere (RFC 2577, section 3).
 
-    The core pauses until the shell answers with ``Session.passive_opened`` or
-    ``Session.passive_failed``. ``extended`` says the client asked with EPSV,
+    The core reads no replies until the shell answers with the event
+    ``PassiveOpened`` or ``PassiveFailed``. ``extended`` says the client asked with EPSV,
     so its 229 will carry no address.
     """
 
@@ -62,9 +67,9 @@ class OpenActive:
 
     The target has passed the bounce checks (RFC 2577 section 3): it is the
     client's own address and an unprivileged port. The shell listens where
-    the backend can reach it and answers with ``Session.active_opened`` (the
-    address to put in the backend's PORT) or ``Session.active_failed``. The
-    core reads no further commands until then.
+    the backend can reach it and answers with the event ``ActiveOpened`` (the
+    address to put in the backend's PORT) or ``ActiveFailed``. The core reads
+    no further commands until then.
     """
 
     host: str
@@ -73,7 +78,12 @@ class OpenActive:
 
 @dataclass(frozen=True, slots=True)
 class AbortTransfer:
-    """The client sent ABOR: tear down the session's data connections now."""
+    """The client sent ABOR during a transfer: break its data connection now.
+
+    Both ends are reset, and a backend still waiting for its end is dialed and
+    reset, so the backend ends the transfer at once and answers it; the core
+    answers the ABOR itself after that reply (see ``verbs.py``).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +91,7 @@ class FinishTransfer:
     """The backend answered a transfer command (RETR, STOR, LIST, ...) with a 2xx.
 
     The core holds that reply and reads no further replies until the shell
-    answers with ``Session.transfer_finished``: once the data relay has
+    answers with the event ``TransferDone``: once the data relay has
     delivered the last byte (a backend sends "226 Transfer complete" when its
     own socket is drained, while ftpfix may still be relaying the tail), or
     once it failed. A relay that failed turns the 2xx into a 426 (or a 425 if
@@ -102,7 +112,7 @@ class CancelTransfer:
 
 @dataclass(frozen=True, slots=True)
 class AwaitQuiet:
-    """Tell the core, with ``Session.quiet_confirmed``, once the backend has
+    """Tell the core, with the event ``BackendQuiet``, once the backend has
     sent nothing for a moment.
 
     Asked before PASV, EPSV, PORT or EPRT goes out after a multi-line reply:
@@ -124,7 +134,7 @@ class Note:
     """Something worth a log line. Logging is a command so tests can see it."""
 
     event: str
-    level: str = "info"
+    level: Level = Level.INFO
     fields: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,9 +18,5 @@ class ProtocolError(FtpfixError):
         self.reply = reply
 
 
-class ClientError(ProtocolError):
-    """The client sent something the session cannot survive."""
-
-
 class BackendError(ProtocolError):
     """The backend server sent something the session cannot survive."""

@@ -112,7 +112,7 @@ class ReplyFramer:
         if match is None:
             raise BackendError(
                 f"backend sent a line that is not a reply: {line[:80]!r}",
-                reply=b"421 Service not available: the server sent a malformed reply." + CRLF,
+                reply=reply("421 Service not available: the server sent a malformed reply."),
             )
         code, mark = match.group(1), match.group(2)
         if mark == b"-":
@@ -154,21 +154,28 @@ def parse_227(text: bytes) -> tuple[IPv4Address, int]:
         # A real 227 names one address. Two means text the server echoed
         # (a file name) became part of it: trust neither.
         raise AddressError("more than one address in the 227 reply")
-    match = matches[0]
-    numbers = [int(group) for group in match.groups()]
-    if any(n > 255 for n in numbers):
-        raise AddressError(f"a number over 255 in the 227 reply: {numbers}")
-    host = IPv4Address(bytes(numbers[:4]))
-    port = numbers[4] * 256 + numbers[5]
+    host, port = _decode_six(matches[0].groups(), "the 227 reply")
     if port == 0:
         raise AddressError("port 0 in the 227 reply")
     return host, port
 
 
+def _decode_six(numbers: tuple[bytes, ...] | list[bytes], where: str) -> tuple[IPv4Address, int]:
+    """h1,h2,h3,h4,p1,p2 (RFC 959 section 4.1.2) as an address and a port."""
+    values = [int(number) for number in numbers]
+    if any(value > 255 for value in values):
+        raise AddressError(f"a number over 255 in {where}")
+    return IPv4Address(bytes(values[:4])), values[4] * 256 + values[5]
+
+
+def _encode_six(host: IPv4Address, port: int) -> bytes:
+    """An address and a port as h1,h2,h3,h4,p1,p2, the inverse of ``_decode_six``."""
+    return b",".join(b"%d" % number for number in (*host.packed, port >> 8, port & 0xFF))
+
+
 def format_227(host: IPv4Address, port: int) -> bytes:
     """The one canonical 227 line ftpfix sends, as RFC 959 section 4.2.2 spells it."""
-    numbers = (*host.packed, port >> 8, port & 0xFF)
-    return b"227 Entering Passive Mode (%b)." % b",".join(b"%d" % n for n in numbers) + CRLF
+    return b"227 Entering Passive Mode (%b)." % _encode_six(host, port) + CRLF
 
 
 def format_229(port: int) -> bytes:
@@ -202,13 +209,10 @@ def parse_port(argument: bytes) -> tuple[IPv4Address, int]:
 
     Raises AddressError if it is not six numbers from 0 to 255.
     """
-    parts = argument.strip().split(b",")
-    if len(parts) != 6 or not all(part.strip().isdigit() and len(part.strip()) <= 3 for part in parts):
+    parts = [part.strip() for part in argument.strip().split(b",")]
+    if len(parts) != 6 or not all(part.isdigit() and len(part) <= 3 for part in parts):
         raise AddressError("PORT takes six comma-separated numbers")
-    numbers = [int(part) for part in parts]
-    if any(n > 255 for n in numbers):
-        raise AddressError("a number over 255 in PORT")
-    return IPv4Address(bytes(numbers[:4])), numbers[4] * 256 + numbers[5]
+    return _decode_six(parts, "PORT")
 
 
 def parse_eprt(argument: bytes) -> tuple[IPv4Address | IPv6Address, int]:
@@ -242,8 +246,7 @@ def format_port(host: IPv4Address | IPv6Address, port: int) -> bytes:
     PORT for IPv4, which every legacy server knows; EPRT only for IPv6.
     """
     if isinstance(host, IPv4Address):
-        numbers = (*host.packed, port >> 8, port & 0xFF)
-        return b"PORT " + b",".join(b"%d" % n for n in numbers) + CRLF
+        return b"PORT " + _encode_six(host, port) + CRLF
     return b"EPRT |2|%b|%d|" % (str(host).encode("ascii"), port) + CRLF
 
 
@@ -266,3 +269,43 @@ def rewrite_feat(lines: list[bytes]) -> tuple[list[bytes], bool]:
     kept = [line for line in features if line.strip().split(b" ", 1)[0].upper() not in HIDDEN_FEATURES]
     added = [b" " + name for name in PROVIDED_FEATURES if name not in names]
     return [lines[0], *kept, *added, lines[-1]], b"EPSV" in names
+
+
+# -- the replies ftpfix makes up ---------------------------------------------
+
+
+def reply(text: str) -> bytes:
+    """One reply line as sent: ``text`` (code first) and CRLF."""
+    return text.encode("ascii", "replace") + CRLF
+
+
+def cant_open(reason: str) -> bytes:
+    """425: no data connection was made (RFC 959 section 4.2)."""
+    return reply(f"425 Can't open data connection: {reason}.")
+
+
+def transfer_aborted(reason: str) -> bytes:
+    """426: a data connection was made, but did not carry everything."""
+    return reply(f"426 Connection closed; transfer aborted: {reason}.")
+
+
+#: ftpfix's answer to an ABOR, sent after the aborted transfer's own reply.
+ABORT_DONE = reply("226 Abort successful.")
+
+#: ftpfix's answer to an ABOR with no transfer to abort.
+NOTHING_TO_ABORT = reply("225 No transfer to abort.")
+
+#: The reply that ends a session whose backend said something out of turn.
+OUT_OF_TURN = reply("421 Service not available: the server sent a reply to no command.")
+
+#: The reply that ends a session whose backend sent an over-long reply.
+OVERLONG_REPLY = reply("421 Service not available: the server sent an over-long reply.")
+
+#: The reply to commands still unanswered when the backend hangs up.
+BACKEND_GONE = reply("421 Service not available, the server closed the connection.")
+
+#: The reply when ftpfix cannot reach the backend at all.
+BACKEND_UNREACHABLE = reply("421 Service not available, the FTP server cannot be reached.")
+
+#: The reply to a client whose session ends because ftpfix stops.
+SHUTTING_DOWN = reply("421 Service shutting down, closing control connection.")

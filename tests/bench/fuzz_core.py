@@ -18,7 +18,23 @@ from ipaddress import IPv4Address
 import atheris
 
 with atheris.instrument_imports():
-    from ftpfix.protocol import FinishTransfer, FtpfixError, OpenActive, OpenPassive, Policy, SendTo, Session, Side
+    from ftpfix.protocol import (
+        ActiveFailed,
+        ActiveOpened,
+        ConnectionClosed,
+        DataReceived,
+        FinishTransfer,
+        FtpfixError,
+        OpenActive,
+        OpenPassive,
+        PassiveFailed,
+        PassiveOpened,
+        Policy,
+        SendTo,
+        Session,
+        Side,
+        TransferDone,
+    )
 
 POLICIES = [
     Policy(max_line=64),
@@ -36,23 +52,23 @@ def one_input(data: bytes) -> None:
         action = fdp.ConsumeIntInRange(0, 7)
         try:
             if action <= 2:
-                out = session.receive_data(Side.CLIENT, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)))
+                out = session.receive(DataReceived(Side.CLIENT, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96))))
             elif action <= 5:
-                out = session.receive_data(Side.SERVER, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)))
+                out = session.receive(DataReceived(Side.SERVER, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96))))
             elif action == 6:
                 if waiting_passive:
-                    out = session.passive_opened(IPv4Address("203.0.113.1"), 50000) if fdp.ConsumeBool() else session.passive_failed("x")
+                    out = session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000)) if fdp.ConsumeBool() else session.receive(PassiveFailed("x"))
                     waiting_passive = False
                 elif waiting_active:
-                    out = session.active_opened(IPv4Address("192.0.2.10"), 40000) if fdp.ConsumeBool() else session.active_failed("x")
+                    out = session.receive(ActiveOpened(IPv4Address("192.0.2.10"), 40000)) if fdp.ConsumeBool() else session.receive(ActiveFailed("x"))
                     waiting_active = False
                 elif waiting_transfer:
-                    out = session.transfer_finished(None if fdp.ConsumeBool() else "reset", connected=fdp.ConsumeBool())
+                    out = session.receive(TransferDone(None if fdp.ConsumeBool() else "reset", connected=fdp.ConsumeBool()))
                     waiting_transfer = False
                 else:
                     continue
             else:
-                out = session.connection_closed(Side.CLIENT if fdp.ConsumeBool() else Side.SERVER)
+                out = session.receive(ConnectionClosed(Side.CLIENT if fdp.ConsumeBool() else Side.SERVER))
         except FtpfixError:
             return
         for side in Side:

@@ -5,7 +5,23 @@ from ipaddress import IPv4Address
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftpfix.protocol import FtpfixError, Policy, SendTo, Session, Side, Waiting
+from ftpfix.protocol import (
+    ActiveFailed,
+    ActiveOpened,
+    BackendQuiet,
+    ConnectionClosed,
+    DataReceived,
+    FtpfixError,
+    PassiveFailed,
+    PassiveOpened,
+    Policy,
+    ReadOn,
+    SendTo,
+    Session,
+    Side,
+    TransferDone,
+    Waiting,
+)
 
 # Bytes that make FTP interesting, so the search finds structure quickly.
 FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"ABOR", b"STAT .", b"213-", b"213 ", b"\t", b"USER\tanonymous", b"PORT 198,51,100,10,195,80", b"FEAT", b"211-", b" EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
@@ -22,27 +38,31 @@ def test_only_own_errors_escape(steps: list) -> None:
             if kind == "open":
                 match session.waiting_for:
                     case Waiting.PASSIVE:
-                        out = session.passive_opened(IPv4Address("203.0.113.1"), 50000)
+                        out = session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))
                     case Waiting.ACTIVE:
-                        out = session.active_opened(IPv4Address("192.0.2.10"), 40000)
+                        out = session.receive(ActiveOpened(IPv4Address("192.0.2.10"), 40000))
                     case Waiting.TRANSFER:
-                        out = session.transfer_finished()
+                        out = session.receive(TransferDone())
+                    case Waiting.QUIET:
+                        out = session.receive(BackendQuiet())
                     case _:
                         continue
             elif kind == "fail":
                 match session.waiting_for:
                     case Waiting.PASSIVE:
-                        out = session.passive_failed("no port")
+                        out = session.receive(PassiveFailed("no port"))
                     case Waiting.ACTIVE:
-                        out = session.active_failed("no port")
+                        out = session.receive(ActiveFailed("no port"))
                     case Waiting.TRANSFER:
-                        out = session.transfer_finished("reset", connected=data[:1] < b"\x80")
+                        out = session.receive(TransferDone("reset", connected=data[:1] < b"\x80"))
                     case _:
                         continue
             elif kind == "close":
-                out = session.connection_closed(Side.CLIENT if data[:1] < b"\x80" else Side.SERVER)
+                out = session.receive(ConnectionClosed(Side.CLIENT if data[:1] < b"\x80" else Side.SERVER))
             else:
-                out = session.receive_data(kind, data)
+                out = session.receive(DataReceived(kind, data))
+            while session.can_advance:
+                out += session.receive(ReadOn())
         except FtpfixError:
             return
         for side in Side:

@@ -9,6 +9,15 @@ import pytest
 
 from ftpfix.protocol import (
     AbortTransfer,
+    ActiveFailed,
+    ActiveOpened as ActiveOpenedEvent,
+    BackendQuiet,
+    ConnectionClosed,
+    DataReceived,
+    PassiveFailed,
+    PassiveOpened,
+    ReadOn,
+    TransferDone,
     AwaitQuiet,
     BackendError,
     CancelTransfer,
@@ -169,23 +178,23 @@ def test_a_pasv_goes_out_alone_and_later_commands_wait_for_its_227() -> None:
     # Rule 3: nothing is outstanding when PASV goes out, and nothing follows
     # it until its reply is complete, so every 227 answers exactly one PASV.
     session = Session()
-    session.receive_data(Side.SERVER, GREETING.data)
-    assert merge(session.receive_data(Side.CLIENT, b"NOOP\r\nPASV\r\nNOOP\r\n")) == [to_server(b"NOOP\r\n")]
-    assert merge(session.receive_data(Side.SERVER, b"200 NOOP ok\r\n")) == [to_client(b"200 NOOP ok\r\n"), to_server(b"PASV\r\n")]
-    out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n")
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    assert merge(session.receive(DataReceived(Side.CLIENT, b"NOOP\r\nPASV\r\nNOOP\r\n"))) == [to_server(b"NOOP\r\n")]
+    assert merge(session.receive(DataReceived(Side.SERVER, b"200 NOOP ok\r\n"))) == [to_client(b"200 NOOP ok\r\n"), to_server(b"PASV\r\n")]
+    out = session.receive(DataReceived(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n"))
     assert out == [OpenPassive("192.168.123.1", 30000)]
     assert session.paused
-    assert merge(session.passive_opened(IPv4Address("203.0.113.1"), 50000)) == [to_client(PUBLIC_227), to_server(b"NOOP\r\n")]
+    assert merge(session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))) == [to_client(PUBLIC_227), to_server(b"NOOP\r\n")]
 
 
 def test_a_pasv_waits_while_a_reply_line_is_half_read() -> None:
     session = Session()
-    session.receive_data(Side.SERVER, GREETING.data)
-    session.receive_data(Side.CLIENT, b"STAT .\r\nPASV\r\n")
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    session.receive(DataReceived(Side.CLIENT, b"STAT .\r\nPASV\r\n"))
     # The STAT reply looks complete, but more of the stream is on its way.
-    out = merge(session.receive_data(Side.SERVER, b"213-Status\r\n x\r\n213 y\r\n227 Entering"))
+    out = merge(session.receive(DataReceived(Side.SERVER, b"213-Status\r\n x\r\n213 y\r\n227 Entering")))
     assert to_server(b"PASV\r\n") not in out
-    out = merge(session.receive_data(Side.SERVER, b" Passive Mode (127,0,0,1,8,174)\r\n"))
+    out = merge(session.receive(DataReceived(Side.SERVER, b" Passive Mode (127,0,0,1,8,174)\r\n")))
     assert not any(isinstance(command, OpenPassive) for command in out)
     assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
 
@@ -234,7 +243,7 @@ def test_a_client_that_keeps_sending_over_long_lines_is_closed() -> None:
 def test_a_line_that_never_ends_is_bounded() -> None:
     session = Session(Policy(max_line=1024))
     for _ in range(100):
-        session.receive_data(Side.CLIENT, b"A" * 1000)
+        session.receive(DataReceived(Side.CLIENT, b"A" * 1000))
     assert session._client_lines.pending <= 2048
 
 
@@ -330,7 +339,7 @@ def test_a_client_that_half_closes_after_quit_still_gets_its_221() -> None:
 def test_a_malformed_backend_line_is_a_backend_error_with_a_421() -> None:
     session = Session()
     with pytest.raises(BackendError) as caught:
-        session.receive_data(Side.SERVER, b"HTTP/1.1 400 Bad Request\r\n")
+        session.receive(DataReceived(Side.SERVER, b"HTTP/1.1 400 Bad Request\r\n"))
     assert caught.value.reply.startswith(b"421 ")
 
 
@@ -362,15 +371,15 @@ def test_the_password_is_never_in_a_note() -> None:
 
 def test_the_user_name_is_kept_for_the_session_summary() -> None:
     session = Session()
-    session.receive_data(Side.CLIENT, b"USER alice\r\n")
+    session.receive(DataReceived(Side.CLIENT, b"USER alice\r\n"))
     assert session.user == "alice"
 
 
 def test_passive_answers_without_a_pending_mapping_are_a_shell_bug() -> None:
     with pytest.raises(RuntimeError):
-        Session().passive_opened(IPv4Address("203.0.113.1"), 50000)
+        Session().receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))
     with pytest.raises(RuntimeError):
-        Session().passive_failed("x")
+        Session().receive(PassiveFailed("x"))
 
 
 # -- EPSV -------------------------------------------------------------------
@@ -421,13 +430,13 @@ def test_after_a_multi_line_reply_pasv_waits_until_the_backend_is_quiet() -> Non
     # pure-ftpd's STAT -1 lists names at the start of lines: a client can
     # forge the end of the reply, aligned to where ftpfix's read ends.
     session = Session()
-    session.receive_data(Side.SERVER, GREETING.data)
-    session.receive_data(Side.CLIENT, b"STAT -1\r\nPASV\r\n")
-    out = session.receive_data(Side.SERVER, b"213-Status\r\n a\r\n213 x\r\n")
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    session.receive(DataReceived(Side.CLIENT, b"STAT -1\r\nPASV\r\n"))
+    out = session.receive(DataReceived(Side.SERVER, b"213-Status\r\n a\r\n213 x\r\n"))
     assert out[-1] == AwaitQuiet()
     assert not session.can_advance
     # The rest of the real reply arrives: it answers nothing.
-    out = session.receive_data(Side.SERVER, b"227-Entering Passive Mode (127,0,0,1,86,79)\r\n213 End.\r\n")
+    out = session.receive(DataReceived(Side.SERVER, b"227-Entering Passive Mode (127,0,0,1,86,79)\r\n213 End.\r\n"))
     assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
 
 
@@ -533,9 +542,9 @@ def test_active_mode_can_be_denied_or_passed_through() -> None:
 
 def test_commands_wait_while_the_active_listener_opens() -> None:
     session = Session(client=CLIENT_IP)
-    session.receive_data(Side.SERVER, GREETING.data)
-    assert merge(session.receive_data(Side.CLIENT, b"PORT 198,51,100,10,195,80\r\nNOOP\r\n")) == [OpenActive("198.51.100.10", 50000)]
-    assert merge(session.active_failed("no listener")) == [to_client(b"425 Can't open data connection: no listener.\r\n"), to_server(b"NOOP\r\n")]
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    assert merge(session.receive(DataReceived(Side.CLIENT, b"PORT 198,51,100,10,195,80\r\nNOOP\r\n"))) == [OpenActive("198.51.100.10", 50000)]
+    assert merge(session.receive(ActiveFailed("no listener"))) == [to_client(b"425 Can't open data connection: no listener.\r\n"), to_server(b"NOOP\r\n")]
 
 
 def test_abor_tears_down_the_data_connection_first() -> None:
@@ -586,15 +595,15 @@ def test_named_users_pass_when_anonymous_is_refused() -> None:
 
 def test_logged_in_follows_the_230() -> None:
     session = Session()
-    session.receive_data(Side.SERVER, GREETING.data)
-    session.receive_data(Side.CLIENT, b"USER alice\r\nPASS wrong\r\n")
-    session.receive_data(Side.SERVER, b"331 Password required\r\n530 Login incorrect\r\n")
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    session.receive(DataReceived(Side.CLIENT, b"USER alice\r\nPASS wrong\r\n"))
+    session.receive(DataReceived(Side.SERVER, b"331 Password required\r\n530 Login incorrect\r\n"))
     assert not session.logged_in
-    session.receive_data(Side.CLIENT, b"SITE 230\r\n")
-    session.receive_data(Side.SERVER, b"230 tricked you\r\n")
+    session.receive(DataReceived(Side.CLIENT, b"SITE 230\r\n"))
+    session.receive(DataReceived(Side.SERVER, b"230 tricked you\r\n"))
     assert not session.logged_in
-    session.receive_data(Side.CLIENT, b"PASS right\r\n")
-    session.receive_data(Side.SERVER, b"230 Logged in\r\n")
+    session.receive(DataReceived(Side.CLIENT, b"PASS right\r\n"))
+    session.receive(DataReceived(Side.SERVER, b"230 Logged in\r\n"))
     assert session.logged_in
 
 
@@ -608,15 +617,15 @@ def test_a_flood_of_empty_lines_is_held_back_not_buffered() -> None:
     from ftpfix.protocol.session import CLIENT_BACKLOG, MAX_PENDING
 
     session = Session()
-    session.receive_data(Side.CLIENT, b"\n" * (CLIENT_BACKLOG + MAX_PENDING + 10))
+    session.receive(DataReceived(Side.CLIENT, b"\n" * (CLIENT_BACKLOG + MAX_PENDING + 10)))
     assert len(session._pending) == MAX_PENDING
     assert not session.wants_data(Side.CLIENT)
     # Once answered, the backlog drains in batches the shell writes one by one.
-    out = merge(session.receive_data(Side.SERVER, GREETING.data))
+    out = merge(session.receive(DataReceived(Side.SERVER, GREETING.data)))
     assert out == [to_client(GREETING.data + b"500 Empty command line.\r\n" * (2 * MAX_PENDING - 1))]
     batches = 0
     while session.can_advance:
-        out = merge(session.advance())
+        out = merge(session.receive(ReadOn()))
         assert len(out) == 1 and out[0].data.count(b"\r\n") <= MAX_PENDING
         batches += 1
     assert batches >= CLIENT_BACKLOG // MAX_PENDING - 2
@@ -639,7 +648,7 @@ def test_a_password_separated_by_a_tab_is_masked_and_sent_canonical() -> None:
     assert to_server(b"USER alice\r\nPASS wonderland\r\n") in merge(out)
     assert not any(b"wonderland" in repr(item.fields).encode() for item in out if isinstance(item, Note))
     session = Session()
-    session.receive_data(Side.CLIENT, b"USER\talice\r\n")
+    session.receive(DataReceived(Side.CLIENT, b"USER\talice\r\n"))
     assert session.user == "alice"
 
 
@@ -678,12 +687,12 @@ def test_fix_address_in_passthrough_sends_the_fixed_address_not_the_line() -> No
 
 def test_several_pipelined_pasvs_each_get_their_own_mapping_in_turn() -> None:
     session = Session()
-    session.receive_data(Side.SERVER, GREETING.data)
-    out = merge(session.receive_data(Side.CLIENT, b"PASV\r\nPASV\r\nPASV\r\n"))
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    out = merge(session.receive(DataReceived(Side.CLIENT, b"PASV\r\nPASV\r\nPASV\r\n")))
     assert out == [to_server(b"PASV\r\n")]
     for port in (50000, 50001, 50002):
-        out = session.receive_data(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n")
+        out = session.receive(DataReceived(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n"))
         assert out == [OpenPassive("192.168.123.1", 30000)]
-        out = merge(session.passive_opened(IPv4Address("203.0.113.1"), port))
+        out = merge(session.receive(PassiveOpened(IPv4Address("203.0.113.1"), port)))
         assert out[0].data.startswith(b"227 ")
     assert session.idle

@@ -1,8 +1,14 @@
 """Transcript tests for the core, in the manner of mitmproxy's Playbook.
 
-A script is a list of steps: what a side says, or how the shell answers an
-``OpenPassive``. ``replay`` runs it and returns what the core asked for, with
-consecutive writes to the same side merged, so the same expectation holds
+A script is a list of steps: what a side says, or how the shell answers a
+command (``Opened`` for ``OpenPassive``, ``Finished`` for ``FinishTransfer``).
+
+- ``play`` checks a playbook step by step: ``Client(b"PASV\\r\\n") >>
+  to_server(b"PASV\\r\\n")`` says that this input, and nothing else, produces
+  that output; it runs whole and one byte at a time.
+- ``replay`` runs a script and returns everything the core asked for.
+
+Consecutive writes to the same side are merged, so the same expectation holds
 whether the bytes came in one piece or one byte at a time.
 """
 
@@ -11,43 +17,71 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from ftpfix.protocol import Command, Note, Policy, SendTo, Session, Side
+from ftpfix.protocol import (
+    ActiveFailed as ActiveFailedEvent,
+    ActiveOpened as ActiveOpenedEvent,
+    BackendQuiet,
+    Command,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    Note,
+    PassiveFailed,
+    PassiveOpened,
+    Policy,
+    ReadOn,
+    SendTo,
+    Session,
+    Side,
+    TransferDone,
+)
+
+
+class _Step:
+    """A step of a script; ``step >> expected`` says what it must make the core do."""
+
+    def __rshift__(self, expected: Command | list[Command]) -> Expect:
+        return Expect(self, expected if isinstance(expected, list) else [expected])  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
-class Client:
+class Client(_Step):
     data: bytes
 
 
 @dataclass(frozen=True)
-class Server:
+class Server(_Step):
     data: bytes
 
 
 @dataclass(frozen=True)
-class Opened:
+class Opened(_Step):
+    """The shell's answer to OpenPassive: it listens on host:port."""
+
     host: str
     port: int
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(_Step):
+    """The shell's answer to OpenPassive: it could not listen."""
+
     reason: str
 
 
 @dataclass(frozen=True)
-class ActiveOpened:
+class ActiveOpened(_Step):
     host: str
     port: int
 
 
 @dataclass(frozen=True)
-class ActiveFailed:
+class ActiveFailed(_Step):
     reason: str
 
 
 @dataclass(frozen=True)
-class Finished:
+class Finished(_Step):
     """The shell's answer to FinishTransfer: the relay's failure, if any."""
 
     failure: str | None = None
@@ -55,21 +89,65 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Quiet:
+class Quiet(_Step):
     """The shell's answer to AwaitQuiet: the backend has gone quiet."""
 
 
 @dataclass(frozen=True)
-class ClientClosed:
+class ClientClosed(_Step):
     pass
 
 
 @dataclass(frozen=True)
-class ServerClosed:
+class ServerClosed(_Step):
     pass
 
 
 Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | Quiet | ClientClosed | ServerClosed
+
+
+@dataclass(frozen=True)
+class Expect:
+    """A step and everything the core must answer it with (Notes aside)."""
+
+    step: Step
+    expected: list[Command]
+
+
+def events(step: Step, *, byte_at_a_time: bool = False) -> list[Event]:
+    """The events the shell would feed the core for ``step``."""
+    match step:
+        case Client(data) | Server(data):
+            side = Side.CLIENT if isinstance(step, Client) else Side.SERVER
+            pieces = [data[i : i + 1] for i in range(len(data))] if byte_at_a_time else [data]
+            return [DataReceived(side, piece) for piece in pieces if piece]
+        case Opened(host, port):
+            return [PassiveOpened(IPv4Address(host), port)]
+        case Failed(reason):
+            return [PassiveFailed(reason)]
+        case ActiveOpened(host, port):
+            return [ActiveOpenedEvent(ip_address(host), port)]
+        case ActiveFailed(reason):
+            return [ActiveFailedEvent(reason)]
+        case Finished(failure, connected):
+            return [TransferDone(failure, connected=connected)]
+        case Quiet():
+            return [BackendQuiet()]
+        case ClientClosed():
+            return [ConnectionClosed(Side.CLIENT)]
+        case ServerClosed():
+            return [ConnectionClosed(Side.SERVER)]
+    raise TypeError(step)
+
+
+def run_step(session: Session, step: Step, *, byte_at_a_time: bool = False) -> list[Command]:
+    """Feed one step to ``session`` as the shell would, ReadOn included."""
+    out: list[Command] = []
+    for event in events(step, byte_at_a_time=byte_at_a_time):
+        out += session.receive(event)
+    while session.can_advance:
+        out += session.receive(ReadOn())
+    return out
 
 
 def replay(
@@ -83,31 +161,32 @@ def replay(
     session = Session(policy, client=client)
     out: list[Command] = []
     for step in script:
-        match step:
-            case Client(data) | Server(data):
-                side = Side.CLIENT if isinstance(step, Client) else Side.SERVER
-                pieces = [data[i : i + 1] for i in range(len(data))] if byte_at_a_time else [data]
-                for piece in pieces:
-                    out += session.receive_data(side, piece)
-            case Opened(host, port):
-                out += session.passive_opened(IPv4Address(host), port)
-            case Failed(reason):
-                out += session.passive_failed(reason)
-            case ActiveOpened(host, port):
-                out += session.active_opened(ip_address(host), port)
-            case ActiveFailed(reason):
-                out += session.active_failed(reason)
-            case Finished(failure, connected):
-                out += session.transfer_finished(failure, connected=connected)
-            case Quiet():
-                out += session.quiet_confirmed()
-            case ClientClosed():
-                out += session.connection_closed(Side.CLIENT)
-            case ServerClosed():
-                out += session.connection_closed(Side.SERVER)
-        while session.can_advance:
-            out += session.advance()
+        out += run_step(session, step, byte_at_a_time=byte_at_a_time)
     return merge(out, notes=notes)
+
+
+def play(
+    script: list[Step | Expect],
+    *,
+    policy: Policy | None = None,
+    client: IPv4Address | IPv6Address | None = None,
+) -> Session:
+    """Run a playbook: every ``step >> expected`` must produce exactly ``expected``.
+
+    A bare step is run and its output not checked (a login, say). The script
+    runs twice, whole and one byte at a time, and both must match. Returns
+    the session as the whole run left it.
+    """
+    for byte_at_a_time in (True, False):
+        session = Session(policy, client=client)
+        for number, item in enumerate(script):
+            step = item.step if isinstance(item, Expect) else item
+            out = merge(run_step(session, step, byte_at_a_time=byte_at_a_time))
+            if isinstance(item, Expect):
+                expected = merge(item.expected)
+                how = "one byte at a time" if byte_at_a_time else "whole"
+                assert out == expected, f"step {number} ({step!r}, {how}):\n  got      {out!r}\n  expected {expected!r}"
+    return session
 
 
 def merge(commands: list[Command], *, notes: bool = False) -> list[Command]:

@@ -1,0 +1,246 @@
+"""The verbs ftpfix treats specially, in one table each way.
+
+``COMMANDS`` maps a client verb to what ftpfix does with it instead of
+forwarding it unchanged; ``reply_action`` says what ftpfix does with the
+backend's reply to a verb. Everything not named here is relayed as it is.
+``Session`` (``session.py``) keeps the order of commands and replies; this
+module decides what each special verb means.
+
+ABOR, in full (RFC 959 section 4.1.3): during a transfer whose data
+connection ftpfix relays, ABOR never goes to the backend. ftpfix breaks the
+data connection instead (``AbortTransfer``: both ends are reset), so every
+server ends the transfer the same way, at once, with its own 426 (or 226 if
+it had finished), and ftpfix answers the ABOR itself, right after that
+reply, with 226. Servers disagree on everything else: ProFTPD in ASCII mode
+answers ABOR before the transfer, vsftpd only notices it through SIGURG,
+pure-ftpd skips the reply when the transfer has just ended. Only when the
+data connection bypasses ftpfix (``[active] mode = "passthrough"``) is ABOR
+forwarded, in RFC 959's urgent form.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
+
+from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, Side
+from .grammar import (
+    ABORT_DONE,
+    CRLF,
+    NOTHING_TO_ABORT,
+    SEPARATORS,
+    AddressError,
+    UnsupportedNetwork,
+    format_port,
+    parse_eprt,
+    parse_port,
+    reply,
+)
+from .policy import ActiveMode, EpsvMode
+from .state import Waiting
+
+if TYPE_CHECKING:
+    from .commands import Command
+    from .session import Session, _Forwarded
+
+#: Commands whose final reply may only go to the client once the data relay has
+#: finished (RFC 959 section 4.1.3 lists the ones that use a data connection).
+TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
+
+#: Client verbs ftpfix answers with a mapping of its own.
+PASSIVE_VERBS = frozenset({b"PASV", b"EPSV"})
+
+#: Commands that set up a data connection. They are sent to the backend alone,
+#: with no other reply outstanding (see the session's rule 3).
+EXCLUSIVE_VERBS = frozenset({b"PASV", b"EPSV", b"PORT", b"EPRT"})
+
+#: Data-connection setup commands refused after ``EPSV ALL`` (RFC 2428 section 4).
+REFUSED_AFTER_EPSV_ALL = frozenset({b"PASV", b"PORT", b"EPRT", b"LPRT", b"LPSV"})
+
+#: Lowest port an active data connection may go to (RFC 2577 section 3: a
+#: PORT to a privileged port is how bounce attacks reach other services).
+#: A backend's passive port below it is just as implausible.
+PORT_FLOOR = 1024
+
+#: Replies a server gives to a forwarded ABOR (RFC 959 section 4.1.3: 225 or
+#: 226, after the transfer's 426), errors, and 426 itself.
+ABOR_REPLIES = frozenset({225, 226, 421, 426, 450, 451, 500, 501, 502, 503, 504})
+
+#: Backend replies to EPSV that mean "I do not know EPSV" (RFC 959 4.2).
+EPSV_UNKNOWN = frozenset({500, 502})
+
+#: Telnet "interrupt process" and "synch" (RFC 854): IAC IP, then IAC DM.
+TELNET_IP = b"\xff\xf4"
+TELNET_DM = b"\xff\xf2"
+
+#: User names of anonymous FTP (RFC 1635).
+ANONYMOUS_USERS = frozenset({b"ANONYMOUS", b"FTP"})
+
+#: Commands whose successful reply (230) means the client is logged in.
+LOGIN_VERBS = frozenset({b"USER", b"PASS", b"ACCT"})
+
+#: Commands whose argument is never logged.
+SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
+
+#: Commands ftpfix answers itself with a refusal, and why.
+REFUSED = {
+    # RFC 4217: after AUTH TLS the control channel is encrypted, and ftpfix
+    # could no longer see, let alone rewrite, a single 227.
+    b"AUTH": "502 AUTH is not available through this FTP proxy; use plain FTP.",
+    # RFC 1639's long forms carry addresses ftpfix does not rewrite.
+    b"LPSV": "502 LPSV is not supported; use EPSV or PASV.",
+    b"LPRT": "502 LPRT is not supported; use EPRT or PORT.",
+}
+
+
+class Action(enum.Enum):
+    """What to do with the backend's reply to a command."""
+
+    RELAY = "relay"  # pass it to the client line by line
+    PASSIVE = "passive"  # hold the 227 or 229 and open a mapping
+    FEAT = "feat"  # hold the feature list and rewrite it
+    FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
+    TRANSFER = "transfer"  # hold a transfer's 2xx until the relay has finished
+
+
+# -- commands ------------------------------------------------------------------
+
+Handler = Callable[["Session", bytes, bytes, "list[Command]"], None]
+
+
+def _user(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    name = argument.strip(SEPARATORS)
+    if session.policy.deny_anonymous and name.upper() in ANONYMOUS_USERS:
+        out.append(Note("anonymous login refused", level=Level.WARNING))
+        session.answer(out, reply("530 Anonymous logins are not allowed here."))
+        return
+    session.user = name.decode("utf-8", "replace")
+    session.forward(verb, argument, out)
+
+
+def _pasv(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if isinstance(session.client, IPv6Address):
+        session.answer(out, reply("425 Can't open data connection: a 227 cannot carry an IPv6 address, use EPSV."))
+        return
+    session.forward(verb, argument, out)
+
+
+def _epsv(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    # RFC 2428 section 3: "EPSV" or "EPSV <net-prt>" asks for a port,
+    # "EPSV ALL" promises only EPSV from now on. The data port is on the
+    # control connection's address, so only that protocol can be served.
+    selector = argument.strip(SEPARATORS).upper()
+    family = b"2" if isinstance(session.client, IPv6Address) else b"1"
+    if selector == b"ALL":
+        session.epsv_all = True
+        session.answer(out, reply("200 EPSV ALL command successful."))
+        return
+    if selector not in (b"", family):
+        session.answer(out, reply(f"522 Network protocol not supported, use ({family.decode()})"))
+        return
+    # A legacy backend may not know EPSV; every one knows PASV, and the
+    # 229 the client gets carries no address, so either will do.
+    mode = session.policy.epsv
+    send_epsv = mode == EpsvMode.PASSTHROUGH or (mode == EpsvMode.AUTO and session.backend_knows_epsv)
+    session.forward(b"EPSV", b"", out, sent=b"EPSV" if send_epsv else b"PASV")
+
+
+def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    name = verb.decode("ascii")
+    if session.policy.active == ActiveMode.DENY:
+        session.answer(out, reply(f"502 {name} is disabled here; use passive mode (PASV or EPSV)."))
+        return
+    try:
+        host, port = parse_port(argument) if verb == b"PORT" else parse_eprt(argument)
+    except UnsupportedNetwork:
+        session.answer(out, reply("522 Network protocol not supported, use (1,2)"))
+        return
+    except AddressError as error:
+        session.answer(out, reply(f"501 Syntax error in {name}: {error}."))
+        return
+    # Bounce protection, RFC 2577 section 3: data goes only to the client
+    # itself, and never to a privileged port.
+    if port < PORT_FLOOR:
+        out.append(Note("active mode to a privileged port refused", level=Level.WARNING, fields={"target": f"{host}:{port}"}))
+        session.answer(out, reply(f"504 {name} refused: port {port} is below {PORT_FLOOR}."))
+        return
+    if host != session.client:
+        client = session.client
+        if client is not None and session.policy.fix_address and (host.is_private or host.is_unspecified):
+            # A client behind its own NAT names its private address.
+            out.append(Note("active mode address fixed", fields={"sent": str(host), "used": str(client)}))
+            host = client
+        else:
+            out.append(Note("active mode to another address refused", level=Level.WARNING, fields={"target": f"{host}:{port}"}))
+            session.answer(out, reply(f"501 {name} refused: the address must be your own ({client})."))
+            return
+    if session.policy.active == ActiveMode.PASSTHROUGH:
+        # The backend gets the checked address, re-serialised: never the
+        # client's own line, which may name another host. The data
+        # connection then bypasses ftpfix.
+        session.relaying = False
+        session.expect_reply(verb, out)
+        out.append(SendTo(Side.SERVER, format_port(host, port)))
+        return
+    session.open_active(verb, OpenActive(host=str(host), port=port), out)
+
+
+def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if not session.transfer_outstanding():
+        # Nothing to abort. pure-ftpd never answers an ABOR it does not
+        # need, and the reply it owes would shift every later pairing.
+        session.answer(out, NOTHING_TO_ABORT)
+        return
+    if session.relaying or session.waiting_for is Waiting.TRANSFER:
+        # ftpfix relays the data connection: break it. The backend answers
+        # the transfer (426, or 226 if it had finished; a held 2xx turns into
+        # a 426 if the data was not all delivered), and ftpfix answers the
+        # ABOR right after that reply, as RFC 959 orders them.
+        out.append(AbortTransfer())
+        session.answer(out, ABORT_DONE)
+        return
+    # The data connection bypasses ftpfix: only the backend can stop it.
+    # RFC 959's form, IAC IP, then the synch (IAC DM, its DM as TCP urgent
+    # data), then ABOR: vsftpd notices an ABOR during a transfer only through
+    # SIGURG, and the client's own urgent mark does not survive ftpfix.
+    session.expect_reply(b"ABOR", out)
+    out.append(SendTo(Side.SERVER, TELNET_IP + TELNET_DM[:1]))
+    out.append(SendTo(Side.SERVER, TELNET_DM[1:], urgent=True))
+    out.append(SendTo(Side.SERVER, b"ABOR" + CRLF))
+    out.append(AbortTransfer())  # whatever data connection ftpfix still holds
+
+
+def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    session.answer(out, reply(REFUSED[verb]))
+
+
+#: What ftpfix does with a client's command, by verb; any other is forwarded.
+COMMANDS: dict[bytes, Handler] = {
+    b"USER": _user,
+    b"PASV": _pasv,
+    b"EPSV": _epsv,
+    b"PORT": _active,
+    b"EPRT": _active,
+    b"ABOR": _abor,
+    **{verb: _refuse for verb in REFUSED},
+}
+
+
+# -- replies -------------------------------------------------------------------
+
+
+def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
+    """What to do with a reply with ``code`` to the command ``answering``."""
+    # By reply code, not by the command sent: some servers answer EPSV
+    # with a 227, and a 229 is as good as a 227 for ftpfix.
+    if answering.verb in PASSIVE_VERBS and code in (227, 229):
+        return Action.PASSIVE
+    if answering.sent == b"EPSV" and code in EPSV_UNKNOWN and session.policy.epsv == EpsvMode.AUTO:
+        return Action.FALLBACK
+    if answering.verb == b"FEAT" and code == 211:
+        return Action.FEAT
+    if answering.verb in TRANSFER_VERBS and 200 <= code < 300:
+        return Action.TRANSFER
+    return Action.RELAY
