@@ -21,8 +21,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .logs import LogFormat
-from .protocol.commands import Level
 from .ports import PortRange
+from .protocol.commands import Level
 from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode
 
 DEFAULT_PATH = Path("/etc/ftpfix/ftpfix.toml")

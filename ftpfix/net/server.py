@@ -1,15 +1,11 @@
-"""The server: control listeners, admission, one session task per client,
-reload and graceful shutdown."""
+"""The server: control listeners, one session task per client, reload and
+graceful shutdown. Who gets in is ``admission.py``; start-up checks are
+``preflight.py``; one session is ``edge.py``."""
 
 from __future__ import annotations
 
 import errno
-import ipaddress
-import os
-import resource
 import signal
-import socket
-from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,13 +15,13 @@ import trio
 
 from ..config import Config, ConfigError, load_config
 from ..ports import PortPool, PortRange
-from .control import MAX_MAPPINGS, handle_client
-from .data import normalize_host
+from .addresses import normalize_host
+from .admission import Admission, open_descriptors, raise_descriptor_limit
+from .edge import handle_client
+from .preflight import StartupError, check_source_port, warn_if_ports_are_ephemeral
 from .public import PublicAddress
 
-
-class StartupError(Exception):
-    """ftpfix cannot start with this config on this machine; the message says why."""
+__all__ = ["Server", "StartupError", "run", "serve"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,87 +35,6 @@ class Generation:
     config: Config
     pool: PortPool
     public: PublicAddress
-
-
-#: Descriptors one session may hold at its worst: its two control
-#: connections, and per data mapping a listener, two data sockets and two
-#: splice pipes (four descriptors).
-FDS_PER_SESSION = 2 + MAX_MAPPINGS * 7
-
-#: Descriptors kept free for everything else: listeners, logs, a health check,
-#: the public address lookup.
-FD_RESERVE = 16
-
-
-def raise_descriptor_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, as servers do; return it.
-
-    Each session needs up to ``FDS_PER_SESSION`` descriptors, and the soft
-    limit is often 1024 while the hard one is far higher.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def open_descriptors() -> int:
-    """How many descriptors this process has open now."""
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 0
-
-
-class Admission:
-    """Counts sessions, in all and per client address, and turns away the excess.
-
-    ``descriptors`` is the process's descriptor limit. As long as every
-    session fits at its worst case (``FDS_PER_SESSION``) beside what was open
-    at start, nothing is measured. Past that, each new session is let in only
-    if the descriptors open now leave room for one more at its worst case and
-    the reserve, so a flood is refused with 421 before anything runs out
-    (EMFILE), while idle sessions (two descriptors each) are not turned away
-    for transfers they are not making.
-    """
-
-    def __init__(self, descriptors: int | None = None, in_use: int = 0) -> None:
-        self.total = 0
-        self.per_address: Counter[str] = Counter()
-        self.descriptors = descriptors
-        budget = None if descriptors is None else descriptors - in_use - FD_RESERVE
-        #: Sessions that fit at their worst case; beyond, admission measures.
-        self.max_by_descriptors = None if budget is None else max(budget // FDS_PER_SESSION, 0)
-
-    def _out_of_descriptors(self) -> bool:
-        if self.descriptors is None or self.max_by_descriptors is None or self.total < self.max_by_descriptors:
-            return False
-        return open_descriptors() + FDS_PER_SESSION + FD_RESERVE > self.descriptors
-
-    def admit(self, host: str, config: Config) -> bytes | None:
-        """Count the session in, or return the 421 that refuses it."""
-        limits = config.limits
-        if not config.access.permits(ipaddress.ip_address(host)):
-            return b"421 Access denied for your address.\r\n"
-        if self.total >= limits.max_sessions:
-            return b"421 Too many users (%d at most), try again later.\r\n" % limits.max_sessions
-        if self._out_of_descriptors():
-            return b"421 Too many users for this server's resources, try again later.\r\n"
-        if self.per_address[host] >= limits.max_sessions_per_ip:
-            return b"421 Too many connections from your address (%d at most).\r\n" % limits.max_sessions_per_ip
-        self.total += 1
-        self.per_address[host] += 1
-        return None
-
-    def leave(self, host: str) -> None:
-        self.total -= 1
-        self.per_address[host] -= 1
-        if not self.per_address[host]:
-            del self.per_address[host]
 
 
 class Server:
@@ -232,56 +147,6 @@ async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
     if not listeners:
         raise StartupError("no control listener could be opened")
     return listeners
-
-
-EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
-
-
-def warn_if_ports_are_ephemeral(config: Config) -> None:
-    """Warn when the passive range lies in the kernel's ephemeral range.
-
-    Outgoing connections (ftpfix's own, to the backend) take their local
-    port from that range, and a port one of them holds, or held a minute ago
-    (TIME_WAIT), cannot be leased: ftpfix skips it, and with a small range
-    the pool runs dry. Reserving the range keeps the kernel away from it.
-    """
-    try:
-        low, high = (int(n) for n in EPHEMERAL_RANGE.read_text().split())
-        reserved = RESERVED_PORTS.read_text().strip()
-    except (OSError, ValueError):
-        return
-    ports = config.passive.ports
-    if ports.last < low or ports.first > high:
-        return
-    spans = [part.split("-") for part in reserved.split(",") if part]
-    if all(any(int(span[0]) <= port <= int(span[-1]) for span in spans) for port in ports):
-        return
-    structlog.get_logger("ftpfix").warning(
-        "the passive ports overlap the kernel's ephemeral ports; reserve them",
-        passive_ports=str(ports),
-        ephemeral_ports=f"{low}-{high}",
-        fix=f"sysctl -w net.ipv4.ip_local_reserved_ports={ports} (docker run --sysctl ...)",
-    )
-
-
-def check_source_port(config: Config) -> None:
-    """Fail now, not at the first transfer, if ``[active] source_port`` cannot be bound."""
-    port = config.active.source_port
-    if port is None or config.active.mode != "proxy":
-        return
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except PermissionError:
-            raise StartupError(
-                f"[active] source_port = {port} needs the right to bind privileged ports: run ftpfix with "
-                "CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port"
-            ) from None
-        except OSError as error:
-            raise StartupError(f"[active] source_port = {port} cannot be bound: {error.strerror or error}") from None
 
 
 async def serve(

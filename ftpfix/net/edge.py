@@ -1,0 +1,128 @@
+"""The session edge: one client connection from accept to close.
+
+It dials the backend, hands both connections to the dispatcher
+(``dispatch.py``), and writes the session's summary line when it ends,
+whatever ended it. It is the failure boundary of the session: lost
+connections end it quietly, a ProtocolError sends its reply to the client,
+and anything else is a bug, logged with its traceback, that never takes the
+server down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+
+import structlog
+import trio
+from structlog.typing import FilteringBoundLogger
+
+from ..config import Config
+from ..ports import PortPool
+from ..protocol import FtpfixError, ProtocolError
+from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
+from .addresses import Endpoints, normalize_host
+from .dial import connect
+from .dispatch import ControlChannel
+from .public import PublicAddress
+
+_session_ids = itertools.count(1)
+
+
+async def handle_client(
+    stream: trio.SocketStream,
+    client: tuple[str, int],
+    config: Config,
+    pool: PortPool,
+    public: PublicAddress,
+    shutdown: trio.Event | None = None,
+) -> None:
+    """Serve one client connection from accept to close.
+
+    ``client`` is the peer's address and port, read once at accept.
+    """
+    session_id = next(_session_ids)
+    structlog.contextvars.bind_contextvars(session=session_id, client=f"{client[0]}:{client[1]}")
+    log: FilteringBoundLogger = structlog.get_logger("ftpfix.session")
+    started = trio.current_time()
+    log.info("session opened")
+    channel: ControlChannel | None = None
+    ended = False  # the session ran to its own end, not cut off
+    try:
+        # ftplib's abort() sends IAC DM as TCP urgent data: read it inline, in
+        # order, instead of losing it to the out-of-band byte (RFC 1123 4.1.3.1).
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        local = normalize_host(stream.socket.getsockname()[0])
+        backend = await _connect_backend(stream, config, log)
+        if backend is None:
+            return
+        async with backend:
+            endpoints = Endpoints(
+                client=client[0],
+                local=local,
+                backend=normalize_host(backend.socket.getpeername()[0]),
+                backend_local=normalize_host(backend.socket.getsockname()[0]),
+            )
+            channel = ControlChannel(config, pool, public, stream, backend, endpoints, log, shutdown)
+            try:
+                await channel.run()
+                ended = True
+            except ProtocolError as error:
+                log.warning("protocol error", error=str(error))
+                channel.close_reason = str(error)
+                with trio.move_on_after(1):
+                    await stream.send_all(error.reply)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+        log.info("connection lost", error=str(error))
+    except FtpfixError as error:
+        log.error("session failed", error=str(error))
+    except Exception:
+        log.exception("session crashed: this is a bug in ftpfix")
+    finally:
+        if shutdown is not None and shutdown.is_set() and not ended:
+            # Cut off by the end of the shutdown grace: say so, briefly.
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                try:
+                    await stream.send_all(SHUTTING_DOWN)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        await trio.aclose_forcefully(stream)
+        fields = {}
+        if channel is not None:
+            fields = {
+                "user": channel.core.user,
+                "bytes_up": channel.totals.upload,
+                "bytes_down": channel.totals.download,
+                "mappings": channel.totals.transfers,
+                "reason": channel.close_reason,
+            }
+        log.info("session closed", duration=round(trio.current_time() - started, 3), **fields)
+        structlog.contextvars.clear_contextvars()
+
+
+async def _connect_backend(client: trio.SocketStream, config: Config, log: FilteringBoundLogger) -> trio.SocketStream | None:
+    """The backend's control connection, or None after telling the client why not."""
+    backend = config.backend
+    try:
+        with trio.fail_after(backend.connect_timeout):
+            stream = await _dial(backend.address, backend.port, backend.connect_timeout)
+    except (OSError, trio.TooSlowError) as error:
+        log.warning("backend unreachable", backend=f"{backend.address}:{backend.port}", error=str(error) or "timed out")
+        with trio.move_on_after(1):
+            await client.send_all(BACKEND_UNREACHABLE)
+        return None
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return stream
+
+
+async def _dial(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """A stream to ``host:port``. An address is dialed directly, which costs a
+    fraction of trio's happy-eyeballs machinery; a name goes through it."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = await connect((host, port), timeout)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

@@ -1,0 +1,324 @@
+"""One data connection, from listener to last byte, and everything that ends it.
+
+Passive and active mode are the same thing seen from opposite ends:
+
+- passive: ftpfix listens on a public port leased from the pool, the client
+  connects, and ftpfix dials the port the backend advertised;
+- active: ftpfix listens on an ephemeral port where the backend can reach it,
+  the backend connects, and ftpfix dials the port the client named in PORT or
+  EPRT.
+
+One ``Transfer`` lives per 227, 229 or PORT that ftpfix relays, and owns all
+of it: the listener and its port lease, the accept (only the expected peer),
+the dial, the relay, the hold of the final reply until the last byte is
+delivered (``outcome``), and the ABOR (``abort``). The session's dispatcher
+only calls its methods; its task (``run``) lives in the session's nursery, so
+it can never outlive the session.
+
+ABOR, as the shell does it (the core's half is in ``protocol/verbs.py``):
+``abort`` resets both ends of the data connection at once. Every server then
+ends the transfer the same way, a write or read that fails, and answers it
+with its own 426 within milliseconds, with no ABOR to misread or answer out
+of order. A backend still waiting for its data connection (the client never
+connected) is dialed and reset, so it too answers now rather than at its own
+timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+import trio
+from structlog.typing import FilteringBoundLogger
+
+from ..ports import PortPool
+from .addresses import normalize_host
+from .dial import RESOURCE_ERRORS, connect
+from .relay import RelayStats, TokenBucket, relay, reset_on_close
+
+#: Seconds ftpfix spends dialing a backend that waits for a data connection
+#: an ABOR cancelled (see ``Transfer.abort``).
+ABORT_DIAL_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The seconds a transfer waits for each thing."""
+
+    accept: float  # for its peer to connect to the listener
+    connect: float  # to reach the other end
+    stall: float  # with no byte moving either way
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a transfer ended, for the reply to its command.
+
+    ``failure`` says why it did not deliver everything (None if it did), and
+    ``connected`` whether a data connection was made at all (425 or 426).
+    """
+
+    failure: str | None
+    connected: bool
+
+
+class Transfer:
+    """A listener that relays one data connection to ``target``.
+
+    ``peer_host`` is the only address that may connect. ``active`` says which
+    end the accepted connection is: the client (passive mode) or the backend
+    (active mode). ``pooled`` says whether ``port`` came from the port pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        listener: socket.socket,
+        peer_host: str,
+        target: tuple[str, int],
+        pool: PortPool,
+        timeouts: Timeouts,
+        log: FilteringBoundLogger,
+        active: bool = False,
+        pooled: bool = True,
+        source_port: int | None = None,
+        upload_limit: TokenBucket | None = None,
+        download_limit: TokenBucket | None = None,
+    ) -> None:
+        self.port = port
+        self.peer_host = peer_host
+        self.target = target
+        self.active = active
+        self.stats = RelayStats()
+        #: True once both ends are joined.
+        self.connected = False
+        #: Why the transfer did not deliver everything, once it did not.
+        self.failure: str | None = None
+        self._listener = listener
+        self._pool = pool
+        self._pooled = pooled
+        self._timeouts = timeouts
+        self._log = log
+        self._source_port = source_port
+        self._limits = (upload_limit, download_limit)
+        self._scope = trio.CancelScope()
+        self._accepted = trio.Event()
+        self._delivered = trio.Event()
+        self._finished = trio.Event()
+        self._released = False
+        self._answered = False  # the backend has answered the transfer command
+        self._aborted = False
+
+    # -- what the dispatcher asks ---------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True until the transfer has ended or was told to end."""
+        return not self._finished.is_set() and not self._scope.cancel_called
+
+    @property
+    def moving(self) -> bool:
+        """True while a joined data connection has not delivered yet: the
+        relay's stall deadline rules, not the session's idle clock."""
+        return self.connected and not self._delivered.is_set()
+
+    @property
+    def spare(self) -> bool:
+        """True if a newer data connection may replace this one: nobody
+        connected, or the backend has answered its transfer already."""
+        return not self._accepted.is_set() or self._answered
+
+    def finish(self) -> None:
+        """The backend answered the transfer command with a 2xx; ``outcome`` follows."""
+        self._answered = True
+        if not self._accepted.is_set() and not self.active:
+            # Nobody connected to the public port, so ftpfix never dialed
+            # the backend: whatever its 2xx says, no data went anywhere.
+            self.cancel("no data connection was made")
+
+    async def outcome(self) -> Outcome:
+        """Wait until everything the transfer will deliver is delivered.
+
+        A download has delivered once the backend's last byte and its end
+        (FIN) went to the client; the reply to the transfer command may
+        follow then, whatever the client does with its socket.
+        """
+        await self._delivered.wait()
+        return Outcome(self.failure, self.connected)
+
+    def cancel(self, reason: str) -> None:
+        """End the transfer now (the backend refused or failed it, or a newer
+        one replaces it): its task is cancelled and its port freed."""
+        self._answered = True
+        self._fail(reason)
+        self._scope.cancel()
+        self._release()
+
+    def abort(self) -> None:
+        """The client sent ABOR: break the data connection now (see the module)."""
+        self._aborted = True
+        self._fail("aborted")
+        self._scope.cancel()
+        self._release()
+
+    def retire(self) -> None:
+        """Give way to a newer data connection: its port goes back to the pool."""
+        self.cancel("replaced by a new data connection")
+
+    # -- the task ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Accept the expected peer, dial the other end, relay; then clean up.
+
+        Only ``peer_host`` may connect: any other peer is closed at once and
+        the listener keeps waiting, so a stranger who races for the port (port
+        stealing, RFC 2577 section 5) gets nothing and the real peer still
+        gets its transfer.
+
+        Resource handling: the listener, both data sockets and the port lease
+        are released in a ``finally``, whether the transfer ends, fails, times
+        out or is cancelled.
+
+        Error handling: every way this can go wrong (the peer never connects,
+        the other end refuses, a reset, a stall, no descriptor left) is
+        recorded in ``failure``, and a failed data connection is reset, never
+        closed cleanly: a backend that got a FIN for a broken upload would
+        store the fragment and answer 226. Nothing is raised.
+        """
+        accepted = dialed = None
+        try:
+            with self._scope:
+                accepted = await self._accept()
+                if accepted is None:
+                    return
+                dialed = await self._dial()
+                if dialed is None:
+                    return
+                self.connected = True
+                client, backend = (dialed, accepted) if self.active else (accepted, dialed)
+                upload, download = self._limits
+                timeouts = self._timeouts
+                await relay(client, backend, self.stats, upload, download, stall_timeout=timeouts.stall, delivered=self._delivered)
+                if self.stats.error is not None:
+                    self._fail(self.stats.error)
+        except OSError as error:
+            if error.errno not in RESOURCE_ERRORS:
+                raise
+            self._log.warning("data connection failed: out of resources", port=self.port, error=error.strerror)
+            self._fail("ftpfix is out of resources, try again later")
+        finally:
+            for sock in (accepted, dialed):
+                if sock is not None:
+                    if self.failure is not None:
+                        reset_on_close(sock)
+                    sock.close()
+            self._release()
+            self._delivered.set()
+            self._finished.set()
+        if self._aborted and not self.active and dialed is None and not self._answered:
+            await self._knock_and_reset()
+
+    async def _accept(self) -> socket.socket | None:
+        with trio.move_on_after(self._timeouts.accept) as waiting:
+            try:
+                accepted = await self._accept_peer()
+            except trio.ClosedResourceError:
+                self._fail("the data port was closed")
+                return None
+        if waiting.cancelled_caught:
+            who = "backend" if self.active else "client"
+            self._log.info(f"data port released: the {who} never connected", port=self.port)
+            self._fail(f"the {who} did not connect within {self._timeouts.accept:g} s")
+            return None
+        # One data connection per transfer: stop listening at once. A passive
+        # port stays leased until the transfer ends.
+        self._close_listener()
+        self._accepted.set()
+        return accepted
+
+    async def _accept_peer(self) -> socket.socket:
+        """The first connection on the listener from ``peer_host``.
+
+        Error handling: a peer that gave up before accept() is skipped; running
+        out of descriptors raises OSError (see RESOURCE_ERRORS), since the
+        waiting connection would otherwise wake this loop forever.
+        """
+        listener = self._listener
+        while True:
+            if listener.fileno() == -1:
+                raise trio.ClosedResourceError("the data port was closed")
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                continue  # the peer gave up between the wake-up and accept()
+            except OSError as error:
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                if error.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the data port was closed") from None
+                raise
+            try:
+                host = normalize_host(peer[0])
+            except ValueError:
+                host = None
+            if host != self.peer_host:
+                self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
+                reset_on_close(sock)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            return sock
+
+    async def _dial(self) -> socket.socket | None:
+        try:
+            return await connect(self.target, self._timeouts.connect, self._source_port)
+        except (OSError, trio.TooSlowError) as error:
+            if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:
+                raise
+            who = "client" if self.active else "server"
+            target = f"{self.target[0]}:{self.target[1]}"
+            self._log.warning(f"{who} refused the data connection", target=target, error=str(error) or "timed out")
+            self._fail(f"cannot connect to the {who}")
+            return None
+
+    async def _knock_and_reset(self) -> None:
+        """The backend waits for a data connection an ABOR cancelled: dial
+        its port and reset, so it ends the transfer now (425 or 426) instead
+        of at its own timeout."""
+        try:
+            sock = await connect(self.target, ABORT_DIAL_TIMEOUT)
+        except (OSError, trio.TooSlowError):
+            return
+        reset_on_close(sock)
+        sock.close()
+
+    # -- bookkeeping ------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        """Record the first reason the transfer did not deliver everything."""
+        if self.failure is None and not self._finished.is_set():
+            self.failure = reason
+
+    def _close_listener(self) -> None:
+        """Stop accepting; a task waiting on the listener is woken first."""
+        if self._listener.fileno() != -1:
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
+
+    def _release(self) -> None:
+        """Stop listening and give the port back, once.
+
+        Idempotent, so the session can free a replaced transfer's port at once
+        while its task's ``finally`` runs later and must not release the port
+        again: by then a newer transfer may hold it.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._close_listener()
+        if self._pooled:
+            self._pool.release(self.port)
