@@ -23,9 +23,12 @@ from typing import Any
 from .logs import LogFormat
 from .ports import PortRange
 from .protocol.commands import Level
-from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode
+from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode, Policy
 
 DEFAULT_PATH = Path("/etc/ftpfix/ftpfix.toml")
+
+#: The core's defaults, which the keys it reads take as theirs.
+_CORE = Policy()
 ENVIRONMENT_VARIABLE = "FTPFIX_CONFIG"
 
 #: Passive ports must be unprivileged: the backend's own range usually sits
@@ -237,7 +240,7 @@ class Passive:
 class Active:
     mode: ActiveMode = _key(_choice(ActiveMode), ActiveMode.PROXY, "PORT and EPRT: relay, forward as is, or refuse")
     source_port: int | None = _key(_optional_port, None, "local port of connections to the client, e.g. 20")
-    fix_address: bool = _key(_boolean, True, "replace a private address in PORT/EPRT by the client's own")
+    fix_address: bool = _key(_boolean, _CORE.fix_address, "replace a private address in PORT/EPRT by the client's own")
     connect_timeout: float = _key(_seconds, 10.0, "seconds to reach the client's data port")
 
 
@@ -264,7 +267,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    deny_anonymous: bool = _key(_boolean, False, "refuse USER anonymous and USER ftp")
+    deny_anonymous: bool = _key(_boolean, _CORE.deny_anonymous, "refuse USER anonymous and USER ftp")
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "only these client networks (empty: all)")
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "never these client networks")
 

@@ -26,6 +26,7 @@ from .addresses import Endpoints, normalize_host
 from .dial import connect
 from .dispatch import ControlChannel
 from .public import PublicAddress
+from .streams import say_last
 
 _session_ids = itertools.count(1)
 
@@ -72,8 +73,7 @@ async def handle_client(
             except ProtocolError as error:
                 log.warning("protocol error", error=str(error))
                 channel.close_reason = str(error)
-                with trio.move_on_after(1):
-                    await stream.send_all(error.reply)
+                await say_last(stream, error.reply)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
         log.info("connection lost", error=str(error))
     except FtpfixError as error:
@@ -83,11 +83,7 @@ async def handle_client(
     finally:
         if shutdown is not None and shutdown.is_set() and not ended:
             # Cut off by the end of the shutdown grace: say so, briefly.
-            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                try:
-                    await stream.send_all(SHUTTING_DOWN)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            await say_last(stream, SHUTTING_DOWN, timeout=0.5)
         await trio.aclose_forcefully(stream)
         fields = {}
         if channel is not None:
@@ -110,8 +106,7 @@ async def _connect_backend(client: trio.SocketStream, config: Config, log: Filte
             stream = await _dial(backend.address, backend.port, backend.connect_timeout)
     except (OSError, trio.TooSlowError) as error:
         log.warning("backend unreachable", backend=f"{backend.address}:{backend.port}", error=str(error) or "timed out")
-        with trio.move_on_after(1):
-            await client.send_all(BACKEND_UNREACHABLE)
+        await say_last(client, BACKEND_UNREACHABLE)
         return None
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     return stream

@@ -20,6 +20,7 @@ from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
 from .preflight import StartupError, check_source_port, warn_if_ports_are_ephemeral
 from .public import PublicAddress
+from .streams import say_last
 
 __all__ = ["Server", "StartupError", "run", "serve"]
 
@@ -110,11 +111,7 @@ class Server:
             refusal = self.admission.admit(host, generation.config)
             if refusal is not None:
                 self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
-                with trio.move_on_after(1):
-                    try:
-                        await stream.send_all(refusal)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
+                await say_last(stream, refusal)
                 await trio.aclose_forcefully(stream)
                 return
             try:

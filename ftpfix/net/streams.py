@@ -77,3 +77,18 @@ class ControlStream:
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
+
+
+#: Seconds a parting reply (a 421) may take to leave before the connection closes anyway.
+PARTING_TIMEOUT = 1.0
+
+
+async def say_last(stream: trio.abc.Stream, reply: bytes, timeout: float = PARTING_TIMEOUT) -> None:
+    """Send a parting reply, best effort: a peer that is gone or does not read
+    within ``timeout`` is not waited for, and nothing is raised. Shielded, so it
+    is said even while the session is being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        try:
+            await stream.send_all(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.bench.bench            # the full run (a few minutes)
     .venv/bin/python -m tests.bench.bench --smoke    # small sizes, checks correctness only
+    .venv/bin/python -m tests.bench.bench --only latency,setup   # some measures only
 
 It starts a real vsftpd on loopback, ftpfix in front of it, and ProFTPD 1.3.8
 with mod_proxy in reverse mode in front of the same vsftpd, then measures each
@@ -281,6 +282,16 @@ def _write_random(path: Path, size: int) -> None:
     os.chown(path, legacy.NOBODY_UID, legacy.NOBODY_GID)
 
 
+#: What ``--only`` may name, and the method that measures it, in run order.
+MEASURES = {
+    "transfers": "transfers",
+    "concurrent": "concurrent",
+    "latency": "latency",
+    "setup": "setup_rate",
+    "idle": "idle_sessions",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes; check correctness, not speed")
@@ -288,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--concurrent-mib", type=int, default=64)
     parser.add_argument("--idle", type=int, default=2000)
+    parser.add_argument(
+        "--only", default=",".join(MEASURES), help=f"comma-separated measures to run, of {', '.join(MEASURES)}"
+    )
     args = parser.parse_args(argv)
+    chosen = args.only.split(",")
+    if unknown := set(chosen) - set(MEASURES):
+        parser.error(f"unknown measures: {', '.join(sorted(unknown))}")
     if args.smoke:
         args.size_mib, args.concurrent, args.concurrent_mib, args.idle = 8, 4, 2, 20
     # Thousands of sessions need thousands of descriptors, here and in ftpfix.
@@ -297,11 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     bench.setup()
     try:
-        bench.transfers()
-        bench.concurrent()
-        bench.latency()
-        bench.setup_rate()
-        bench.idle_sessions()
+        for name in chosen:
+            getattr(bench, MEASURES[name])()
     finally:
         bench.teardown()
     print()

@@ -19,7 +19,11 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ftpfix.protocol import (
     ActiveFailed as ActiveFailedEvent,
+)
+from ftpfix.protocol import (
     ActiveOpened as ActiveOpenedEvent,
+)
+from ftpfix.protocol import (
     BackendQuiet,
     Command,
     ConnectionClosed,
