@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 
 import trio
@@ -24,6 +25,7 @@ from structlog.typing import FilteringBoundLogger
 from ..config import Config
 from ..ports import PortPool
 from ..protocol import (
+    AbortSettled,
     AbortTransfer,
     ActiveFailed,
     ActiveOpened,
@@ -46,6 +48,7 @@ from ..protocol import (
     ReadOn,
     SendTo,
     Session,
+    SettleAbort,
     Side,
     TransferDone,
 )
@@ -260,6 +263,8 @@ class ControlChannel:
                         self._transfer.cancel("the server ended the transfer")
                 case AwaitQuiet():
                     self._spawn(self._post_when, self._backend_quiet, BackendQuiet)
+                case SettleAbort():
+                    self._spawn(self._post_when, partial(self._abort_settled, self._transfer), AbortSettled)
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
                 case Close(reason=reason):
@@ -284,6 +289,13 @@ class ControlChannel:
     async def _backend_quiet(self) -> None:
         while (silent := trio.current_time() - self._last_backend_data) < QUIET_PERIOD:
             await trio.sleep(QUIET_PERIOD - silent)
+
+    async def _abort_settled(self, transfer: Transfer | None) -> None:
+        """Wait until the aborted transfer is over and the backend has said what it will about it."""
+        if transfer is not None:
+            await transfer.settled()
+        await trio.sleep(QUIET_PERIOD)
+        await self._backend_quiet()
 
     async def _report_outcome(self, transfer: Transfer | None, send: trio.MemorySendChannel[_Input]) -> None:
         async with send:

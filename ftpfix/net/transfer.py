@@ -108,6 +108,7 @@ class Transfer:
         self._accepted = trio.Event()
         self._delivered = trio.Event()
         self._finished = trio.Event()
+        self._settled = trio.Event()  # run() has returned, knock included
         self._released = False
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
@@ -149,6 +150,10 @@ class Transfer:
         await self._delivered.wait()
         return Outcome(self.failure, self.connected)
 
+    async def settled(self) -> None:
+        """Wait until the transfer has ended and done all it will (the knock of an ABOR included)."""
+        await self._settled.wait()
+
     def cancel(self, reason: str) -> None:
         """End the transfer now (the backend refused or failed it, or a newer
         one replaces it): its task is cancelled and its port freed."""
@@ -188,6 +193,12 @@ class Transfer:
         closed cleanly: a backend that got a FIN for a broken upload would
         store the fragment and answer 226. Nothing is raised.
         """
+        try:
+            await self._run()
+        finally:
+            self._settled.set()
+
+    async def _run(self) -> None:
         accepted = dialed = None
         try:
             with self._scope:

@@ -19,10 +19,12 @@ from .commands import (
     OpenActive,
     OpenPassive,
     SendTo,
+    SettleAbort,
     Side,
 )
 from .errors import BackendError, FtpfixError, ProtocolError
 from .events import (
+    AbortSettled,
     ActiveFailed,
     ActiveOpened,
     BackendQuiet,
@@ -40,6 +42,7 @@ from .state import TRANSITIONS, Waiting
 
 __all__ = [
     "TRANSITIONS",
+    "AbortSettled",
     "AbortTransfer",
     "ActiveFailed",
     "ActiveMode",
@@ -66,6 +69,7 @@ __all__ = [
     "ProtocolError",
     "ReadOn",
     "SendTo",
+    "SettleAbort",
     "Session",
     "Side",
     "TransferDone",

@@ -87,6 +87,19 @@ class AbortTransfer:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleAbort:
+    """Tell the core, with the event ``AbortSettled``, once the aborted
+    transfer's data connection is closed and the backend has then sent
+    nothing for a moment.
+
+    Every server answers a broken data connection with a final reply within
+    milliseconds, except pure-ftpd, which sends a 150 and nothing more. The
+    core then asks the backend a NOOP: its 200 proves the transfer's reply
+    will never come (see ``verbs.py``).
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class FinishTransfer:
     """The backend answered a transfer command (RETR, STOR, LIST, ...) with a 2xx.
 
@@ -138,4 +151,15 @@ class Note:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Command = SendTo | OpenPassive | OpenActive | AbortTransfer | FinishTransfer | CancelTransfer | AwaitQuiet | Close | Note
+Command = (
+    SendTo
+    | OpenPassive
+    | OpenActive
+    | AbortTransfer
+    | SettleAbort
+    | FinishTransfer
+    | CancelTransfer
+    | AwaitQuiet
+    | Close
+    | Note
+)

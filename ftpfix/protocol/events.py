@@ -83,6 +83,12 @@ class BackendQuiet:
 
 
 @dataclass(frozen=True, slots=True)
+class AbortSettled:
+    """Answer to ``SettleAbort``: the aborted data connection is closed and
+    the backend has been quiet since."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReadOn:
     """The shell has written the last batch of replies: read on from what is buffered.
 
@@ -102,5 +108,6 @@ Event = (
     | ActiveFailed
     | TransferDone
     | BackendQuiet
+    | AbortSettled
     | ReadOn
 )

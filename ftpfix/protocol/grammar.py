@@ -96,6 +96,11 @@ class ReplyFramer:
     def __init__(self) -> None:
         self._open_code: bytes | None = None
 
+    @property
+    def inside(self) -> bool:
+        """True between the first and the last line of a multi-line reply."""
+        return self._open_code is not None
+
     def classify(self, line: bytes) -> ReplyLine:
         """Place ``line`` in the reply it belongs to.
 

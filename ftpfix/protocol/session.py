@@ -94,6 +94,7 @@ from .errors import BackendError
 from .events import (
     ActiveFailed,
     ActiveOpened,
+    AbortSettled,
     BackendQuiet,
     ConnectionClosed,
     DataReceived,
@@ -183,6 +184,9 @@ _ANSWERS: dict[type, Waiting] = {
 class _Forwarded:
     verb: bytes  # as the client meant it (after aliases)
     sent: bytes = b""  # the verb the backend was sent, when it differs
+    aborted: bool = False  # a transfer command the client has sent ABOR for
+    probed: bool = False  # ... after which ftpfix asked the backend a NOOP
+    probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
 
 
 @dataclass(slots=True)
@@ -335,6 +339,8 @@ class Session:
             case BackendQuiet():
                 self._unsettled = False
                 self._move(Waiting.NOTHING)
+            case AbortSettled():
+                self._probe_aborted_transfer(out)
             case ReadOn():
                 pass
             case _:
@@ -365,6 +371,28 @@ class Session:
         self._move(Waiting.ACTIVE)
         self._deferred = (verb, b"")
         out.append(command)
+
+    def abort_pending_transfer(self) -> None:
+        """Mark the transfer commands awaiting their reply as aborted by the client."""
+        for entry in self._pending:
+            if isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS:
+                entry.aborted = True
+
+    def _probe_aborted_transfer(self, out: list[Command]) -> None:
+        """After an ABOR settled, ask a NOOP if the transfer is still unanswered (``verbs.py``, ABOR step 3)."""
+        head = self._pending[0] if self._pending else None
+        if (
+            self._state is Waiting.NOTHING
+            and isinstance(head, _Forwarded)
+            and head.aborted
+            and not head.probed
+            and not self._framer.inside
+            and not self._server_lines.pending
+        ):
+            head.probed = True
+            out.append(Note("asking the backend a NOOP: its aborted transfer is unanswered"))
+            self._pending.append(_Forwarded(b"NOOP", probe=True))
+            out.append(SendTo(Side.SERVER, b"NOOP" + CRLF))
 
     def transfer_outstanding(self) -> bool:
         """True while the backend owes the final reply to a transfer command."""
@@ -497,6 +525,13 @@ class Session:
     def _on_reply_line(self, line: ReplyLine, out: list[Command]) -> None:
         if line.first and not self._start_reply(line, out):
             return
+        if self._action is Action.DROP:
+            if line.last and line.code >= 200:
+                self._complete(out)
+            elif line.last:
+                fields = {"reply": line.raw[:200].decode("latin-1")}
+                out.append(Note("preliminary reply after ABOR dropped", fields=fields))
+            return
         if self._action is Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             if line.last and line.code >= 200:
@@ -521,6 +556,15 @@ class Session:
             out.append(Note("the server did not answer ABOR", fields={"next_reply": line.code}))
             self._pending.popleft()
             out.append(SendTo(Side.CLIENT, ABORT_DONE))
+            self._flush_local(out)
+            head = self._pending[0] if self._pending else None
+        if isinstance(head, _Forwarded) and head.probed and line.code == 200:
+            # The probe's answer came first: the aborted transfer's reply never
+            # will (no transfer command is answered with 200). Supply it.
+            out.append(Note("the server did not answer the aborted transfer", fields={"verb": head.verb.decode()}))
+            self._pending.popleft()
+            out.append(CancelTransfer())
+            out.append(SendTo(Side.CLIENT, transfer_aborted("aborted")))
             self._flush_local(out)
             head = self._pending[0] if self._pending else None
         if not isinstance(head, _Forwarded):

@@ -9,13 +9,27 @@ module decides what each special verb means.
 ABOR, in full (RFC 959 section 4.1.3): during a transfer whose data
 connection ftpfix relays, ABOR never goes to the backend. ftpfix breaks the
 data connection instead (``AbortTransfer``: both ends are reset), so every
-server ends the transfer the same way, at once, with its own 426 (or 226 if
-it had finished), and ftpfix answers the ABOR itself, right after that
-reply, with 226. Servers disagree on everything else: ProFTPD in ASCII mode
-answers ABOR before the transfer, vsftpd only notices it through SIGURG,
-pure-ftpd skips the reply when the transfer has just ended. Only when the
-data connection bypasses ftpfix (``[active] mode = "passthrough"``) is ABOR
-forwarded, in RFC 959's urgent form.
+server ends the transfer the same way, at once, and ftpfix answers the ABOR
+itself with 226, right after the transfer's own reply:
+
+1. ``_abor``: ``AbortTransfer``, a 226 queued behind the transfer command,
+   the command marked aborted, and ``SettleAbort``.
+2. The backend answers the transfer: 426 (or 451), relayed; or 226 if it had
+   finished, which ftpfix turns into 426 unless every byte reached the
+   client. A 1xx after the ABOR is dropped (``Action.DROP``): the client
+   reads the next two replies as the transfer's and ABOR's.
+3. pure-ftpd answers a broken data connection with a 150 and nothing more.
+   Once the data connection is closed and the backend quiet
+   (``AbortSettled``), ftpfix sends the backend a NOOP (a probe) if the
+   transfer is still unanswered. RFC 959 never answers a transfer command
+   with 200, so a 200 then proves the reply will not come: ftpfix supplies
+   the 426 (``Session._start_reply``) and drops the 200.
+
+Servers disagree on everything else: ProFTPD in ASCII mode answers ABOR
+before the transfer, vsftpd only notices it through SIGURG, pure-ftpd skips
+the reply when the transfer has just ended. Only when the data connection
+bypasses ftpfix (``[active] mode = "passthrough"``) is ABOR forwarded, in
+RFC 959's urgent form.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
-from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, Side
+from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleAbort, Side
 from .grammar import (
     ABORT_DONE,
     CRLF,
@@ -103,6 +117,7 @@ class Action(enum.Enum):
     FEAT = "feat"  # hold the feature list and rewrite it
     FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
     TRANSFER = "transfer"  # hold a transfer's 2xx until the relay has finished
+    DROP = "drop"  # say nothing: a preliminary reply to a transfer the client aborted
 
 
 # -- commands ------------------------------------------------------------------
@@ -193,13 +208,18 @@ def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
         # need, and the reply it owes would shift every later pairing.
         session.answer(out, NOTHING_TO_ABORT)
         return
-    if session.relaying or session.waiting_for is Waiting.TRANSFER:
-        # ftpfix relays the data connection: break it. The backend answers
-        # the transfer (426, or 226 if it had finished; a held 2xx turns into
-        # a 426 if the data was not all delivered), and ftpfix answers the
-        # ABOR right after that reply, as RFC 959 orders them.
+    if session.waiting_for is Waiting.TRANSFER:
+        # The backend has answered already; its 2xx waits for the relay, and
+        # turns into a 426 if the data was not all delivered.
         out.append(AbortTransfer())
         session.answer(out, ABORT_DONE)
+        return
+    if session.relaying:
+        # ftpfix relays the data connection: break it (steps 1 to 3 above).
+        out.append(AbortTransfer())
+        session.answer(out, ABORT_DONE)
+        session.abort_pending_transfer()
+        out.append(SettleAbort())
         return
     # The data connection bypasses ftpfix: only the backend can stop it.
     # RFC 959's form, IAC IP, then the synch (IAC DM, its DM as TCP urgent
@@ -243,4 +263,11 @@ def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
         return Action.FEAT
     if answering.verb in TRANSFER_VERBS and 200 <= code < 300:
         return Action.TRANSFER
+    if answering.probe:
+        return Action.DROP  # ftpfix's own NOOP: its reply is for ftpfix alone
+    if answering.aborted and code < 200:
+        # After ABOR a client reads two replies, the transfer's and ABOR's
+        # (RFC 959 section 4.1.3); a 1xx in between would be taken for the
+        # first. pure-ftpd sends one when its data connection breaks.
+        return Action.DROP
     return Action.RELAY

@@ -20,6 +20,7 @@ from ftpfix.protocol import (
     OpenPassive,
     Policy,
     Session,
+    SettleAbort,
     Waiting,
 )
 
@@ -30,6 +31,7 @@ from .transcript import (
     Opened,
     Quiet,
     Server,
+    Settled,
     play,
     to_client,
     to_server,
@@ -86,7 +88,7 @@ def test_abor_during_a_relayed_transfer_breaks_it_and_is_answered_after_the_tran
             *PASSIVE,
             Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
             Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
-            Client(abor) >> AbortTransfer(),
+            Client(abor) >> [AbortTransfer(), SettleAbort()],
             Server(b"426 Failure writing network stream.\r\n")
             >> [CancelTransfer(), to_client(b"426 Failure writing network stream.\r\n226 Abort successful.\r\n")],
             Client(b"NOOP\r\n") >> to_server(b"NOOP\r\n"),
@@ -102,8 +104,9 @@ def test_abor_after_the_transfer_finished_on_the_backend_turns_its_226_into_426(
             GREETING,
             *PASSIVE,
             Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
-            Client(b"ABOR\r\n") >> AbortTransfer(),
-            Server(b"150 Opening\r\n226 Transfer complete\r\n") >> [to_client(b"150 Opening\r\n"), FinishTransfer()],
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            # The client has aborted: a 150 now would be read as the first of its two replies.
+            Server(b"150 Opening\r\n226 Transfer complete\r\n") >> FinishTransfer(),
             Finished("aborted")
             >> to_client(b"426 Connection closed; transfer aborted: aborted.\r\n226 Abort successful.\r\n"),
         ],
@@ -135,7 +138,7 @@ def test_commands_after_abor_wait_for_the_transfers_reply() -> None:
             GREETING,
             *PASSIVE,
             Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
-            Client(b"ABOR\r\nPWD\r\n") >> AbortTransfer(),
+            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
             Server(b"426 Aborted\r\n")
             >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n"), to_server(b"PWD\r\n")],
         ],
@@ -197,3 +200,60 @@ def test_an_answer_in_the_wrong_state_is_a_shell_bug() -> None:
 
     with pytest.raises(RuntimeError, match="TransferDone while the core waits for nothing"):
         Session(Policy()).receive(TransferDone())
+
+
+def test_pure_ftpd_leaves_an_aborted_transfer_unanswered_and_a_probe_proves_it() -> None:
+    """pure-ftpd answers a broken data connection with a 150 and nothing more: the 150 is
+    dropped, a NOOP asked once things settled, and its 200 stands for the missing 426."""
+    play(
+        [
+            GREETING,
+            *PASSIVE,
+            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Server(b"150-Accepted data connection\r\n150 64 MB to download\r\n")
+            >> to_client(b"150-Accepted data connection\r\n150 64 MB to download\r\n"),
+            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
+            Server(b"150 0.002 seconds (measured here), 2884.10 Mbytes per second\r\n") >> [],
+            Settled() >> to_server(b"NOOP\r\n"),
+            Server(b"200 Zzz...\r\n")
+            >> [
+                CancelTransfer(),
+                to_client(b"426 Connection closed; transfer aborted: aborted.\r\n226 Abort successful.\r\n"),
+                to_server(b"PWD\r\n"),
+            ],
+            Server(b'257 "/"\r\n') >> to_client(b'257 "/"\r\n'),
+        ],
+        client=CLIENT,
+    )
+
+
+def test_a_server_that_answers_the_aborted_transfer_late_is_still_paired_right() -> None:
+    """The probe went out, then the 426 came after all: it answers the transfer, the 200 the probe."""
+    play(
+        [
+            GREETING,
+            *PASSIVE,
+            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            Settled() >> to_server(b"NOOP\r\n"),
+            Server(b"426 Failure writing network stream.\r\n")
+            >> [CancelTransfer(), to_client(b"426 Failure writing network stream.\r\n226 Abort successful.\r\n")],
+            Server(b"200 NOOP ok.\r\n") >> [],
+            Client(b"NOOP\r\n") >> to_server(b"NOOP\r\n"),
+        ],
+        client=CLIENT,
+    )
+
+
+def test_no_probe_once_the_transfer_is_answered() -> None:
+    play(
+        [
+            GREETING,
+            *PASSIVE,
+            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            Server(b"426 Aborted\r\n") >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n")],
+            Settled() >> [],
+        ],
+        client=CLIENT,
+    )

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ftpfix.protocol import (
+    AbortSettled,
     ActiveFailed as ActiveFailedEvent,
 )
 from ftpfix.protocol import (
+    AbortSettled,
     ActiveOpened as ActiveOpenedEvent,
 )
 from ftpfix.protocol import (
+    AbortSettled,
     BackendQuiet,
     Command,
     ConnectionClosed,
@@ -98,6 +101,11 @@ class Quiet(_Step):
 
 
 @dataclass(frozen=True)
+class Settled(_Step):
+    """The shell's answer to SettleAbort: the aborted transfer is over and the backend quiet."""
+
+
+@dataclass(frozen=True)
 class ClientClosed(_Step):
     pass
 
@@ -107,7 +115,9 @@ class ServerClosed(_Step):
     pass
 
 
-Step = Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | Quiet | ClientClosed | ServerClosed
+Step = (
+    Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | Quiet | Settled | ClientClosed | ServerClosed
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,8 @@ def events(step: Step, *, byte_at_a_time: bool = False) -> list[Event]:
             return [TransferDone(failure, connected=connected)]
         case Quiet():
             return [BackendQuiet()]
+        case Settled():
+            return [AbortSettled()]
         case ClientClosed():
             return [ConnectionClosed(Side.CLIENT)]
         case ServerClosed():
