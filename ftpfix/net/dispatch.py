@@ -51,6 +51,7 @@ from ..protocol import (
     SettleAbort,
     Side,
     TransferDone,
+    TransferStarted,
 )
 from ..protocol.grammar import SHUTTING_DOWN
 from .addresses import Endpoints, advertised_address
@@ -253,6 +254,9 @@ class ControlChannel:
                     followups.append(self._open_passive(command))
                 case OpenActive():
                     followups.append(self._open_active(command))
+                case TransferStarted(download=download):
+                    if self._transfer is not None:
+                        self._transfer.expect(download=download)
                 case AbortTransfer():
                     if self._transfer is not None:
                         self._transfer.abort()

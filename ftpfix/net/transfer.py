@@ -26,6 +26,7 @@ timeout.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class Transfer:
         self._released = False
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
+        self._download = False  # the transfer command sends data to the client
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -131,6 +133,10 @@ class Transfer:
         """True if a newer data connection may replace this one: nobody
         connected, or the backend has answered its transfer already."""
         return not self._accepted.is_set() or self._answered
+
+    def expect(self, *, download: bool) -> None:
+        """A transfer command went to the backend; ``download`` says which way the data flows."""
+        self._download = download
 
     def finish(self) -> None:
         """The backend answered the transfer command with a 2xx; ``outcome`` follows."""
@@ -211,8 +217,18 @@ class Transfer:
                 self.connected = True
                 client, backend = (dialed, accepted) if self.active else (accepted, dialed)
                 upload, download = self._limits
-                timeouts = self._timeouts
-                await relay(client, backend, self.stats, upload, download, stall_timeout=timeouts.stall, delivered=self._delivered)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._end_after_download, backend)
+                    await relay(
+                        client,
+                        backend,
+                        self.stats,
+                        upload,
+                        download,
+                        stall_timeout=self._timeouts.stall,
+                        delivered=self._delivered,
+                    )
+                    nursery.cancel_scope.cancel()
                 if self.stats.error is not None:
                     self._fail(self.stats.error)
         except OSError as error:
@@ -231,6 +247,21 @@ class Transfer:
             self._finished.set()
         if self._aborted and not self.active and dialed is None and not self._answered:
             await self._knock_and_reset()
+
+    async def _end_after_download(self, backend: socket.socket) -> None:
+        """Once a download has delivered its last byte and end to the client,
+        end the other direction towards the backend too (shutdown, a FIN).
+
+        ProFTPD closes a data connection with a lingering close: it waits up to
+        ten seconds for its peer's FIN before it sends 226. A client that keeps
+        its socket open until it reads the 226 would wait that long, through
+        ftpfix or not; through ftpfix it need not. Only for a download: during
+        an upload the backend's end of stream never means the client's.
+        """
+        await self._delivered.wait()
+        if self._download and self.failure is None:
+            with contextlib.suppress(OSError):
+                backend.shutdown(socket.SHUT_WR)
 
     async def _accept(self) -> socket.socket | None:
         with trio.move_on_after(self._timeouts.accept) as waiting:

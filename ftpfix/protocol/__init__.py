@@ -21,6 +21,7 @@ from .commands import (
     SendTo,
     SettleAbort,
     Side,
+    TransferStarted,
 )
 from .errors import BackendError, FtpfixError, ProtocolError
 from .events import (
@@ -73,5 +74,6 @@ __all__ = [
     "Session",
     "Side",
     "TransferDone",
+    "TransferStarted",
     "Waiting",
 ]

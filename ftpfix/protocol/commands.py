@@ -77,6 +77,20 @@ class OpenActive:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferStarted:
+    """A transfer command went to the backend: ``download`` says which way the data flows.
+
+    A download is over once the backend's last byte and end (FIN) have
+    reached the client; the shell then ends the other direction towards the
+    backend too, so a server that lingers for its peer's FIN before it
+    answers (ProFTPD, for ten seconds) answers at once, whatever the client
+    does with its socket.
+    """
+
+    download: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AbortTransfer:
     """The client sent ABOR during a transfer: break its data connection now.
 
@@ -155,6 +169,7 @@ Command = (
     SendTo
     | OpenPassive
     | OpenActive
+    | TransferStarted
     | AbortTransfer
     | SettleAbort
     | FinishTransfer

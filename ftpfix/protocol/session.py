@@ -580,6 +580,12 @@ class Session:
 
     def _on_held_reply(self, code: int, out: list[Command]) -> None:
         """A reply held for rewriting is complete."""
+        if self._action is Action.ABORTED:
+            held, self._held, self._held_size = self._held, [], 0
+            out.append(Note("aborted transfer's reply", fields={"reply": held[-1][:200].decode("latin-1")}))
+            out.append(SendTo(Side.CLIENT, transfer_aborted("aborted")))
+            self._complete(out)
+            return
         if self._action is Action.TRANSFER:
             self._move(Waiting.TRANSFER)
             out.append(FinishTransfer())

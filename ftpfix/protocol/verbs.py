@@ -39,7 +39,7 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
-from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleAbort, Side
+from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleAbort, Side, TransferStarted
 from .grammar import (
     ABORT_DONE,
     CRLF,
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 #: Commands whose final reply may only go to the client once the data relay has
 #: finished (RFC 959 section 4.1.3 lists the ones that use a data connection).
 TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
+
+#: The transfer commands whose data flows from the backend to the client.
+DOWNLOAD_VERBS = frozenset({b"RETR", b"LIST", b"NLST", b"MLSD"})
 
 #: Client verbs ftpfix answers with a mapping of its own.
 PASSIVE_VERBS = frozenset({b"PASV", b"EPSV"})
@@ -118,6 +121,7 @@ class Action(enum.Enum):
     FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
     TRANSFER = "transfer"  # hold a transfer's 2xx until the relay has finished
     DROP = "drop"  # say nothing: a preliminary reply to a transfer the client aborted
+    ABORTED = "aborted"  # say 426: the failure of a transfer the client aborted
 
 
 # -- commands ------------------------------------------------------------------
@@ -232,6 +236,11 @@ def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
     out.append(AbortTransfer())  # whatever data connection ftpfix still holds
 
 
+def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    session.forward(verb, argument, out)
+    out.append(TransferStarted(download=verb in DOWNLOAD_VERBS))
+
+
 def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     session.answer(out, reply(REFUSED[verb]))
 
@@ -244,6 +253,7 @@ COMMANDS: dict[bytes, Handler] = {
     b"PORT": _active,
     b"EPRT": _active,
     b"ABOR": _abor,
+    **{verb: _transfer for verb in TRANSFER_VERBS},
     **{verb: _refuse for verb in REFUSED},
 }
 
@@ -265,6 +275,11 @@ def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
         return Action.TRANSFER
     if answering.probe:
         return Action.DROP  # ftpfix's own NOOP: its reply is for ftpfix alone
+    if answering.aborted and code >= 400 and code not in (421, 426):
+        # RFC 959 section 4.1.3: an aborted transfer is answered 426, whatever
+        # the server calls its broken data connection (pure-ftpd: 451). A 421
+        # still says the server is closing the connection.
+        return Action.ABORTED
     if answering.aborted and code < 200:
         # After ABOR a client reads two replies, the transfer's and ABOR's
         # (RFC 959 section 4.1.3); a 1xx in between would be taken for the

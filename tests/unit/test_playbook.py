@@ -21,6 +21,7 @@ from ftpfix.protocol import (
     Policy,
     Session,
     SettleAbort,
+    TransferStarted,
     Waiting,
 )
 
@@ -56,7 +57,7 @@ def test_a_download_holds_its_226_until_the_relay_delivered() -> None:
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
             Server(b"226 Transfer complete\r\n") >> FinishTransfer(),
             Finished() >> to_client(b"226 Transfer complete\r\n"),
@@ -70,7 +71,7 @@ def test_a_transfer_that_failed_on_the_way_is_never_reported_complete() -> None:
         [
             GREETING,
             *PASSIVE,
-            Client(b"STOR f\r\n") >> to_server(b"STOR f\r\n"),
+            Client(b"STOR f\r\n") >> [to_server(b"STOR f\r\n"), TransferStarted(download=False)],
             Server(b"150 Ok\r\n226 Transfer complete\r\n") >> [to_client(b"150 Ok\r\n"), FinishTransfer()],
             Finished("upload: Connection reset by peer")
             >> to_client(b"426 Connection closed; transfer aborted: upload: Connection reset by peer.\r\n"),
@@ -86,7 +87,7 @@ def test_abor_during_a_relayed_transfer_breaks_it_and_is_answered_after_the_tran
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
             Client(abor) >> [AbortTransfer(), SettleAbort()],
             Server(b"426 Failure writing network stream.\r\n")
@@ -103,7 +104,7 @@ def test_abor_after_the_transfer_finished_on_the_backend_turns_its_226_into_426(
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
             # The client has aborted: a 150 now would be read as the first of its two replies.
             Server(b"150 Opening\r\n226 Transfer complete\r\n") >> FinishTransfer(),
@@ -119,7 +120,7 @@ def test_abor_while_the_226_is_held_is_answered_in_its_turn() -> None:
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Server(b"150 Opening\r\n226 Transfer complete\r\n") >> [to_client(b"150 Opening\r\n"), FinishTransfer()],
             Client(b"ABOR\r\n") >> AbortTransfer(),
             Finished() >> to_client(b"226 Transfer complete\r\n226 Abort successful.\r\n"),
@@ -137,7 +138,7 @@ def test_commands_after_abor_wait_for_the_transfers_reply() -> None:
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
             Server(b"426 Aborted\r\n")
             >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n"), to_server(b"PWD\r\n")],
@@ -209,7 +210,7 @@ def test_pure_ftpd_leaves_an_aborted_transfer_unanswered_and_a_probe_proves_it()
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Server(b"150-Accepted data connection\r\n150 64 MB to download\r\n")
             >> to_client(b"150-Accepted data connection\r\n150 64 MB to download\r\n"),
             Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
@@ -233,7 +234,7 @@ def test_a_server_that_answers_the_aborted_transfer_late_is_still_paired_right()
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
             Settled() >> to_server(b"NOOP\r\n"),
             Server(b"426 Failure writing network stream.\r\n")
@@ -250,7 +251,7 @@ def test_no_probe_once_the_transfer_is_answered() -> None:
         [
             GREETING,
             *PASSIVE,
-            Client(b"RETR big\r\n") >> to_server(b"RETR big\r\n"),
+            Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
             Server(b"426 Aborted\r\n") >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n")],
             Settled() >> [],

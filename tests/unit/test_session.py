@@ -25,6 +25,7 @@ from ftpfix.protocol import (
     SendTo,
     Session,
     Side,
+    TransferStarted,
 )
 
 from .transcript import (
@@ -247,7 +248,7 @@ def test_a_command_split_across_segments() -> None:
             Client(b"RE") >> [],
             Client(b"TR some") >> [],
             Client(b" file.bin\r") >> [],
-            Client(b"\n") >> to_server(b"RETR some file.bin\r\n"),
+            Client(b"\n") >> [to_server(b"RETR some file.bin\r\n"), TransferStarted(download=True)],
         ]
     )
 
@@ -319,7 +320,7 @@ def test_the_final_reply_to_a_transfer_waits_for_the_data_relay() -> None:
     play(
         [
             GREETING,
-            Client(b"RETR f\r\nNOOP\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\nNOOP\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Server(b"150 Opening BINARY mode\r\n226 Transfer complete\r\n")
             >> [to_client(b"150 Opening BINARY mode\r\n"), FinishTransfer()],
             Finished() >> [to_client(b"226 Transfer complete\r\n"), to_server(b"NOOP\r\n")],
@@ -382,7 +383,7 @@ def test_a_refused_transfer_is_passed_on_at_once_and_ends_the_data_connection() 
     play(
         [
             GREETING,
-            Client(b"RETR missing.txt\r\n") >> to_server(b"RETR missing.txt\r\n"),
+            Client(b"RETR missing.txt\r\n") >> [to_server(b"RETR missing.txt\r\n"), TransferStarted(download=True)],
             Server(b"550 Failed to open file.\r\n") >> [CancelTransfer(), to_client(b"550 Failed to open file.\r\n")],
         ]
     )
@@ -508,7 +509,7 @@ def test_telnet_interrupt_before_abor_does_not_hide_the_verb() -> None:
     play(
         [
             GREETING,
-            Client(b"RETR f\r\n") >> to_server(b"RETR f\r\n"),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
             Client(b"\xff\xf4\xff\xf2ABOR\r\n")
             >> [
                 to_server(b"\xff\xf4\xff"),
@@ -681,7 +682,7 @@ def test_port_is_proxied_through_a_listener_of_ftpfix() -> None:
             GREETING,
             Client(b"PORT 198,51,100,10,195,80\r\nRETR f\r\n") >> OpenActive("198.51.100.10", 50000),
             ActiveOpened("192.0.2.10", 40000) >> to_server(b"PORT 192,0,2,10,156,64\r\n"),
-            Server(b"200 PORT ok\r\n") >> [to_client(b"200 PORT ok\r\n"), to_server(b"RETR f\r\n")],
+            Server(b"200 PORT ok\r\n") >> [to_client(b"200 PORT ok\r\n"), to_server(b"RETR f\r\n"), TransferStarted(download=True)],
         ],
         client=CLIENT_IP,
     )
@@ -773,7 +774,9 @@ def test_abor_tears_down_the_data_connection_first() -> None:
             GREETING,
             Client(b"RETR f\r\n\xff\xf4\xff\xf2ABOR\r\n")
             >> [
-                to_server(b"RETR f\r\n\xff\xf4\xff"),
+                to_server(b"RETR f\r\n"),
+                TransferStarted(download=True),
+                to_server(b"\xff\xf4\xff"),
                 SendTo(Side.SERVER, b"\xf2", urgent=True),
                 to_server(b"ABOR\r\n"),
                 AbortTransfer(),
@@ -789,7 +792,9 @@ def test_every_way_of_sending_abor_reaches_the_backend_in_the_rfc_959_form(abor:
             GREETING,
             Client(b"STOR f\r\n" + abor + b"\r\n")
             >> [
-                to_server(b"STOR f\r\n\xff\xf4\xff"),
+                to_server(b"STOR f\r\n"),
+                TransferStarted(download=False),
+                to_server(b"\xff\xf4\xff"),
                 SendTo(Side.SERVER, b"\xf2", urgent=True),
                 to_server(b"ABOR\r\n"),
                 AbortTransfer(),

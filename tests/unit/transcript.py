@@ -19,14 +19,6 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ftpfix.protocol import (
     AbortSettled,
-    ActiveFailed as ActiveFailedEvent,
-)
-from ftpfix.protocol import (
-    AbortSettled,
-    ActiveOpened as ActiveOpenedEvent,
-)
-from ftpfix.protocol import (
-    AbortSettled,
     BackendQuiet,
     Command,
     ConnectionClosed,
@@ -41,6 +33,12 @@ from ftpfix.protocol import (
     Session,
     Side,
     TransferDone,
+)
+from ftpfix.protocol import (
+    ActiveFailed as ActiveFailedEvent,
+)
+from ftpfix.protocol import (
+    ActiveOpened as ActiveOpenedEvent,
 )
 
 
