@@ -220,7 +220,9 @@ class Backend:
     port: int = _key(_port, 21, "its control port")
     connect_timeout: float = _key(_seconds, 10.0, "seconds to reach it before the client gets 421")
     passive_ports: PortRange | None = _key(
-        _optional_port_range, None, "its own passive range (e.g. vsftpd's pasv_min_port-pasv_max_port); a 227 naming another port opens nothing"
+        _optional_port_range,
+        None,
+        "its own passive range (e.g. vsftpd's pasv_min_port-pasv_max_port); a 227 naming another port opens nothing",
     )
 
 
@@ -229,7 +231,9 @@ class Passive:
     public_address: str = _key(_public_address, help='address put in every 227: IPv4, a DNS name or "auto" (required)')
     public_address_ttl: float = _key(_seconds, 300.0, "seconds between lookups of a DNS-named public address")
     ports: PortRange = _key(_port_range, PortRange(50000, 50019), "public passive ports; forward them on the router")
-    listen_address: str | None = _key(_ip, None, "address the passive listeners bind (default: the one the client dialed)")
+    listen_address: str | None = _key(
+        _ip, None, "address the passive listeners bind (default: the one the client dialed)"
+    )
     internal_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
         _networks, [], "clients in these networks are told the address they dialed"
     )
@@ -247,7 +251,9 @@ class Active:
 @dataclass(frozen=True, slots=True)
 class Commands:
     aliases: Mapping[bytes, bytes] = _key(
-        _aliases, {verb.decode(): alias.decode() for verb, alias in DEFAULT_ALIASES.items()}, "verbs rewritten before the backend sees them"
+        _aliases,
+        {verb.decode(): alias.decode() for verb, alias in DEFAULT_ALIASES.items()},
+        "verbs rewritten before the backend sees them",
     )
 
 
@@ -268,7 +274,9 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Access:
     deny_anonymous: bool = _key(_boolean, _CORE.deny_anonymous, "refuse USER anonymous and USER ftp")
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "only these client networks (empty: all)")
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        _networks, [], "only these client networks (empty: all)"
+    )
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(_networks, [], "never these client networks")
 
     def permits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -78,4 +78,3 @@ def configure(level: str = Level.INFO, format: str = LogFormat.AUTO, stream: Tex
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-

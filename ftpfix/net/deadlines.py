@@ -71,7 +71,9 @@ class Deadlines:
             # backend that never sends its final reply cannot hold the
             # session, nor a client that keeps its data socket.
             moved = [transfer.stats.last_progress for transfer in transfers if transfer.connected]
-            idle = Expired(reply(f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection."), "idle timeout")
+            idle = Expired(
+                reply(f"421 Idle timeout ({limits.idle_timeout:g} s), closing control connection."), "idle timeout"
+            )
             deadlines.append((max([self._last_activity, *moved]) + limits.idle_timeout, idle))
         if not logged_in:
             text = f"421 Login timeout ({limits.login_timeout:g} s), closing control connection."

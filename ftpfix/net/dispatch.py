@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -183,7 +183,9 @@ class ControlChannel:
             async with send, receive:
                 for side in Side:
                     nursery.start_soon(self._read, side, send.clone())
-                nursery.start_soon(self.deadlines.watch, lambda: self.core.logged_in, lambda: self._transfers, send.clone())
+                nursery.start_soon(
+                    self.deadlines.watch, lambda: self.core.logged_in, lambda: self._transfers, send.clone()
+                )
                 if self.shutdown is not None:
                     nursery.start_soon(self._post_when, self.shutdown.wait, _Drain, send.clone())
                 async for item in receive:
@@ -284,7 +286,9 @@ class ControlChannel:
         assert self._nursery is not None and self._inputs is not None
         self._nursery.start_soon(*args, self._inputs.clone())  # type: ignore[arg-type]
 
-    async def _post_when(self, wait: Callable[[], object], result: Callable[[], _Input], send: trio.MemorySendChannel[_Input]) -> None:
+    async def _post_when(
+        self, wait: Callable[[], object], result: Callable[[], _Input], send: trio.MemorySendChannel[_Input]
+    ) -> None:
         """Wait for ``wait()``, then post ``result()``."""
         async with send:
             await wait()  # type: ignore[misc]
@@ -435,7 +439,9 @@ class ControlChannel:
             self.log.warning("cannot open a passive port", address=listen_host, error=error.strerror or str(error))
             return PassiveFailed("ftpfix cannot listen for it now")
         if opened is None:
-            self.log.warning("passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased)
+            self.log.warning(
+                "passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased
+            )
             return PassiveFailed("no free passive port, try again later")
         port, listener = opened
         backend = self.endpoints.backend

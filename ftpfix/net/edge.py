@@ -98,7 +98,9 @@ async def handle_client(
         structlog.contextvars.clear_contextvars()
 
 
-async def _connect_backend(client: trio.SocketStream, config: Config, log: FilteringBoundLogger) -> trio.SocketStream | None:
+async def _connect_backend(
+    client: trio.SocketStream, config: Config, log: FilteringBoundLogger
+) -> trio.SocketStream | None:
     """The backend's control connection, or None after telling the client why not."""
     backend = config.backend
     try:

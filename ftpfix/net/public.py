@@ -51,7 +51,9 @@ class PublicAddress:
         try:
             infos = await trio.socket.getaddrinfo(self.name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
         except OSError as error:
-            self.log.warning("public address lookup failed", name=self.name, error=str(error), keeping=str(self._address))
+            self.log.warning(
+                "public address lookup failed", name=self.name, error=str(error), keeping=str(self._address)
+            )
             return
         address = IPv4Address(infos[0][4][0])
         if address != self._address:

@@ -115,7 +115,9 @@ class Server:
                 await trio.aclose_forcefully(stream)
                 return
             try:
-                await handle_client(stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping)
+                await handle_client(
+                    stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping
+                )
             finally:
                 self.admission.leave(host)
         except Exception:
@@ -140,7 +142,9 @@ async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
                 continue
             for listener in listeners:
                 await listener.aclose()
-            raise StartupError(f"cannot listen on [{address}]:{config.listen.port}: {error.strerror or error}") from None
+            raise StartupError(
+                f"cannot listen on [{address}]:{config.listen.port}: {error.strerror or error}"
+            ) from None
     if not listeners:
         raise StartupError("no control listener could be opened")
     return listeners
@@ -169,9 +173,13 @@ async def serve(
     listeners = await open_control_listeners(config)
     descriptors = raise_descriptor_limit()
     server = Server(config, descriptors)
-    if server.admission.max_by_descriptors is not None and server.admission.max_by_descriptors < config.limits.max_sessions:
+    if (
+        server.admission.max_by_descriptors is not None
+        and server.admission.max_by_descriptors < config.limits.max_sessions
+    ):
         log.warning(
-            "the descriptor limit may cap the sessions below max_sessions; raise it (ulimit -n, docker run --ulimit nofile=...)",
+            "the descriptor limit may cap the sessions below max_sessions; raise it (ulimit -n, docker run "
+            "--ulimit nofile=...)",
             descriptors=descriptors,
             sessions=server.admission.max_by_descriptors,
             max_sessions=config.limits.max_sessions,
@@ -224,7 +232,9 @@ async def run(config: Config) -> int:
                     if config.path is not None:
                         await server.reload(config.path, nursery)
                 elif stop.is_set():
-                    log.warning("stopping now; sessions still open are cut off", signal=name, sessions=server.admission.total)
+                    log.warning(
+                        "stopping now; sessions still open are cut off", signal=name, sessions=server.admission.total
+                    )
                     forced = True
                     nursery.cancel_scope.cancel()
                 else:

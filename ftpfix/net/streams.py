@@ -66,7 +66,9 @@ class ControlStream:
         """True if the peer closed or reset, even with unread bytes left."""
         if self.socket is None:
             return False
-        return bool(_poll(self.socket.fileno(), select.POLLRDHUP) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR))
+        return bool(
+            _poll(self.socket.fileno(), select.POLLRDHUP) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        )
 
     def readable_now(self) -> bool:
         """True if bytes (or the end) can be read without waiting."""
@@ -76,7 +78,6 @@ class ControlStream:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
-
 
 
 #: Seconds a parting reply (a 421) may take to leave before the connection closes anyway.

@@ -60,7 +60,11 @@ def parse_command(line: bytes, aliases: Mapping[bytes, bytes]) -> tuple[bytes, b
     assert match is not None  # the pattern matches any byte string
     verb, argument = match.group(1).upper(), match.group(2) or b""
     if not verb:
-        text = "500 Empty command line." if not line.strip(SEPARATORS) else "500 Syntax error: a command starts with its verb."
+        text = (
+            "500 Empty command line."
+            if not line.strip(SEPARATORS)
+            else "500 Syntax error: a command starts with its verb."
+        )
         raise CommandRejected("no verb", reply=text.encode("ascii") + CRLF)
     if verb not in aliases and not _LETTERS.fullmatch(verb):
         raise CommandRejected("verb is not letters", reply=b"500 Syntax error, command unrecognized." + CRLF)

@@ -92,9 +92,9 @@ from .commands import (
 )
 from .errors import BackendError
 from .events import (
+    AbortSettled,
     ActiveFailed,
     ActiveOpened,
-    AbortSettled,
     BackendQuiet,
     ConnectionClosed,
     DataReceived,
@@ -468,7 +468,9 @@ class Session:
             try:
                 verb, argument = parse_command(line, self.policy.aliases)
             except CommandRejected as rejected:
-                out.append(Note("command refused", level=Level.DEBUG, fields={"why": str(rejected), "length": len(line)}))
+                out.append(
+                    Note("command refused", level=Level.DEBUG, fields={"why": str(rejected), "length": len(line)})
+                )
                 self.answer(out, rejected.reply)
                 continue
             alias = self.policy.aliases.get(verb)
@@ -617,7 +619,9 @@ class Session:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             self._close(out, "backend sent 421")
             return
-        out.append(Note("backend reply answers no command; ending the session", level=Level.WARNING, fields={"reply": text}))
+        out.append(
+            Note("backend reply answers no command; ending the session", level=Level.WARNING, fields={"reply": text})
+        )
         out.append(SendTo(Side.CLIENT, OUT_OF_TURN))
         self._close(out, "backend reply answered no command")
 

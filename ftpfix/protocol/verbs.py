@@ -182,7 +182,9 @@ def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
     # Bounce protection, RFC 2577 section 3: data goes only to the client
     # itself, and never to a privileged port.
     if port < PORT_FLOOR:
-        out.append(Note("active mode to a privileged port refused", level=Level.WARNING, fields={"target": f"{host}:{port}"}))
+        out.append(
+            Note("active mode to a privileged port refused", level=Level.WARNING, fields={"target": f"{host}:{port}"})
+        )
         session.answer(out, reply(f"504 {name} refused: port {port} is below {PORT_FLOOR}."))
         return
     if host != session.client:
@@ -192,7 +194,9 @@ def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
             out.append(Note("active mode address fixed", fields={"sent": str(host), "used": str(client)}))
             host = client
         else:
-            out.append(Note("active mode to another address refused", level=Level.WARNING, fields={"target": f"{host}:{port}"}))
+            out.append(
+                Note("active mode to another address refused", level=Level.WARNING, fields={"target": f"{host}:{port}"})
+            )
             session.answer(out, reply(f"501 {name} refused: the address must be your own ({client})."))
             return
     if session.policy.active == ActiveMode.PASSTHROUGH:

@@ -342,7 +342,8 @@ def test_reset_before_the_greeting_twenty_times(vsftpd, tmp_path, proxies) -> No
             attacker = Attacker(proxy, greet=False)
         except OSError as error:
             pytest.fail(
-                f"connection {attempt + 1} refused ({error}); ftpfix exit status {proxy.process.poll()}; log tail:\n{proxy.log.read_text()[-1500:]}"
+                f"connection {attempt + 1} refused ({error}); ftpfix exit status {proxy.process.poll()}; log "
+                f"tail:\n{proxy.log.read_text()[-1500:]}"
             )
         attacker.reset()
 
@@ -530,7 +531,8 @@ def test_bare_lf_flood_before_login_keeps_memory_bounded(kind, mebibytes, head, 
             stop.set()
             reader.join(5)
         print(
-            f"{kind}: sent {result} bytes, got {received} bytes back, RSS baseline {baseline} KiB, peak {sampler.peak} KiB"
+            f"{kind}: sent {result} bytes, got {received} bytes back, RSS baseline {baseline} KiB, peak "
+            f"{sampler.peak} KiB"
         )
         assert sampler.peak < baseline + 64 * 1024, (
             f"RSS peaked at {sampler.peak} KiB from a baseline of {baseline} KiB (sent {result} bytes)"
@@ -950,9 +952,9 @@ def _wait_event_prefix(proxy: Ftpfix, prefix: str, timeout: float = 10.0) -> lis
         if found:
             return found
         if time.monotonic() > deadline or proxy.process.poll() is not None:
-            raise AssertionError(
-                f"no {prefix!r} event; ftpfix {'exited ' + str(proxy.process.poll()) if proxy.process.poll() is not None else 'runs'}; log:\n{proxy.log.read_text()[-3000:]}"
-            )
+            status = proxy.process.poll()
+            state = "runs" if status is None else f"exited {status}"
+            raise AssertionError(f"no {prefix!r} event; ftpfix {state}; log:\n{proxy.log.read_text()[-3000:]}")
         time.sleep(0.05)
 
 

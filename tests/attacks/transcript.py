@@ -128,7 +128,8 @@ class Attacker:
                 continue
             except OSError as error:
                 raise ReplyError(
-                    f"connection failed while waiting for a reply ({error}); partial {self._buffer!r}; transcript {self._tail()}"
+                    f"connection failed while waiting for a reply ({error}); partial {self._buffer!r}; "
+                    f"transcript {self._tail()}"
                 ) from None
             if not chunk:
                 raise ReplyError(f"EOF while waiting for a reply; partial {self._buffer!r}; transcript {self._tail()}")

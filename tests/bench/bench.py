@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ftplib
 import hashlib
+import math
 import os
 import resource
 import shutil
@@ -70,7 +71,10 @@ LoadModule mod_proxy.c
     env = {**os.environ, "LD_PRELOAD": "libssl.so.3:libcrypto.so.3"}
     log = (workdir / "proxy.log").open("ab")
     process = subprocess.Popen(
-        [str(legacy.binary("proftpd")), "--nodaemon", "-c", str(workdir / "proxy.conf")], stdout=log, stderr=subprocess.STDOUT, env=env
+        [str(legacy.binary("proftpd")), "--nodaemon", "-c", str(workdir / "proxy.conf")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     legacy.wait_for_banner("127.0.0.1", port, process=process)
     return process, port
@@ -78,7 +82,9 @@ LoadModule mod_proxy.c
 
 def curl(args: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run(["curl", "--silent", "--show-error", "--disable-epsv", *args], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--disable-epsv", *args], capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - started, result.stdout
 
 
@@ -93,7 +99,9 @@ class Bench:
         self.failures: list[str] = []
 
     def setup(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="ftpfix-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix="ftpfix-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        )
         self.workdir.chmod(0o755)
         self.server = legacy.start("vsftpd", self.workdir / "vsftpd")
         size = self.args.size_mib << 20
@@ -128,7 +136,15 @@ class Bench:
         subprocess.run(["pkill", "-f", str(self.workdir)], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def record(self, metric: str, unit: str, values: dict[str, float], target: str, met: bool | None, higher_is_better: bool = True) -> None:
+    def record(
+        self,
+        metric: str,
+        unit: str,
+        values: dict[str, float],
+        target: str,
+        met: bool | None,
+        higher_is_better: bool = True,
+    ) -> None:
         direct, ftpfix, mod_proxy = values["direct"], values["ftpfix"], values.get("mod_proxy")
         self.rows.append((metric, unit, direct, ftpfix, mod_proxy, target, met))
         print(f"{metric}: {values}  target {target}: {'met' if met else 'MISSED' if met is False else '-'}", flush=True)
@@ -168,7 +184,9 @@ class Bench:
                 ">= 0.75x direct, >= 1.3x mod_proxy",
                 ratio_direct >= 0.75 and ratio_peer >= 1.3,
             )
-            self.rows.append((f"relay CPU, {direction}", "CPU s/GB", float("nan"), cpu_per_gb, None, "<= 1.0", cpu_per_gb <= 1.0))
+            self.rows.append(
+                (f"relay CPU, {direction}", "CPU s/GB", float("nan"), cpu_per_gb, None, "<= 1.0", cpu_per_gb <= 1.0)
+            )
             print(f"relay CPU {direction}: {cpu_per_gb:.2f} CPU-s/GB", flush=True)
 
     def concurrent(self) -> None:
@@ -176,10 +194,22 @@ class Bench:
         speeds = {}
         for endpoint in self.endpoints:
             started = time.perf_counter()
-            outputs = [self.workdir / f"c-{endpoint.name}-{n}.bin" if self.args.smoke else Path("/dev/null") for n in range(count)]
+            outputs = [
+                self.workdir / f"c-{endpoint.name}-{n}.bin" if self.args.smoke else Path("/dev/null")
+                for n in range(count)
+            ]
             processes = [
                 subprocess.Popen(
-                    ["curl", "--silent", "--disable-epsv", "-o", str(out), "-w", "%{size_download}", endpoint.url("medium.bin")],
+                    [
+                        "curl",
+                        "--silent",
+                        "--disable-epsv",
+                        "-o",
+                        str(out),
+                        "-w",
+                        "%{size_download}",
+                        endpoint.url("medium.bin"),
+                    ],
                     stdout=subprocess.PIPE,
                     text=True,
                 )
@@ -216,7 +246,17 @@ class Bench:
         per_session = (rss_kib(pid) - baseline) / count
         for ftp in sessions:
             ftp.close()
-        self.rows.append((f"{count} idle logged-in sessions", "KiB RSS per session", float("nan"), per_session, None, "<= 30", per_session <= 30))
+        self.rows.append(
+            (
+                f"{count} idle logged-in sessions",
+                "KiB RSS per session",
+                float("nan"),
+                per_session,
+                None,
+                "<= 30",
+                per_session <= 30,
+            )
+        )
         print(f"idle sessions: {per_session:.1f} KiB each", flush=True)
 
     def latency(self) -> None:
@@ -235,7 +275,9 @@ class Bench:
             ftp.quit()
             medians[endpoint.name] = statistics.median(samples) * 1000
         added = medians["ftpfix"] - medians["direct"]
-        self.record("NOOP round trip, median", "ms", medians, "<= direct + 0.3 ms", added <= 0.3, higher_is_better=False)
+        self.record(
+            "NOOP round trip, median", "ms", medians, "<= direct + 0.3 ms", added <= 0.3, higher_is_better=False
+        )
 
     def setup_rate(self) -> None:
         rates = {}
@@ -248,7 +290,13 @@ class Bench:
                 ftp.login("anonymous", "bench")
                 ftp.quit()
             rates[endpoint.name] = count / (time.perf_counter() - started)
-        self.record("session setup (connect, USER, PASS, QUIT)", "per s", rates, ">= 0.7x direct", rates["ftpfix"] / rates["direct"] >= 0.7)
+        self.record(
+            "session setup (connect, USER, PASS, QUIT)",
+            "per s",
+            rates,
+            ">= 0.7x direct",
+            rates["ftpfix"] / rates["direct"] >= 0.7,
+        )
 
     def check(self, path: Path, digest: str, what: str) -> None:
         if sha256(path) != digest:
@@ -260,10 +308,12 @@ class Bench:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for metric, unit, direct, ftpfix, mod_proxy, target, met in self.rows:
-            has_direct = direct == direct  # not NaN
+            has_direct = not math.isnan(direct)
             lines.append(
-                f"| {metric} | {unit} | {_fmt(direct) if has_direct else ''} | {_fmt(ftpfix)} | {_fmt(mod_proxy) if mod_proxy else ''} | "
-                f"{f'{ftpfix / direct:.2f}x' if has_direct else ''} | {f'{ftpfix / mod_proxy:.2f}x' if mod_proxy else ''} | {target} | "
+                f"| {metric} | {unit} | {_fmt(direct) if has_direct else ''} | {_fmt(ftpfix)} | "
+                f"{_fmt(mod_proxy) if mod_proxy else ''} | "
+                f"{f'{ftpfix / direct:.2f}x' if has_direct else ''} | "
+                f"{f'{ftpfix / mod_proxy:.2f}x' if mod_proxy else ''} | {target} | "
                 f"{'yes' if met else 'no' if met is False else ''} |"
             )
         return "\n".join(lines)

@@ -57,13 +57,23 @@ def one_input(data: bytes) -> None:
                 out = session.receive(DataReceived(Side.SERVER, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96))))
             elif action == 6:
                 if waiting_passive:
-                    out = session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000)) if fdp.ConsumeBool() else session.receive(PassiveFailed("x"))
+                    out = (
+                        session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))
+                        if fdp.ConsumeBool()
+                        else session.receive(PassiveFailed("x"))
+                    )
                     waiting_passive = False
                 elif waiting_active:
-                    out = session.receive(ActiveOpened(IPv4Address("192.0.2.10"), 40000)) if fdp.ConsumeBool() else session.receive(ActiveFailed("x"))
+                    out = (
+                        session.receive(ActiveOpened(IPv4Address("192.0.2.10"), 40000))
+                        if fdp.ConsumeBool()
+                        else session.receive(ActiveFailed("x"))
+                    )
                     waiting_active = False
                 elif waiting_transfer:
-                    out = session.receive(TransferDone(None if fdp.ConsumeBool() else "reset", connected=fdp.ConsumeBool()))
+                    out = session.receive(
+                        TransferDone(None if fdp.ConsumeBool() else "reset", connected=fdp.ConsumeBool())
+                    )
                     waiting_transfer = False
                 else:
                     continue
@@ -90,7 +100,9 @@ def one_input(data: bytes) -> None:
                 # Only canonical lines reach the backend: no control byte but
                 # the line's end (the ABOR sequence's Telnet bytes aside).
                 line = command.data.rstrip(b"\r\n")
-                assert command.urgent or line.startswith(b"\xff") or not any(byte < 32 or byte == 127 for byte in line), line
+                assert (
+                    command.urgent or line.startswith(b"\xff") or not any(byte < 32 or byte == 127 for byte in line)
+                ), line
 
 
 def main() -> None:

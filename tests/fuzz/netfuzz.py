@@ -131,15 +131,46 @@ CRASH_PREFIXES = ("session crashed", "data connection crashed")
 #: What ``--benign`` leaves out: every hostile opening, action, transfer mode and ending.
 HOSTILE_CHOICES = frozenset(
     {
-        "rst-at-once", "close-at-once", "early-talker", "prelogin-hostile",
-        "bogus_active", "pipelined", "mutated", "long_lines", "lf_flood", "abort_idle", "stat_listing", "injection", "pasv_storm", "end",
-        "RETR-missing", "MLSD", "reset", "never", "abort", "close-early", "control-reset", "control-close",
-        "close", "rst", "half-close", "rst-after-send",
+        "rst-at-once",
+        "close-at-once",
+        "early-talker",
+        "prelogin-hostile",
+        "bogus_active",
+        "pipelined",
+        "mutated",
+        "long_lines",
+        "lf_flood",
+        "abort_idle",
+        "stat_listing",
+        "injection",
+        "pasv_storm",
+        "end",
+        "RETR-missing",
+        "MLSD",
+        "reset",
+        "never",
+        "abort",
+        "close-early",
+        "control-reset",
+        "control-close",
+        "close",
+        "rst",
+        "half-close",
+        "rst-after-send",
     }
 )
 
 #: Texts of replies ftpfix makes up itself (never a backend's).
-FTPFIX_OWN_REPLIES = (b"Empty command line", b"Command line too long", b"through this FTP proxy", b"is not supported; use", b"not allowed after EPSV ALL", b"a 227 cannot carry", b"control characters are not allowed", b"a command starts with its verb")
+FTPFIX_OWN_REPLIES = (
+    b"Empty command line",
+    b"Command line too long",
+    b"through this FTP proxy",
+    b"is not supported; use",
+    b"not allowed after EPSV ALL",
+    b"a 227 cannot carry",
+    b"control characters are not allowed",
+    b"a command starts with its verb",
+)
 
 
 # ---------------------------------------------------------------- the grammar's pieces
@@ -188,26 +219,109 @@ PLAIN_NAMES = [b"fz-a", b"fz b", b"123", b"1,2,3,4,5,6", b"x,y,z", b"fz-\xc3\xa9
 INJECT_PREFIXES = [b"", b"", b"x ", b"a\r", b"a\n", b"a\x00", b"a\t", b" ", b"\r\n", b"dir/"]
 
 SIMPLE_COMMANDS = [
-    b"NOOP", b"noop", b"PWD", b"XPWD", b"SYST", b"FEAT", b"TYPE I", b"TYPE A", b"TYPE A N", b"TYPE L 8",
-    b"MODE S", b"STRU F", b"HELP", b"HELP SITE", b"STAT", b"OPTS UTF8 ON", b"CWD .", b"CDUP", b"REST 0",
-    b"ALLO 100", b"SIZE m1.bin", b"SIZE small.txt", b"MDTM k64.bin", b"AUTH TLS", b"LPSV", b"PBSZ 0",
-    b"SITE HELP", b"ACCT x", b"SMNT .", b"NOOP 227 Entering Passive Mode (127,0,0,1,8,174)",
+    b"NOOP",
+    b"noop",
+    b"PWD",
+    b"XPWD",
+    b"SYST",
+    b"FEAT",
+    b"TYPE I",
+    b"TYPE A",
+    b"TYPE A N",
+    b"TYPE L 8",
+    b"MODE S",
+    b"STRU F",
+    b"HELP",
+    b"HELP SITE",
+    b"STAT",
+    b"OPTS UTF8 ON",
+    b"CWD .",
+    b"CDUP",
+    b"REST 0",
+    b"ALLO 100",
+    b"SIZE m1.bin",
+    b"SIZE small.txt",
+    b"MDTM k64.bin",
+    b"AUTH TLS",
+    b"LPSV",
+    b"PBSZ 0",
+    b"SITE HELP",
+    b"ACCT x",
+    b"SMNT .",
+    b"NOOP 227 Entering Passive Mode (127,0,0,1,8,174)",
 ]
 #: Lines that the mutator starts from. No USER/PASS/QUIT/REIN (they would
 #: derail the session), no REST/MODE/STRU (they would silently change what a
 #: later checked transfer returns), no CWD that could leave the home folder.
 MUTATION_BASE = [
-    b"NOOP", b"PWD", b"SYST", b"PASV", b"EPSV", b"P@SW", b"TYPE I", b"TYPE A", b"FEAT", b"SIZE m1.bin",
-    b"MKD fz-a", b"CWD .", b"STAT", b"ABOR", b"HELP", b"PORT 127,0,0,1,4,1", b"EPRT |1|127.0.0.1|1025|",
-    b"SIZE 213 y", b"MKD 227 Entering Passive Mode (127,0,0,1,8,174)", b"LIST", b"NLST", b"EPSV ALL",
-    b"SITE CHMOD 644 small.txt", b"DELE fz-nothing", b"RNFR fz-nothing", b"OPTS UTF8 ON",
+    b"NOOP",
+    b"PWD",
+    b"SYST",
+    b"PASV",
+    b"EPSV",
+    b"P@SW",
+    b"TYPE I",
+    b"TYPE A",
+    b"FEAT",
+    b"SIZE m1.bin",
+    b"MKD fz-a",
+    b"CWD .",
+    b"STAT",
+    b"ABOR",
+    b"HELP",
+    b"PORT 127,0,0,1,4,1",
+    b"EPRT |1|127.0.0.1|1025|",
+    b"SIZE 213 y",
+    b"MKD 227 Entering Passive Mode (127,0,0,1,8,174)",
+    b"LIST",
+    b"NLST",
+    b"EPSV ALL",
+    b"SITE CHMOD 644 small.txt",
+    b"DELE fz-nothing",
+    b"RNFR fz-nothing",
+    b"OPTS UTF8 ON",
 ]
 PIPELINE_ITEMS = [
-    b"PASV", b"PASV", b"EPSV", b"P@SW", b"p@sw", b"pasv", b"NOOP", b"PWD", b"TYPE I", b"SYST", b"STAT",
-    b"FEAT", b"ABOR", b"HELP", b"SIZE 213 y", b"MKD fz-a", b"RMD fz-a", b"CWD .", b"EPSV 1", b"EPSV 2",
-    b"PORT 127,0,0,1,4,1", b"PORT 8,8,8,8,4,1", b"EPRT |1|127.0.0.1|1025|", b"AUTH TLS", b"LPSV",
+    b"PASV",
+    b"PASV",
+    b"EPSV",
+    b"P@SW",
+    b"p@sw",
+    b"pasv",
+    b"NOOP",
+    b"PWD",
+    b"TYPE I",
+    b"SYST",
+    b"STAT",
+    b"FEAT",
+    b"ABOR",
+    b"HELP",
+    b"SIZE 213 y",
+    b"MKD fz-a",
+    b"RMD fz-a",
+    b"CWD .",
+    b"EPSV 1",
+    b"EPSV 2",
+    b"PORT 127,0,0,1,4,1",
+    b"PORT 8,8,8,8,4,1",
+    b"EPRT |1|127.0.0.1|1025|",
+    b"AUTH TLS",
+    b"LPSV",
 ]
-ECHO_VERBS = [b"MKD", b"XMKD", b"RMD", b"DELE", b"SIZE", b"CWD", b"MDTM", b"RNFR", b"STAT", b"SITE CHMOD 644", b"HELP", b"RETR"]
+ECHO_VERBS = [
+    b"MKD",
+    b"XMKD",
+    b"RMD",
+    b"DELE",
+    b"SIZE",
+    b"CWD",
+    b"MDTM",
+    b"RNFR",
+    b"STAT",
+    b"SITE CHMOD 644",
+    b"HELP",
+    b"RETR",
+]
 
 ABOR_VARIANTS: dict[str, list[tuple[bytes, int]]] = {
     "plain": [(b"ABOR\r\n", 0)],
@@ -314,7 +428,9 @@ def _rst(sock: Any) -> None:
 class Conn:
     """A control connection: sends lines, reads replies, everything with timeouts."""
 
-    def __init__(self, sock: trio.socket.SocketType, stats: Counter[str], check: Callable[[bytes, Conn], None] | None = None) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, stats: Counter[str], check: Callable[[bytes, Conn], None] | None = None
+    ) -> None:
         self.sock = sock
         self.stats = stats
         self.check = check
@@ -336,7 +452,9 @@ class Conn:
         return cls(sock, stats, check)
 
     async def send(self, data: bytes, flags: int = 0, commands: int = 0) -> None:
-        self.transcript.append(f"> {data[:200]!r}{' (urgent)' if flags else ''}{f' ...{len(data)} bytes' if len(data) > 200 else ''}")
+        self.transcript.append(
+            f"> {data[:200]!r}{' (urgent)' if flags else ''}{f' ...{len(data)} bytes' if len(data) > 200 else ''}"
+        )
         view = memoryview(data)
         with trio.fail_after(IO_TIMEOUT):
             while view:
@@ -504,7 +622,11 @@ class FuzzSession:
         if roll < 0.3:
             return self.rng.choice(PLAIN_NAMES)
         if roll < 0.9:
-            return self.rng.choice(INJECT_PREFIXES) + injection_texts(self.rng) + self.rng.choice([b"", b"", b" x", b"\x00", b"\xff"])
+            return (
+                self.rng.choice(INJECT_PREFIXES)
+                + injection_texts(self.rng)
+                + self.rng.choice([b"", b"", b" x", b"\x00", b"\xff"])
+            )
         # Digits only 0: a random name can never spell a port in any range R.
         return bytes(self.rng.choice(b"abcXYZ0 ,()|=-_.\x80\xc3\xa9\xff") for _ in range(self.rng.randint(1, 40)))
 
@@ -556,7 +678,11 @@ class FuzzSession:
             self.stats["replies late (after a later command's reply)"] += 1
             if any(mark in text for text in late for mark in FTPFIX_OWN_REPLIES):
                 self.out_of_order(f"{late!r} arrived after the reply to a later MKD")
-                self.t.fail("g: replies out of order", f"{late!r} arrived after the reply to a later command", " | ".join(list(self.ctl.transcript)[-12:]))
+                self.t.fail(
+                    "g: replies out of order",
+                    f"{late!r} arrived after the reply to a later command",
+                    " | ".join(list(self.ctl.transcript)[-12:]),
+                )
         self.clean = True
 
     async def go_home(self) -> None:
@@ -601,7 +727,9 @@ class FuzzSession:
                     self.ctl.reset()
 
     async def _run(self) -> None:
-        opening = self.weighted({"normal": 82, "rst-at-once": 4, "close-at-once": 2, "early-talker": 5, "prelogin-hostile": 7})
+        opening = self.weighted(
+            {"normal": 82, "rst-at-once": 4, "close-at-once": 2, "early-talker": 5, "prelogin-hostile": 7}
+        )
         try:
             self.ctl = await Conn.open(self.port, self.stats, self.check_line)
         except (OSError, trio.TooSlowError):
@@ -634,16 +762,30 @@ class FuzzSession:
             raise SessionEnd()
         if opening == "prelogin-hostile":
             for _ in range(self.rng.randint(1, 3)):
-                await self.rng.choice([self.act_mutated, self.act_pipelined_hostile, self.act_long_lines, self.act_split])(prelogin=True)
+                await self.rng.choice(
+                    [self.act_mutated, self.act_pipelined_hostile, self.act_long_lines, self.act_split]
+                )(prelogin=True)
             if self.rng.random() < 0.3:
                 await self.end_session()
         await self.login()
         for _ in range(self.rng.randint(3, 30)):
             action = self.weighted(
                 {
-                    "simple": 14, "echo_name": 12, "passive": 18, "active": 6, "bogus_active": 5, "pipelined": 8,
-                    "mutated": 8, "long_lines": 2, "lf_flood": 2, "abort_idle": 2, "split": 3, "stat_listing": 3,
-                    "injection": 8, "pasv_storm": 2, "end": 2.5,
+                    "simple": 14,
+                    "echo_name": 12,
+                    "passive": 18,
+                    "active": 6,
+                    "bogus_active": 5,
+                    "pipelined": 8,
+                    "mutated": 8,
+                    "long_lines": 2,
+                    "lf_flood": 2,
+                    "abort_idle": 2,
+                    "split": 3,
+                    "stat_listing": 3,
+                    "injection": 8,
+                    "pasv_storm": 2,
+                    "end": 2.5,
                 }
             )
             self.ctl.transcript.append(f"# action: {action}")
@@ -680,7 +822,9 @@ class FuzzSession:
         assert self.ctl is not None
         self.ended_on_purpose = True
         if self.clean:
-            how = self.weighted({"quit": 0 if abrupt else 50, "close": 20, "rst": 20, "half-close": 15, "rst-after-send": 8})
+            how = self.weighted(
+                {"quit": 0 if abrupt else 50, "close": 20, "rst": 20, "half-close": 15, "rst-after-send": 8}
+            )
         else:
             how = self.weighted({"rst": 20, "rst-after-send": 8})
         self.stats[f"ended by {how}"] += 1
@@ -742,7 +886,9 @@ class FuzzSession:
     async def act_stat_listing(self) -> None:
         name = injection_texts(self.rng)
         await self.strict(b"MKD " + name)
-        await self.strict(self.rng.choice([b"STAT .", b"STAT -1", b"STAT -1 .", b"STAT -la", b"STAT -la .", b"STAT " + name]))
+        await self.strict(
+            self.rng.choice([b"STAT .", b"STAT -1", b"STAT -1 .", b"STAT -la", b"STAT -la .", b"STAT " + name])
+        )
 
     async def act_injection(self) -> None:
         """Reply-looking names next to PASVs, in one send."""
@@ -751,9 +897,13 @@ class FuzzSession:
         # A unique head before the separator, so MKD succeeds (and echoes) even
         # where the server cuts the name at a NUL; it is removed at the end.
         head = b"fz%05x" % rng.getrandbits(20)
-        separator = self.weighted({"": 15, "\x00": 30, "\r": 15, "\n": 10, " ": 10, "\t": 5, "\r\n": 5, "\xff": 5, "/": 5}).encode("latin-1")
+        separator = self.weighted(
+            {"": 15, "\x00": 30, "\r": 15, "\n": 10, " ": 10, "\t": 5, "\r\n": 5, "\xff": 5, "/": 5}
+        ).encode("latin-1")
         name = head + separator + injection_texts(rng)
-        verb = rng.choice([b"MKD"] * 6 + [b"XMKD", b"SIZE", b"CWD", b"DELE", b"RETR", b"SITE", b"HELP", b"STAT", b"MDTM", b"RNFR"])
+        verb = rng.choice(
+            [b"MKD"] * 6 + [b"XMKD", b"SIZE", b"CWD", b"DELE", b"RETR", b"SITE", b"HELP", b"STAT", b"MDTM", b"RNFR"]
+        )
         passive = rng.choice([b"PASV", b"P@SW", b"EPSV", b"pasv"])
         shape = self.weighted({"name-pasv": 50, "pasv-name": 10, "twice": 15, "bare": 10, "stat": 15})
         if shape == "name-pasv":
@@ -785,7 +935,10 @@ class FuzzSession:
         self.unclean()
 
     async def act_pipelined_hostile(self, prelogin: bool = False) -> None:
-        batch = [self.rng.choice([b"PASV", b"EPSV", b"P@SW", b"NOOP", b"PORT 127,0,0,1,4,1", b"SYST", b"LIST"]) for _ in range(self.rng.randint(2, 6))]
+        batch = [
+            self.rng.choice([b"PASV", b"EPSV", b"P@SW", b"NOOP", b"PORT 127,0,0,1,4,1", b"SYST", b"LIST"])
+            for _ in range(self.rng.randint(2, 6))
+        ]
         await self.ctl.send(b"\r\n".join(batch) + b"\r\n", commands=len(batch))  # type: ignore[union-attr]
         self.stats["pipelined batches"] += 1
         self.unclean()
@@ -817,12 +970,32 @@ class FuzzSession:
             elif op == 2:
                 data[pos:pos] = b"\r"
             elif op == 3:
-                data[pos:pos] = rng.choice([b"\xff", b"\xff\xf4", b"\xff\xf2", b"\xff\xff", b"\xff\xfb\x01", b"\xff\xf4\xff\xf2"])
+                data[pos:pos] = rng.choice(
+                    [b"\xff", b"\xff\xf4", b"\xff\xf2", b"\xff\xff", b"\xff\xfb\x01", b"\xff\xf4\xff\xf2"]
+                )
             elif op == 4:
                 data = data.replace(b" ", rng.choice([b"\t", b"  ", b"\x0b", b" \t"]), 1)
             elif op == 5:
                 verb, _, rest = bytes(data).partition(b" ")
-                data = bytearray(bytes(rng.choice([b"P@SW", b"p@sw", b"12#", b"@@@@", b"!", b"\xc3\xa9", b"227", b"213", verb.lower(), verb.swapcase()])) + (b" " + rest if rest else b""))
+                data = bytearray(
+                    bytes(
+                        rng.choice(
+                            [
+                                b"P@SW",
+                                b"p@sw",
+                                b"12#",
+                                b"@@@@",
+                                b"!",
+                                b"\xc3\xa9",
+                                b"227",
+                                b"213",
+                                verb.lower(),
+                                verb.swapcase(),
+                            ]
+                        )
+                    )
+                    + (b" " + rest if rest else b"")
+                )
             elif op == 6:
                 data += rng.choice([b"\xc3\x28", b"\x80\xff", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"])
             elif op == 7:
@@ -901,12 +1074,29 @@ class FuzzSession:
         p1, p2 = divmod(closed, 256)
         line = self.rng.choice(
             [
-                b"PORT 127,0,0,1,0,21", b"PORT 127,0,0,1,3,255", b"PORT 8,8,8,8,4,1", b"PORT 10,1,2,3,%d,%d" % (p1, p2),
-                b"PORT 192,168,1,1,%d,%d" % (p1, p2), b"PORT 127,0,0,1,%d,%d" % (p1, p2), b"PORT 300,1,1,1,1,1",
-                b"PORT 127,0,0,1,256,1", b"PORT 1,2,3", b"PORT a,b,c,d,e,f", b"PORT -1,0,0,1,4,1", b"PORT",
-                b"PORT 127,0,0,1,4,1,7", b"PORT 0,0,0,0,4,1", b"PORT 255,255,255,255,4,1",
-                b"EPRT |1|8.8.8.8|2000|", b"EPRT |1|127.0.0.1|21|", b"EPRT |2|::1|%d|" % closed, b"EPRT |3|x|1|",
-                b"EPRT |1|127.0.0.1|%d|" % closed, b"EPRT garbage", b"EPRT |1|127.0.0.1|70000|", b"EPRT ||||",
+                b"PORT 127,0,0,1,0,21",
+                b"PORT 127,0,0,1,3,255",
+                b"PORT 8,8,8,8,4,1",
+                b"PORT 10,1,2,3,%d,%d" % (p1, p2),
+                b"PORT 192,168,1,1,%d,%d" % (p1, p2),
+                b"PORT 127,0,0,1,%d,%d" % (p1, p2),
+                b"PORT 300,1,1,1,1,1",
+                b"PORT 127,0,0,1,256,1",
+                b"PORT 1,2,3",
+                b"PORT a,b,c,d,e,f",
+                b"PORT -1,0,0,1,4,1",
+                b"PORT",
+                b"PORT 127,0,0,1,4,1,7",
+                b"PORT 0,0,0,0,4,1",
+                b"PORT 255,255,255,255,4,1",
+                b"EPRT |1|8.8.8.8|2000|",
+                b"EPRT |1|127.0.0.1|21|",
+                b"EPRT |2|::1|%d|" % closed,
+                b"EPRT |3|x|1|",
+                b"EPRT |1|127.0.0.1|%d|" % closed,
+                b"EPRT garbage",
+                b"EPRT |1|127.0.0.1|70000|",
+                b"EPRT ||||",
                 b"EPRT !1!127.0.0.1!%d!" % closed,
             ]
         )
@@ -930,7 +1120,16 @@ class FuzzSession:
         rng = self.rng
         kind = self.weighted({"RETR": 45, "RETR-missing": 8, "STOR": 17, "LIST": 15, "NLST": 10, "MLSD": 5})
         mode = self.weighted(
-            {"complete": 55, "reset": 12, "stall": 8, "never": 8 if passive else 4, "abort": 10, "close-early": 3, "control-reset": 2, "control-close": 2}
+            {
+                "complete": 55,
+                "reset": 12,
+                "stall": 8,
+                "never": 8 if passive else 4,
+                "abort": 10,
+                "close-early": 3,
+                "control-reset": 2,
+                "control-close": 2,
+            }
         )
         verifiable = False
         payload = b""
@@ -948,7 +1147,9 @@ class FuzzSession:
             command = b"STOR " + name.encode()
         else:
             name = ""
-            command = kind.encode() + rng.choice([b"", b"", b" .", b" -la", b"" if self.benign else b" " + injection_texts(rng)])
+            command = kind.encode() + rng.choice(
+                [b"", b"", b" .", b" -la", b"" if self.benign else b" " + injection_texts(rng)]
+            )
         await self.ensure_clean()
         self.stats["transfers started"] += 1
         self.ctl.transcript.append(f"# transfer: {'passive' if passive else 'active'} {kind} mode={mode}")
@@ -1031,7 +1232,9 @@ class FuzzSession:
                 if sock is not None:
                     sock.close()
 
-    async def run_transfer(self, data: Any, mode: str, kind: str, name: str, command: bytes, payload: bytes, verifiable: bool) -> None:
+    async def run_transfer(
+        self, data: Any, mode: str, kind: str, name: str, command: bytes, payload: bytes, verifiable: bool
+    ) -> None:
         assert self.ctl is not None
         rng = self.rng
         upload = kind == "STOR"
@@ -1071,7 +1274,11 @@ class FuzzSession:
                 if digest == self.t.digests[name]:
                     self.stats["transfers verified"] += 1
                 else:
-                    self.corrupt(f"RETR {name} (TYPE I): got {len(received)} bytes of {FILES[name]}, sha256 differs, final reply {final.text[:80]!r}", final)
+                    self.corrupt(
+                        f"RETR {name} (TYPE I): got {len(received)} bytes of {FILES[name]}, sha256 differs, "
+                        f"final reply {final.text[:80]!r}",
+                        final,
+                    )
             return
         self.unclean()
         if mode == "reset":
@@ -1119,11 +1326,18 @@ class FuzzSession:
         if not (b"," in line or b"|" in line):
             return
         first, last = self.t.backend_range
-        ports = [int(a) * 256 + int(b) for a, b in re.findall(rb"\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*(\d+)\s*,\s*(\d+)", line)]
+        ports = [
+            int(a) * 256 + int(b)
+            for a, b in re.findall(rb"\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*(\d+)\s*,\s*(\d+)", line)
+        ]
         ports += [int(p) for p in re.findall(rb"\(([^\d\s])\1\1(\d+)\1\)", line) for p in [p[1]]]
         if any(first <= port <= last for port in ports):
             self.stats["backend passive replies leaked"] += 1
-            self.t.fail("c2: backend's passive reply reached the client unrewritten", f"a port in {first}-{last} reached the client", line.decode("latin-1")[:200])
+            self.t.fail(
+                "c2: backend's passive reply reached the client unrewritten",
+                f"a port in {first}-{last} reached the client",
+                line.decode("latin-1")[:200],
+            )
             self.t.leaks.append(list(ctl.transcript))
 
     def out_of_order(self, detail: str) -> None:
@@ -1146,7 +1360,18 @@ class FuzzSession:
 
 
 class Fuzzer:
-    def __init__(self, *, seconds: float, kinds: list[str], seed: int, concurrency: int, workdir: Path, ftpfix_src: Path | None = None, benign: bool = False, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        *,
+        seconds: float,
+        kinds: list[str],
+        seed: int,
+        concurrency: int,
+        workdir: Path,
+        ftpfix_src: Path | None = None,
+        benign: bool = False,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.seconds = seconds
         self.benign = benign
         self.kinds = kinds
@@ -1176,7 +1401,9 @@ class Fuzzer:
             healthy = os.urandom(HEALTHY_SIZE)
             legacy.put_file(server, HEALTHY_FILE, healthy)
             digests[HEALTHY_FILE] = hashlib.sha256(healthy).hexdigest()
-            self.targets.append(Target(kind, server, BACKEND_RANGES[kind], FTPFIX_RANGES[kind], server_dir, digests, self.ftpfix_src))
+            self.targets.append(
+                Target(kind, server, BACKEND_RANGES[kind], FTPFIX_RANGES[kind], server_dir, digests, self.ftpfix_src)
+            )
 
     def start_ftpfix(self, target: Target) -> None:
         target.incarnation += 1
@@ -1246,8 +1473,16 @@ class Fuzzer:
                     target.stats["bad mappings"] += 1
                     planted = port_text.isdigit() and int(port_text) in PLANTED_PORTS
                     target.stats["bad mappings to a port the fuzzer planted in a name"] += planted
-                    why = "a port the fuzzer planted in a file name or command" if planted else "not a port the fuzzer planted"
-                    target.fail("c: passive mapping outside the backend's range", f"backend port {port_text} not in {first}-{last} ({why})", text)
+                    why = (
+                        "a port the fuzzer planted in a file name or command"
+                        if planted
+                        else "not a port the fuzzer planted"
+                    )
+                    target.fail(
+                        "c: passive mapping outside the backend's range",
+                        f"backend port {port_text} not in {first}-{last} ({why})",
+                        text,
+                    )
                     transcript = target.transcripts.get(str(event.get("client")))
                     if transcript is not None and len(target.bad_mapping_transcripts) < 5:
                         target.bad_mapping_transcripts.append({"event": text, "client_transcript": list(transcript)})
@@ -1272,7 +1507,11 @@ class Fuzzer:
         self.poll_log(target)
         tail = target.raw_tail[-12:]
         meaningful = [line.strip(" |+-") for line in tail if line.strip(" |+-")]
-        errors = [line for line in meaningful if re.match(r"^[\w.]+(Error|Exception)\b", line) and not line.startswith("ExceptionGroup")]
+        errors = [
+            line
+            for line in meaningful
+            if re.match(r"^[\w.]+(Error|Exception)\b", line) and not line.startswith("ExceptionGroup")
+        ]
         last = (errors or meaningful or ["(no output)"])[-1]
         target.exits.append({"incarnation": target.incarnation, "status": status, "output_tail": tail})
         target.stats["ftpfix exits"] += 1
@@ -1296,7 +1535,9 @@ class Fuzzer:
             # The baseline stays the first process's, taken after its warm-up at
             # rest: this one starts in the middle of the run, with sessions at
             # once, and the same config should come back to the same figures.
-            target.baseline_note = f"the first ftpfix's, after its warm-up (ftpfix was restarted {target.incarnation - 1} times)"
+            target.baseline_note = (
+                f"the first ftpfix's, after its warm-up (ftpfix was restarted {target.incarnation - 1} times)"
+            )
         except Exception as error:  # noqa: BLE001 - reported, not hidden
             target.gave_up = True
             target.fail("a: ftpfix exited", f"could not restart ftpfix: {error}", "")
@@ -1330,7 +1571,11 @@ class Fuzzer:
             ftp.retrbinary(f"RETR {HEALTHY_FILE}", digest.update, blocksize=1 << 16)
             ftp.quit()
         except Exception as error:  # noqa: BLE001 - any failure is the finding
-            return {"ok": False, "error": f"{type(error).__name__}: {error}", "seconds": round(time.monotonic() - started, 2)}
+            return {
+                "ok": False,
+                "error": f"{type(error).__name__}: {error}",
+                "seconds": round(time.monotonic() - started, 2),
+            }
         ok = digest.hexdigest() == target.digests[HEALTHY_FILE]
         return {"ok": ok, "error": "" if ok else "sha256 mismatch", "seconds": round(time.monotonic() - started, 2)}
 
@@ -1416,7 +1661,10 @@ class Fuzzer:
             for target in self.targets:
                 if target.up:
                     target.fds_before, target.rss_before = open_fds(target.pid), rss_kib(target.pid)  # type: ignore[arg-type]
-            self.echo(f"fuzzing {', '.join(self.kinds)} for {self.seconds:g} s, {self.concurrency} sessions at a time each, seed {self.seed} (set-up took {time.monotonic() - self.started:.1f} s)")
+            self.echo(
+                f"fuzzing {', '.join(self.kinds)} for {self.seconds:g} s, {self.concurrency} sessions at a "
+                f"time each, seed {self.seed} (set-up took {time.monotonic() - self.started:.1f} s)"
+            )
             deadline = trio.current_time() + self.seconds
             async with trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = deadline + 1  # sessions in flight are cut off
@@ -1449,12 +1697,22 @@ class Fuzzer:
             if target.fds_before is not None and target.fds_after > target.fds_before + FD_SLACK:
                 example = f"fds: {', '.join(sorted(_fd_kinds(pid)))}; TCP: {_sockets_of(pid)}"
                 if target.stuck_sessions:
-                    example += f"; {target.stuck_sessions} sessions still open {CLOSE_WAIT:g} s after the fuzzer closed all its connections"
+                    example += (
+                        f"; {target.stuck_sessions} sessions still open {CLOSE_WAIT:g} s"
+                        " after the fuzzer closed all its connections"
+                    )
                     if target.stuck_transcripts:
                         example += "; the last steps of one: " + " | ".join(target.stuck_transcripts[0][-8:])
-                target.fail("d: resources not released", f"open fds {target.fds_before} -> {target.fds_after} (more than +{FD_SLACK})", example)
+                target.fail(
+                    "d: resources not released",
+                    f"open fds {target.fds_before} -> {target.fds_after} (more than +{FD_SLACK})",
+                    example,
+                )
             if target.rss_before is not None and target.rss_after > target.rss_before + RSS_SLACK_KIB:
-                target.fail("d: resources not released", f"RSS {target.rss_before} -> {target.rss_after} KiB (more than +{RSS_SLACK_KIB} KiB)")
+                target.fail(
+                    "d: resources not released",
+                    f"RSS {target.rss_before} -> {target.rss_after} KiB (more than +{RSS_SLACK_KIB} KiB)",
+                )
         # An ftpfix that exited is restarted by the monitor: the healthy client needs one.
         while target.restarting or (not target.up and not target.gave_up and target.proxy is not None):
             await trio.sleep(0.1)
@@ -1485,7 +1743,10 @@ class Fuzzer:
                 "bad_mappings": stats["bad mappings"],
                 "passive_mappings": stats["passive mappings logged"],
                 "bad_mapping_examples": target.bad_mapping_transcripts[:3],
-                "ftpfix_exits": [{"status": e["status"], "incarnation": e["incarnation"], "last_output": e["output_tail"][-3:]} for e in target.exits],
+                "ftpfix_exits": [
+                    {"status": e["status"], "incarnation": e["incarnation"], "last_output": e["output_tail"][-3:]}
+                    for e in target.exits
+                ],
                 "ftpfix_restarts": max(target.incarnation - 1, 0),
                 "fds_before": target.fds_before,
                 "fds_after": target.fds_after,
@@ -1493,7 +1754,9 @@ class Fuzzer:
                 "rss_kib_after": target.rss_after,
                 "baseline": target.baseline_note,
                 "healthy_client": target.healthy,
-                "exit_status": None if target.proxy is None or target.proxy.process.poll() is None else target.proxy.process.returncode,
+                "exit_status": None
+                if target.proxy is None or target.proxy.process.poll() is None
+                else target.proxy.process.returncode,
                 "running_at_end": target.proxy is not None and target.proxy.process.poll() is None,
                 "replies_out_of_step": stats["replies out of step"],
                 "out_of_step_examples": target.desyncs[:3],
@@ -1515,7 +1778,10 @@ class Fuzzer:
         for entry in by_oracle.values():
             entry["per_server"] = dict(entry["per_server"])
         if self.fuzzer_errors:
-            by_oracle["fuzzer errors (bugs in the fuzzer)"] = {"count": len(self.fuzzer_errors), "examples": {"-": {"detail": self.fuzzer_errors[0], "example": ""}}}
+            by_oracle["fuzzer errors (bugs in the fuzzer)"] = {
+                "count": len(self.fuzzer_errors),
+                "examples": {"-": {"detail": self.fuzzer_errors[0], "example": ""}},
+            }
         return {
             "seed": self.seed,
             "benign": self.benign,
@@ -1577,7 +1843,9 @@ def cheap_pure_ftpd_login(server: legacy.LegacyServer) -> None:
     checks a $6$ hash in milliseconds; the account is otherwise unchanged.
     """
     passwd, pdb = server.workdir / "pureftpd.passwd", server.workdir / "pureftpd.pdb"
-    hashed = subprocess.run(["openssl", "passwd", "-6", server.password], check=True, capture_output=True, text=True).stdout.strip()
+    hashed = subprocess.run(
+        ["openssl", "passwd", "-6", server.password], check=True, capture_output=True, text=True
+    ).stdout.strip()
     fields = passwd.read_text().split(":")
     fields[1] = hashed
     passwd.write_text(":".join(fields))
@@ -1622,7 +1890,12 @@ def _fd_kinds(pid: int) -> Counter[str]:
 
 
 def summary(report: dict[str, Any]) -> str:
-    out = [f"ftpfix network fuzz: seed {report['seed']}, {report['seconds']:g} s of fuzzing, {report['elapsed_seconds']:g} s in all"]
+    out = [
+        (
+            f"ftpfix network fuzz: seed {report['seed']}, {report['seconds']:g} s of fuzzing, "
+            f"{report['elapsed_seconds']:g} s in all"
+        )
+    ]
     header = f"{'':28}" + "".join(f"{kind:>14}" for kind in report["servers"])
     out.append(header)
 
@@ -1682,7 +1955,16 @@ def run(
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="ftpfix-netfuzz-"))
     workdir.chmod(0o755)  # ProFTPD's nobody must reach its home
-    fuzzer = Fuzzer(seconds=seconds, kinds=kinds, seed=seed, concurrency=concurrency, workdir=workdir, ftpfix_src=ftpfix_src, benign=benign, echo=echo)
+    fuzzer = Fuzzer(
+        seconds=seconds,
+        kinds=kinds,
+        seed=seed,
+        concurrency=concurrency,
+        workdir=workdir,
+        ftpfix_src=ftpfix_src,
+        benign=benign,
+        echo=echo,
+    )
     keep = False
     try:
         fuzzer.start_backends()
@@ -1709,7 +1991,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="sessions at a time per server")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--ftpfix-src", type=Path, help="run ftpfix from this source tree instead of the repository's")
-    parser.add_argument("--benign", action="store_true", help="a control run: only well-behaved sessions (checks the fuzzer, not ftpfix's defences)")
+    parser.add_argument(
+        "--benign",
+        action="store_true",
+        help="a control run: only well-behaved sessions (checks the fuzzer, not ftpfix's defences)",
+    )
     args = parser.parse_args(argv)
     kinds = [kind.strip() for kind in args.servers.split(",") if kind.strip()]
     missing = [kind for kind in kinds if kind not in legacy.installed()]

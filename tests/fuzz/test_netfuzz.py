@@ -46,4 +46,7 @@ def test_network_fuzz(seed: int) -> None:
     print("\n" + summary)
     if not report["ok"]:
         examples = json.dumps(report["failures"], indent=1, default=str)[:6000]
-        pytest.fail(f"the network fuzzer found ftpfix misbehaving (seed {seed}):\n{summary}\n\nexamples:\n{examples}", pytrace=False)
+        pytest.fail(
+            f"the network fuzzer found ftpfix misbehaving (seed {seed}):\n{summary}\n\nexamples:\n{examples}",
+            pytrace=False,
+        )

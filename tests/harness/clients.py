@@ -31,6 +31,8 @@ NOT_APPLICABLE = {
 def cells() -> list[tuple[str, str]]:
     """Every (client, mode) pair that a client supports over IPv4."""
     return [(client, mode) for client in CLIENTS for mode in MODES if (client, mode) not in NOT_APPLICABLE]
+
+
 FTPLIB_CLIENT = Path(__file__).with_name("ftplib_client.py")
 
 #: Seconds one transfer may take; 16 MiB on loopback takes well under one.
@@ -75,7 +77,18 @@ def _url_host(host: str) -> str:
 
 def _curl(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
     url = f"ftp://{_url_host(e.host)}:{e.port}/{remote}"
-    argv = ["curl", "--silent", "--show-error", "--user", f"{e.user}:{e.password}", "--no-ftp-skip-pasv-ip", "--connect-timeout", "10", "--max-time", "100"]
+    argv = [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--user",
+        f"{e.user}:{e.password}",
+        "--no-ftp-skip-pasv-ip",
+        "--connect-timeout",
+        "10",
+        "--max-time",
+        "100",
+    ]
     # -P - : active mode, from the control connection's own address.
     argv += {"pasv": ["--disable-epsv"], "epsv": [], "port": ["-P", "-", "--disable-eprt"], "eprt": ["-P", "-"]}[mode]
     argv += ["--output", str(local), url] if direction == "get" else ["--upload-file", str(local), url]
@@ -98,7 +111,18 @@ def _lftp(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> l
 
 
 def _ftplib(direction: str, e: Endpoint, remote: str, local: Path, mode: str) -> list[str]:
-    return [sys.executable, str(FTPLIB_CLIENT), direction, e.host, str(e.port), e.user, e.password, remote, str(local), mode]
+    return [
+        sys.executable,
+        str(FTPLIB_CLIENT),
+        direction,
+        e.host,
+        str(e.port),
+        e.user,
+        e.password,
+        remote,
+        str(local),
+        mode,
+    ]
 
 
 _argv = {"curl": _curl, "lftp": _lftp, "ftplib": _ftplib}

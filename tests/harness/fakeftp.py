@@ -60,7 +60,15 @@ class FakeBackend:
                 nonlocal data_listener
                 data_listener = socket.create_server((self.host, 0))
                 port = data_listener.getsockname()[1]
-                say(template.format(h=self.host.replace(".", ","), p=f"{port >> 8},{port & 255}", p1=port >> 8, p2=port & 255, port=port))
+                say(
+                    template.format(
+                        h=self.host.replace(".", ","),
+                        p=f"{port >> 8},{port & 255}",
+                        p1=port >> 8,
+                        p2=port & 255,
+                        port=port,
+                    )
+                )
 
             def transfer(action: Callable[[socket.socket], None]) -> None:
                 if data_listener is None:

@@ -120,7 +120,7 @@ def start(
     server = LegacyServer(kind, host, port, user, password, files, workdir, process, netns)
     try:
         wait_for_banner(host, port, netns=netns, process=process)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to start: stop it and show its log
         server.stop()
         raise RuntimeError(f"{kind} did not start; its log:\n{server.log.read_text(errors='replace')}") from None
     return server
@@ -152,7 +152,14 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def wait_for_banner(host: str, port: int, *, netns: str | None = None, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
+def wait_for_banner(
+    host: str,
+    port: int,
+    *,
+    netns: str | None = None,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 15.0,
+) -> None:
     """Wait until ``host:port`` answers with a 220 greeting."""
     if netns is not None:
         probe = (
@@ -189,7 +196,9 @@ def wait_for_banner(host: str, port: int, *, netns: str | None = None, process: 
 # -- one function per server: write its config, return (argv, user, password)
 
 
-def _vsftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
+def _vsftpd(
+    workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None
+) -> tuple[list[str], str, str]:
     # run_as_launching_user: vsftpd runs as whoever starts it and needs no
     # system account, which keeps it inside its folder. It then serves
     # anonymous users only; any password is accepted.
@@ -231,13 +240,30 @@ def _vsftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tup
     return [str(binary("vsftpd")), str(workdir / "vsftpd.conf")], "anonymous", "ftpfix@example.org"
 
 
-def _pure_ftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
+def _pure_ftpd(
+    workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None
+) -> tuple[list[str], str, str]:
     os.chown(files, NOBODY_UID, NOBODY_GID)
     pure_pw = package_root("pure-ftpd") / "usr/bin/pure-pw"
     passwd, pdb = workdir / "pureftpd.passwd", workdir / "pureftpd.pdb"
     passwd.unlink(missing_ok=True)
     subprocess.run(
-        [str(pure_pw), "useradd", USER, "-u", str(NOBODY_UID), "-g", str(NOBODY_GID), "-d", str(files), "-f", str(passwd), "-m", "-F", str(pdb)],
+        [
+            str(pure_pw),
+            "useradd",
+            USER,
+            "-u",
+            str(NOBODY_UID),
+            "-g",
+            str(NOBODY_GID),
+            "-d",
+            str(files),
+            "-f",
+            str(passwd),
+            "-m",
+            "-F",
+            str(pdb),
+        ],
         input=f"{PASSWORD}\n{PASSWORD}\n".encode(),
         check=True,
         capture_output=True,
@@ -252,9 +278,13 @@ def _pure_ftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: 
     return command, USER, PASSWORD
 
 
-def _proftpd(workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None) -> tuple[list[str], str, str]:
+def _proftpd(
+    workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None
+) -> tuple[list[str], str, str]:
     os.chown(files, NOBODY_UID, NOBODY_GID)
-    hashed = subprocess.run(["openssl", "passwd", "-6", PASSWORD], check=True, capture_output=True, text=True).stdout.strip()
+    hashed = subprocess.run(
+        ["openssl", "passwd", "-6", PASSWORD], check=True, capture_output=True, text=True
+    ).stdout.strip()
     passwd = workdir / "ftpd.passwd"
     passwd.write_text(f"{USER}:{hashed}:{NOBODY_UID}:{NOBODY_GID}::{files}:/bin/sh\n")
     passwd.chmod(0o600)

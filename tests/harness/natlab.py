@@ -94,7 +94,21 @@ class NatLab:
         _run("ip", "-n", self.lan, "link", "set", "l0", "up")
         _run("ip", "-n", self.lan, "route", "add", "default", "via", ROUTER_LAN)
         # A second LAN host: the user "testing it from inside".
-        _run("ip", "link", "add", "rl1", "netns", self.router, "type", "veth", "peer", "name", "c0", "netns", self.lanclient)
+        _run(
+            "ip",
+            "link",
+            "add",
+            "rl1",
+            "netns",
+            self.router,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            self.lanclient,
+        )
         _run("ip", "-n", self.router, "link", "set", "rl1", "master", "br0")
         _run("ip", "-n", self.router, "link", "set", "rl1", "up")
         _run("ip", "-n", self.lanclient, "addr", "add", f"{LAN_CLIENT}/24", "dev", "c0")

@@ -75,7 +75,9 @@ format = "json"
 {extra}"""
 
 
-def start_ftpfix(workdir: Path, config: str, *, netns: str | None = None, wrapper: Sequence[str] = (), timeout: float = 15.0) -> Ftpfix:
+def start_ftpfix(
+    workdir: Path, config: str, *, netns: str | None = None, wrapper: Sequence[str] = (), timeout: float = 15.0
+) -> Ftpfix:
     """Run ``python -m ftpfix run`` on ``config``; wait for its listening line.
 
     ``wrapper`` is a command that runs the rest, such as ``unshare``.

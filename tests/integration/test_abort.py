@@ -387,7 +387,8 @@ class Report:
         self.rows.append(row)
         seconds = f"{row.seconds:.3f} s" if row.seconds is not None else "-"
         print(
-            f"{row.path} {row.server} {row.scenario} {row.form} TYPE {row.type_}: {row.replies}; {seconds}; {row.verdict}"
+            f"{row.path} {row.server} {row.scenario} {row.form} TYPE {row.type_}: {row.replies}; {seconds}; "
+            f"{row.verdict}"
         )
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
@@ -396,13 +397,15 @@ class Report:
         write = terminalreporter.write_line
         terminalreporter.section("ABOR through ftpfix and direct")
         write("time: from the first byte of ABOR to the second reply (RETR-EOF: from EOF to the 226)")
-        header = f"{'path':7} {'server':10} {'scenario':9} {'form':7} {'TYPE':4} {'replies (time read)':34} {'time':>8}  result"
+        columns = f"{'path':7} {'server':10} {'scenario':9} {'form':7} {'TYPE':4}"
+        header = f"{columns} {'replies (time read)':34} {'time':>8}  result"
         write(header)
         write("-" * len(header))
         for row in sorted(self.rows, key=lambda r: (r.path != "ftpfix", r.server, r.scenario, r.form, r.type_)):
             seconds = f"{row.seconds:.3f}" if row.seconds is not None else "-"
             write(
-                f"{row.path:7} {row.server:10} {row.scenario:9} {row.form:7} {row.type_:4} {row.replies:34} {seconds:>8}  {row.verdict}"
+                f"{row.path:7} {row.server:10} {row.scenario:9} {row.form:7} {row.type_:4} {row.replies:34} "
+                f"{seconds:>8}  {row.verdict}"
             )
         write("")
         write(f"median ABOR time per server (limit {ABOR_LIMIT} s per case, target median <= {ABOR_TARGET} s):")

@@ -17,7 +17,6 @@ from tests.harness.proxy import config_text, start_ftpfix
 pytestmark = [pytest.mark.servers, pytest.mark.root]
 
 
-
 def start(vsftpd: legacy.LegacyServer, tmp_path: Path, ports: str, accept_timeout: float = 30):
     return start_ftpfix(
         tmp_path / "ftpfix",

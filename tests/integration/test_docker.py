@@ -68,7 +68,9 @@ def container(image: str, server_dir: Path) -> Iterator[tuple[int, legacy.Legacy
         server.stop()
 
 
-def test_the_container_relays_transfers(container: tuple[int, legacy.LegacyServer], big_file: Path, tmp_path: Path) -> None:
+def test_the_container_relays_transfers(
+    container: tuple[int, legacy.LegacyServer], big_file: Path, tmp_path: Path
+) -> None:
     require_programs("curl", "lftp")
     port, server = container
     legacy.put_file(server, "download.bin", big_file.read_bytes())
@@ -85,7 +87,11 @@ def test_the_container_relays_transfers(container: tuple[int, legacy.LegacyServe
     logs = [json.loads(line) for line in oci("podman", "logs", CONTAINER).stdout.splitlines() if line.startswith("{")]
     closed = [event for event in logs if event["event"] == "session closed"]
     assert len(closed) >= 6
-    assert all(20300 <= int(event["public"].rpartition(":")[2]) <= 20319 for event in logs if event["event"] == "passive mapping")
+    assert all(
+        20300 <= int(event["public"].rpartition(":")[2]) <= 20319
+        for event in logs
+        if event["event"] == "passive mapping"
+    )
 
 
 def test_the_container_is_healthy_and_not_root(container: tuple[int, legacy.LegacyServer], image: str) -> None:

@@ -24,8 +24,15 @@ pytestmark = [pytest.mark.servers, pytest.mark.root]
 PORTS = "20800-20819"
 
 
-
-def start(server: legacy.LegacyServer, tmp_path: Path, limits: str = "", *, access: str = "", backend_port: int | None = None, ports: str = PORTS) -> Ftpfix:
+def start(
+    server: legacy.LegacyServer,
+    tmp_path: Path,
+    limits: str = "",
+    *,
+    access: str = "",
+    backend_port: int | None = None,
+    ports: str = PORTS,
+) -> Ftpfix:
     extra = f"[limits]\n{limits}\n" + (f"[access]\n{access}\n" if access else "")
     return start_ftpfix(
         tmp_path / f"ftpfix-{time.monotonic_ns()}",
@@ -230,7 +237,7 @@ def test_the_backend_dying_mid_transfer(vsftpd, tmp_path, stop_all) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    result = subprocess.run(["pgrep", "-P", str(pid)], check=False, capture_output=True, text=True)
     return [int(line) for line in result.stdout.split()]
 
 

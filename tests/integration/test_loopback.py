@@ -27,7 +27,12 @@ PASSIVE_PORTS = "20100-20119"
 def proxy(backend: legacy.LegacyServer, tmp_path: Path):
     ftpfix = start_ftpfix(
         tmp_path / "ftpfix",
-        config_text(listen=("127.0.0.1", 0), backend=(backend.host, backend.port), public_address="127.0.0.1", ports=PASSIVE_PORTS),
+        config_text(
+            listen=("127.0.0.1", 0),
+            backend=(backend.host, backend.port),
+            public_address="127.0.0.1",
+            ports=PASSIVE_PORTS,
+        ),
     )
     try:
         yield ftpfix
@@ -36,7 +41,9 @@ def proxy(backend: legacy.LegacyServer, tmp_path: Path):
 
 
 @pytest.mark.parametrize("client, mode", cells())
-def test_retr_and_stor_through_ftpfix(client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path) -> None:
+def test_retr_and_stor_through_ftpfix(
+    client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path
+) -> None:
     require_programs("curl", "lftp")
     passed = False
     try:
@@ -46,7 +53,9 @@ def test_retr_and_stor_through_ftpfix(client: str, mode: str, backend: legacy.Le
         matrix.record("loopback", backend.kind, client, mode, passed)
 
 
-def check_transfers(client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path) -> None:
+def check_transfers(
+    client: str, mode: str, backend: legacy.LegacyServer, proxy, big_file: Path, tmp_path: Path
+) -> None:
     legacy.put_file(backend, "download.bin", big_file.read_bytes())
     endpoint = Endpoint(proxy.host, proxy.port, backend.user, backend.password)
 
@@ -91,7 +100,12 @@ def test_psw_reaches_proftpd_as_pasv(server_dir: Path, tmp_path: Path) -> None:
 
         ftpfix = start_ftpfix(
             tmp_path / "ftpfix",
-            config_text(listen=("127.0.0.1", 0), backend=(server.host, server.port), public_address="192.0.2.77", ports=PASSIVE_PORTS),
+            config_text(
+                listen=("127.0.0.1", 0),
+                backend=(server.host, server.port),
+                public_address="192.0.2.77",
+                ports=PASSIVE_PORTS,
+            ),
         )
         try:
             proxied = ftplib.FTP()
@@ -108,4 +122,3 @@ def test_psw_reaches_proftpd_as_pasv(server_dir: Path, tmp_path: Path) -> None:
             ftpfix.stop()
     finally:
         server.stop()
-

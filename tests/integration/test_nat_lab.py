@@ -54,7 +54,9 @@ def lab() -> Iterator[natlab.NatLab]:
 
 
 @pytest.fixture(scope="module", params=legacy.SERVERS)
-def lan_server(request: pytest.FixtureRequest, lab: natlab.NatLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[legacy.LegacyServer]:
+def lan_server(
+    request: pytest.FixtureRequest, lab: natlab.NatLab, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[legacy.LegacyServer]:
     """A legacy server on the LAN at 192.0.2.20:21, as in the field."""
     # Not under pytest's 0700 folders: ProFTPD's unprivileged user must reach it.
     workdir = Path(tempfile.mkdtemp(prefix=f"ftpfix-lab-{request.param}-"))
@@ -68,7 +70,9 @@ def lan_server(request: pytest.FixtureRequest, lab: natlab.NatLab, tmp_path_fact
 
 
 @pytest.fixture(scope="module")
-def lan_ftpfix(lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ftpfix]:
+def lan_ftpfix(
+    lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Ftpfix]:
     """ftpfix on the LAN at 192.0.2.10:21, in front of ``lan_server``."""
     proxy = start_ftpfix(
         tmp_path_factory.mktemp("ftpfix"),
@@ -94,13 +98,28 @@ def wan_probe(lab: natlab.NatLab, server: legacy.LegacyServer) -> str:
 
 
 def test_the_router_forwards_only_port_21_and_the_passive_range(lab: natlab.NatLab) -> None:
-    probe = "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 1.5)\n print('open')\nexcept OSError as e:\n print(type(e).__name__)"
-    for host, port in [(natlab.PUBLIC, 2121), (natlab.PUBLIC, 50020), (natlab.BACKEND_HOST, 21), (natlab.FTPFIX_HOST, 21)]:
-        result = subprocess.run(in_netns(lab.wan, [sys.executable, "-c", probe, host, str(port)]), capture_output=True, text=True, check=True)
+    probe = (
+        "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 1.5)\n"
+        " print('open')\nexcept OSError as e:\n print(type(e).__name__)"
+    )
+    for host, port in [
+        (natlab.PUBLIC, 2121),
+        (natlab.PUBLIC, 50020),
+        (natlab.BACKEND_HOST, 21),
+        (natlab.FTPFIX_HOST, 21),
+    ]:
+        result = subprocess.run(
+            in_netns(lab.wan, [sys.executable, "-c", probe, host, str(port)]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert result.stdout.strip() != "open", (host, port)
 
 
-def test_without_ftpfix_passive_mode_fails_from_the_wan(lab: natlab.NatLab, lan_server: legacy.LegacyServer, big_file: Path, tmp_path: Path) -> None:
+def test_without_ftpfix_passive_mode_fails_from_the_wan(
+    lab: natlab.NatLab, lan_server: legacy.LegacyServer, big_file: Path, tmp_path: Path
+) -> None:
     lab.forward_control_to(natlab.BACKEND_HOST)
     try:
         reply = wan_probe(lab, lan_server)
@@ -120,7 +139,13 @@ def test_without_ftpfix_passive_mode_fails_from_the_wan(lab: natlab.NatLab, lan_
 
 @pytest.mark.parametrize("client, mode", cells())
 def test_with_ftpfix_every_mode_works_from_the_wan(
-    client: str, mode: str, lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path
+    client: str,
+    mode: str,
+    lab: natlab.NatLab,
+    lan_server: legacy.LegacyServer,
+    lan_ftpfix: Ftpfix,
+    big_file: Path,
+    tmp_path: Path,
 ) -> None:
     passed = False
     try:
@@ -151,7 +176,9 @@ def check_transfers(client, mode, lab, lan_server, lan_ftpfix, big_file: Path, t
     assert any(event["received"] in ("P@SW", "p@sw") for event in aliases)
 
 
-def test_a_lan_client_gets_the_lan_address(lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path) -> None:
+def test_a_lan_client_gets_the_lan_address(
+    lab: natlab.NatLab, lan_server: legacy.LegacyServer, lan_ftpfix: Ftpfix, big_file: Path, tmp_path: Path
+) -> None:
     """Split horizon: the user who tests from inside, dialing the private
     address, is sent to it, not to the public one the router will not hairpin."""
     legacy.put_file(lan_server, "inside.bin", big_file.read_bytes())
@@ -163,16 +190,25 @@ def test_a_lan_client_gets_the_lan_address(lab: natlab.NatLab, lan_server: legac
     assert mapping and mapping[-1]["public"].startswith(natlab.FTPFIX_HOST + ":")
 
 
-def test_without_split_horizon_a_lan_client_is_sent_outside(lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+def test_without_split_horizon_a_lan_client_is_sent_outside(
+    lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     proxy = start_ftpfix(
         tmp_path_factory.mktemp("ftpfix-no-split"),
-        config_text(listen=(natlab.FTPFIX_HOST, 2100), backend=(natlab.BACKEND_HOST, 21), public_address=natlab.PUBLIC, ports="50020-50029"),
+        config_text(
+            listen=(natlab.FTPFIX_HOST, 2100),
+            backend=(natlab.BACKEND_HOST, 21),
+            public_address=natlab.PUBLIC,
+            ports="50020-50029",
+        ),
         netns=lab.lan,
     )
     try:
         legacy.put_file(lan_server, "inside.bin", b"x" * 1000)
         endpoint = Endpoint(natlab.FTPFIX_HOST, 2100, lan_server.user, lan_server.password)
-        result = transfer("curl", "get", endpoint, "inside.bin", tmp_path / "inside.bin", netns=lab.lanclient, timeout=60)
+        result = transfer(
+            "curl", "get", endpoint, "inside.bin", tmp_path / "inside.bin", netns=lab.lanclient, timeout=60
+        )
         assert result.returncode != 0
         assert proxy.events("passive mapping")[-1]["public"].startswith(natlab.PUBLIC + ":")
     finally:

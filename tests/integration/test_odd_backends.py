@@ -57,7 +57,14 @@ def ftplib_retr(proxy: Ftpfix) -> bytes:
 def curl_retr(proxy: Ftpfix, tmp_path: Path, *options: str) -> bytes:
     require_programs("curl")
     out = tmp_path / "curl.bin"
-    result = transfer("curl", "get", Endpoint(proxy.host, proxy.port, "alice", "x"), "f.bin", out, mode=options[0] if options else "pasv")
+    result = transfer(
+        "curl",
+        "get",
+        Endpoint(proxy.host, proxy.port, "alice", "x"),
+        "f.bin",
+        out,
+        mode=options[0] if options else "pasv",
+    )
     assert result.returncode == 0, result.stderr
     return out.read_bytes()
 
@@ -95,7 +102,9 @@ def test_an_out_of_range_227_gets_a_425_and_the_session_goes_on(run, pasv: str) 
     ftp = ftplib.FTP(timeout=20)
     ftp.connect(proxy.host, proxy.port)
     ftp.login("alice", "x")
-    with pytest.raises(ftplib.error_temp, match="425 Can't open data connection: the server's passive reply was unusable"):
+    with pytest.raises(
+        ftplib.error_temp, match="425 Can't open data connection: the server's passive reply was unusable"
+    ):
         ftp.sendcmd("PASV")
     assert ftp.sendcmd("NOOP").startswith("200")
     ftp.quit()
@@ -130,7 +139,10 @@ def test_a_229_with_another_delimiter(run, tmp_path: Path) -> None:
 
 
 def test_a_multi_line_reply_with_digits_on_a_continuation_line(run) -> None:
-    syst = "215-Welcome to the system\n123 this line starts with digits\n 215 and so does this one, almost\n215 UNIX Type: L8"
+    syst = (
+        "215-Welcome to the system\n123 this line starts with digits\n"
+        " 215 and so does this one, almost\n215 UNIX Type: L8"
+    )
     _, proxy = run(syst=syst)
     ftp = ftplib.FTP(timeout=20)
     ftp.connect(proxy.host, proxy.port)

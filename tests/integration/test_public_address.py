@@ -29,8 +29,9 @@ def pasv_host(proxy: Ftpfix, user: str, password: str) -> str:
     return ".".join(numbers[:4])
 
 
-
-def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftpd: legacy.LegacyServer, tmp_path: Path) -> None:
+def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(
+    vsftpd: legacy.LegacyServer, tmp_path: Path
+) -> None:
     require_root()
     require(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
     # ftpfix runs in a mount namespace of its own, where the test controls name
@@ -39,8 +40,23 @@ def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftp
     hosts.write_text(f"127.0.0.1 localhost\n192.0.2.55 {NAME}\n")
     nsswitch.write_text("hosts: files\n")
     resolv.write_text("nameserver 127.0.0.1\n")
-    mount = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf && mount --bind "$3" /etc/resolv.conf && shift 3 && exec "$@"'
-    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", str(hosts), str(nsswitch), str(resolv)]
+    mount = (
+        'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf'
+        ' && mount --bind "$3" /etc/resolv.conf && shift 3 && exec "$@"'
+    )
+    wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount,
+        "sh",
+        str(hosts),
+        str(nsswitch),
+        str(resolv),
+    ]
     proxy = start_ftpfix(
         tmp_path / "ftpfix",
         config_text(
@@ -70,7 +86,9 @@ def test_a_dns_name_is_followed_and_a_failed_lookup_keeps_the_last_address(vsftp
 def test_auto_gives_the_address_the_client_dialed(vsftpd: legacy.LegacyServer, tmp_path: Path) -> None:
     proxy = start_ftpfix(
         tmp_path / "ftpfix",
-        config_text(listen=("127.0.0.2", 0), backend=(vsftpd.host, vsftpd.port), public_address="auto", ports="20720-20739"),
+        config_text(
+            listen=("127.0.0.2", 0), backend=(vsftpd.host, vsftpd.port), public_address="auto", ports="20720-20739"
+        ),
     )
     try:
         assert pasv_host(proxy, vsftpd.user, vsftpd.password) == "127.0.0.2"

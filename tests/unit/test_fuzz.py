@@ -24,8 +24,42 @@ from ftpfix.protocol import (
 )
 
 # Bytes that make FTP interesting, so the search finds structure quickly.
-FRAGMENTS = [b"\r\n", b"\n", b"\r", b"227 ", b"227-", b"(", b")", b",", b"192,168,1,1,4,1", b"PASV", b"P@SW", b"EPSV", b"ABOR", b"STAT .", b"213-", b"213 ", b"\t", b"USER\tanonymous", b"PORT 198,51,100,10,195,80", b"FEAT", b"211-", b" EPSV", b"RETR x", b"150 ", b"226 ", b"200 ", b"500 ", b"\xff\xf4", b"\x00", b"999", b"1,2,3,4,300,1"]
-chunk = st.one_of(st.binary(max_size=64), st.sampled_from(FRAGMENTS), st.lists(st.sampled_from(FRAGMENTS), max_size=8).map(b"".join))
+FRAGMENTS = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"227 ",
+    b"227-",
+    b"(",
+    b")",
+    b",",
+    b"192,168,1,1,4,1",
+    b"PASV",
+    b"P@SW",
+    b"EPSV",
+    b"ABOR",
+    b"STAT .",
+    b"213-",
+    b"213 ",
+    b"\t",
+    b"USER\tanonymous",
+    b"PORT 198,51,100,10,195,80",
+    b"FEAT",
+    b"211-",
+    b" EPSV",
+    b"RETR x",
+    b"150 ",
+    b"226 ",
+    b"200 ",
+    b"500 ",
+    b"\xff\xf4",
+    b"\x00",
+    b"999",
+    b"1,2,3,4,300,1",
+]
+chunk = st.one_of(
+    st.binary(max_size=64), st.sampled_from(FRAGMENTS), st.lists(st.sampled_from(FRAGMENTS), max_size=8).map(b"".join)
+)
 step = st.tuples(st.sampled_from([Side.CLIENT, Side.SERVER, "open", "fail", "close"]), chunk)
 
 

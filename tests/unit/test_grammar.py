@@ -50,7 +50,16 @@ def test_parse_227_refuses_what_no_server_sends(text: bytes) -> None:
         parse_227(text)
 
 
-@pytest.mark.parametrize("text", [b"227 (1,2,3,256,4,1)", b"227 (1,2,3,4,4,1000)", b"227 Entering Passive Mode", b"227 (1,2,3,4,5)", b"227 (1,2,3,4,0,0)"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"227 (1,2,3,256,4,1)",
+        b"227 (1,2,3,4,4,1000)",
+        b"227 Entering Passive Mode",
+        b"227 (1,2,3,4,5)",
+        b"227 (1,2,3,4,0,0)",
+    ],
+)
 def test_parse_227_rejects(text: bytes) -> None:
     with pytest.raises(AddressError):
         parse_227(text)
@@ -119,7 +128,10 @@ def test_telnet_commands_before_the_verb_are_dropped() -> None:
 
 def test_reply_framer() -> None:
     framer = ReplyFramer()
-    lines = [framer.classify(line) for line in [b"211-Features:", b" EPSV", b"211-not the end", b"211 End", b"200", b"226 ok"]]
+    lines = [
+        framer.classify(line)
+        for line in [b"211-Features:", b" EPSV", b"211-not the end", b"211 End", b"200", b"226 ok"]
+    ]
     assert [(line.code, line.first, line.last) for line in lines] == [
         (211, True, False),
         (211, False, False),

@@ -52,7 +52,13 @@ from .transcript import (
 GREETING = Server(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n")
 #: The greeting, checked: for playbooks that say what ftpfix sends from the first byte on.
 GREETED = GREETING >> to_client(GREETING.data)
-LOGIN = [GREETING, Client(b"USER alice\r\n"), Server(b"331 Password required\r\n"), Client(b"PASS secret\r\n"), Server(b"230 Logged in\r\n")]
+LOGIN = [
+    GREETING,
+    Client(b"USER alice\r\n"),
+    Server(b"331 Password required\r\n"),
+    Client(b"PASS secret\r\n"),
+    Server(b"230 Logged in\r\n"),
+]
 LOGIN_OUT = [
     to_client(b"220 ProFTPD Server (ProFTPD) [192.168.123.1]\r\n"),
     to_server(b"USER alice\r\n"),
@@ -222,11 +228,17 @@ def test_a_pasv_goes_out_alone_and_later_commands_wait_for_its_227() -> None:
     session = Session()
     session.receive(DataReceived(Side.SERVER, GREETING.data))
     assert merge(session.receive(DataReceived(Side.CLIENT, b"NOOP\r\nPASV\r\nNOOP\r\n"))) == [to_server(b"NOOP\r\n")]
-    assert merge(session.receive(DataReceived(Side.SERVER, b"200 NOOP ok\r\n"))) == [to_client(b"200 NOOP ok\r\n"), to_server(b"PASV\r\n")]
+    assert merge(session.receive(DataReceived(Side.SERVER, b"200 NOOP ok\r\n"))) == [
+        to_client(b"200 NOOP ok\r\n"),
+        to_server(b"PASV\r\n"),
+    ]
     out = session.receive(DataReceived(Side.SERVER, b"227 (192,168,123,1,117,48)\r\n"))
     assert out == [OpenPassive("192.168.123.1", 30000)]
     assert session.paused
-    assert merge(session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))) == [to_client(PUBLIC_227), to_server(b"NOOP\r\n")]
+    assert merge(session.receive(PassiveOpened(IPv4Address("203.0.113.1"), 50000))) == [
+        to_client(PUBLIC_227),
+        to_server(b"NOOP\r\n"),
+    ]
 
 
 def test_a_pasv_waits_while_a_reply_line_is_half_read() -> None:
@@ -238,7 +250,10 @@ def test_a_pasv_waits_while_a_reply_line_is_half_read() -> None:
     assert to_server(b"PASV\r\n") not in out
     out = merge(session.receive(DataReceived(Side.SERVER, b" Passive Mode (127,0,0,1,8,174)\r\n")))
     assert not any(isinstance(command, OpenPassive) for command in out)
-    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
+    assert out[-2:] == [
+        to_client(b"421 Service not available: the server sent a reply to no command.\r\n"),
+        Close("backend reply answered no command"),
+    ]
 
 
 def test_a_command_split_across_segments() -> None:
@@ -439,7 +454,17 @@ def test_an_exhausted_pool_gets_425() -> None:
 
 def test_a_new_pasv_asks_for_a_new_mapping() -> None:
     reply = Server(b"227 (192,168,123,1,117,48)\r\n")
-    out = both_ways([GREETING, Client(b"PASV\r\n"), reply, Opened("203.0.113.1", 50000), Client(b"PASV\r\n"), reply, Opened("203.0.113.1", 50001)])
+    out = both_ways(
+        [
+            GREETING,
+            Client(b"PASV\r\n"),
+            reply,
+            Opened("203.0.113.1", 50000),
+            Client(b"PASV\r\n"),
+            reply,
+            Opened("203.0.113.1", 50001),
+        ]
+    )
     assert [item for item in out if isinstance(item, OpenPassive)] == [OpenPassive("192.168.123.1", 30000)] * 2
 
 
@@ -599,7 +624,10 @@ def test_after_a_multi_line_reply_pasv_waits_until_the_backend_is_quiet() -> Non
     assert not session.can_advance
     # The rest of the real reply arrives: it answers nothing.
     out = session.receive(DataReceived(Side.SERVER, b"227-Entering Passive Mode (127,0,0,1,86,79)\r\n213 End.\r\n"))
-    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
+    assert out[-2:] == [
+        to_client(b"421 Service not available: the server sent a reply to no command.\r\n"),
+        Close("backend reply answered no command"),
+    ]
 
 
 def test_the_quiet_backend_lets_pasv_go() -> None:
@@ -618,7 +646,10 @@ def test_bytes_after_a_227_open_nothing() -> None:
     # one byte at a time, the 227 opens a port and the bytes end the session.
     out = replay([GREETING, Client(b"PASV\r\n"), Server(b"227 (127,0,0,1,86,79)\r\n213 End.\r\n")])
     assert not any(isinstance(item, OpenPassive) for item in out)
-    assert out[-2:] == [to_client(b"421 Service not available: the server sent a reply to no command.\r\n"), Close("backend reply answered no command")]
+    assert out[-2:] == [
+        to_client(b"421 Service not available: the server sent a reply to no command.\r\n"),
+        Close("backend reply answered no command"),
+    ]
 
 
 def test_a_server_that_answers_epsv_with_227_is_rewritten_by_code() -> None:
@@ -682,7 +713,8 @@ def test_port_is_proxied_through_a_listener_of_ftpfix() -> None:
             GREETING,
             Client(b"PORT 198,51,100,10,195,80\r\nRETR f\r\n") >> OpenActive("198.51.100.10", 50000),
             ActiveOpened("192.0.2.10", 40000) >> to_server(b"PORT 192,0,2,10,156,64\r\n"),
-            Server(b"200 PORT ok\r\n") >> [to_client(b"200 PORT ok\r\n"), to_server(b"RETR f\r\n"), TransferStarted(download=True)],
+            Server(b"200 PORT ok\r\n")
+            >> [to_client(b"200 PORT ok\r\n"), to_server(b"RETR f\r\n"), TransferStarted(download=True)],
         ],
         client=CLIENT_IP,
     )
@@ -733,7 +765,10 @@ def test_a_public_third_party_address_is_refused_even_with_fix_address() -> None
 
 
 def test_a_client_behind_its_own_nat_gets_its_real_address_used() -> None:
-    out = active([GREETING, Client(b"PORT 10,0,0,5,195,80\r\n")], Policy(), )
+    out = active(
+        [GREETING, Client(b"PORT 10,0,0,5,195,80\r\n")],
+        Policy(),
+    )
     assert OpenActive("198.51.100.10", 50000) in out
     notes = replay([GREETING, Client(b"PORT 10,0,0,5,195,80\r\n")], client=CLIENT_IP, notes=True)
     assert Note("active mode address fixed", fields={"sent": "10.0.0.5", "used": "198.51.100.10"}) in notes
@@ -887,7 +922,9 @@ def test_a_flood_of_empty_lines_is_held_back_not_buffered() -> None:
     assert session.wants_data(Side.CLIENT)
 
 
-@pytest.mark.parametrize("user", [b"USER\tanonymous", b"USER\x0banonymous", b"user  ANONYMOUS", b"USER ftp ", b"USER\x0cftp"])
+@pytest.mark.parametrize(
+    "user", [b"USER\tanonymous", b"USER\x0banonymous", b"user  ANONYMOUS", b"USER ftp ", b"USER\x0cftp"]
+)
 def test_anonymous_is_refused_however_it_is_separated(user: bytes) -> None:
     play(
         [GREETING, Client(user + b"\r\n") >> to_client(b"530 Anonymous logins are not allowed here.\r\n")],

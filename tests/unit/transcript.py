@@ -114,7 +114,17 @@ class ServerClosed(_Step):
 
 
 Step = (
-    Client | Server | Opened | Failed | ActiveOpened | ActiveFailed | Finished | Quiet | Settled | ClientClosed | ServerClosed
+    Client
+    | Server
+    | Opened
+    | Failed
+    | ActiveOpened
+    | ActiveFailed
+    | Finished
+    | Quiet
+    | Settled
+    | ClientClosed
+    | ServerClosed
 )
 
 
@@ -209,7 +219,12 @@ def merge(commands: list[Command], *, notes: bool = False) -> list[Command]:
         if isinstance(command, Note) and not notes:
             continue
         last = merged[-1] if merged else None
-        if isinstance(command, SendTo) and isinstance(last, SendTo) and last.side is command.side and not (last.urgent or command.urgent):
+        if (
+            isinstance(command, SendTo)
+            and isinstance(last, SendTo)
+            and last.side is command.side
+            and not (last.urgent or command.urgent)
+        ):
             merged[-1] = SendTo(command.side, last.data + command.data)
         else:
             merged.append(command)
