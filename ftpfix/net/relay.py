@@ -2,11 +2,26 @@
 
 The relay works on raw non-blocking stdlib sockets, driven by
 ``trio.lowlevel.wait_readable`` and ``wait_writable``, rather than on
-``trio.SocketStream``. A stream's ``receive_some`` allocates a fresh bytes
-object for every read and its ``send_all`` copies again; here each direction
-reads into one reusable buffer with ``recv_into`` and sends straight from a
-memoryview of it, so a transfer costs two system calls per chunk and no
-allocation.
+``trio.SocketStream``, whose ``receive_some`` allocates a fresh bytes object
+for every read and whose ``send_all`` copies again.
+
+Each direction moves its bytes the way that costs the whole path least:
+
+- Downloads (backend to client) go kernel to kernel with splice(2), socket
+  to pipe to socket: ftpfix never touches the bytes.
+- Uploads (client to backend) are copied through one reusable buffer with
+  ``recv_into`` and ``send``. Splicing them costs ftpfix less (0.2 against
+  0.4 CPU-seconds per GB) but the backend more. Splice hands the backend the
+  very bytes the client's kernel wrote, after they have waited behind
+  megabytes of socket and pipe buffers, long out of the CPU caches; copied,
+  they are fresh from ftpfix's send. A server that stores them to its page
+  cache then spends half as long again per byte (vsftpd writing to tmpfs:
+  0.9 against 0.6 CPU-s/GB; its reads cost the same either way, and with
+  every buffer on the path cut to 128 KiB splicing costs it no more, but a
+  small receive buffer would throttle distant clients). Where the backend
+  shares ftpfix's CPUs, as in ``tests.bench.bench``, that outweighs the copy:
+  uploads run 5-15 % faster copied (``tests.bench.upload`` measures it).
+- A rate-limited direction is always copied: the limit must see every chunk.
 
 Half-close follows TCP: when one side ends its stream (EOF), ftpfix shuts
 down writing towards the other side and keeps relaying the opposite direction
@@ -32,9 +47,23 @@ from dataclasses import dataclass, field
 import trio
 
 #: Bytes read per ``recv_into``. Large reads amortise the per-call cost; past
-#: 256 KiB the gain is lost in the noise, while each active direction holds one
-#: such buffer.
+#: 256 KiB the gain is lost in the noise (128 KiB to 1 MiB measured alike for
+#: uploads), while each active direction holds one such buffer, and a buffer
+#: that fits in the CPU's L2 cache is still there when ``send`` reads it back.
 CHUNK_SIZE = 256 * 1024
+
+#: Bytes the copy loop may move without waiting before it yields to other
+#: tasks anyway: a sender faster than the receiver never blocks in
+#: ``recv_into``, and without a checkpoint nothing else would run and no
+#: cancellation (ABOR, the stall deadline) would arrive. Each yield costs a
+#: trio scheduling round and an ``epoll_wait``; yielding after every 256 KiB
+#: chunk cost an upload 0.1 CPU-s/GB of ftpfix's 0.45. At 1 GB/s, 1 MiB is a
+#: yield every millisecond.
+YIELD_BYTES = 1024 * 1024
+
+#: Whether uploads (client to backend) are spliced like downloads. They are
+#: copied: see the module docstring for the measurements.
+SPLICE_UPLOADS = False
 
 #: Pipe capacity asked for a splice relay: one megabyte moves per pair of
 #: system calls. An unprivileged process may raise a pipe up to
@@ -94,10 +123,13 @@ class RelayStats:
 
 
 class _Direction:
-    __slots__ = ("bucket", "source", "stats", "target", "upload")
+    __slots__ = ("bucket", "source", "splice", "stats", "target", "upload")
 
-    def __init__(self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool, bucket: TokenBucket | None) -> None:
+    def __init__(
+        self, source: socket.socket, target: socket.socket, stats: RelayStats, upload: bool, bucket: TokenBucket | None
+    ) -> None:
         self.source, self.target, self.stats, self.upload, self.bucket = source, target, stats, upload, bucket
+        self.splice = bucket is None and (SPLICE_UPLOADS or not upload)
 
     def _count(self, received: int) -> None:
         if self.upload:
@@ -108,7 +140,7 @@ class _Direction:
 
     async def pump(self) -> None:
         global _splice_works
-        if _splice_works and self.bucket is None:
+        if _splice_works and self.splice:
             try:
                 await self._splice()
             except _SpliceUnavailable:
@@ -164,17 +196,20 @@ class _Direction:
         _shutdown_write(target)
 
     async def _copy(self) -> None:
-        """Move bytes through one reusable buffer: the fallback, and the
-        rate-limited path, which must see every chunk to meter it."""
+        """Move bytes through one reusable buffer: uploads, the rate-limited
+        path, which must see every chunk to meter it, and the fallback where
+        splice(2) is refused."""
         bucket = self.bucket
         size = CHUNK_SIZE if bucket is None else min(CHUNK_SIZE, bucket.burst)
         buffer = memoryview(bytearray(size))
         source, target = self.source, self.target
+        unyielded = 0  # bytes moved since this loop last let other tasks run
         while True:
             try:
                 received = source.recv_into(buffer)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(source)
+                unyielded = 0
                 continue
             if received == 0:
                 break
@@ -184,13 +219,14 @@ class _Direction:
                     sent += target.send(buffer[sent:received])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(target)
+                    unyielded = 0
             self._count(received)
             if bucket is not None and (delay := bucket.take(received, trio.current_time())):
                 await trio.sleep(delay)
-            else:
-                # A sender faster than the receiver never blocks in recv_into,
-                # so yield once a chunk to keep other sessions responsive.
+                unyielded = 0
+            elif (unyielded := unyielded + received) >= YIELD_BYTES:
                 await trio.lowlevel.checkpoint()
+                unyielded = 0
         _shutdown_write(target)
 
 
