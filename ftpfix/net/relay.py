@@ -11,16 +11,18 @@ Each direction moves its bytes the way that costs the whole path least:
   to pipe to socket: ftpfix never touches the bytes.
 - Uploads (client to backend) are copied through one reusable buffer with
   ``recv_into`` and ``send``. Splicing them costs ftpfix less (0.2 against
-  0.4 CPU-seconds per GB) but the backend more. Splice hands the backend the
+  0.35 CPU-seconds per GB) but the backend more. Splice hands the backend the
   very bytes the client's kernel wrote, after they have waited behind
   megabytes of socket and pipe buffers, long out of the CPU caches; copied,
-  they are fresh from ftpfix's send. A server that stores them to its page
+  they are fresh from ftpfix's send. A server that stores them in its page
   cache then spends half as long again per byte (vsftpd writing to tmpfs:
-  0.9 against 0.6 CPU-s/GB; its reads cost the same either way, and with
-  every buffer on the path cut to 128 KiB splicing costs it no more, but a
-  small receive buffer would throttle distant clients). Where the backend
-  shares ftpfix's CPUs, as in ``tests.bench.bench``, that outweighs the copy:
-  uploads run 5-15 % faster copied (``tests.bench.upload`` measures it).
+  0.9 against 0.6 CPU-s/GB). Its socket reads cost the same either way, and
+  the difference vanishes when it writes to /dev/null, or when every buffer
+  on the path is cut to 128 KiB (but a receive buffer that small would
+  throttle distant clients). Where the backend shares ftpfix's CPUs, as
+  in ``tests.bench.bench``, the copy is the cheaper whole: the path takes
+  1.4 CPU-s/GB instead of 1.6, and uploads run 5-30 % faster, the more the
+  busier the CPUs (``tests.bench.upload --baseline`` measures it).
 - A rate-limited direction is always copied: the limit must see every chunk.
 
 Half-close follows TCP: when one side ends its stream (EOF), ftpfix shuts
@@ -62,7 +64,9 @@ CHUNK_SIZE = 256 * 1024
 YIELD_BYTES = 1024 * 1024
 
 #: Whether uploads (client to backend) are spliced like downloads. They are
-#: copied: see the module docstring for the measurements.
+#: copied, for the backend's sake (see the module docstring). A backend on
+#: another machine does not pay for stale bytes, since its NIC delivers them
+#: into fresh buffers; there splicing would save ftpfix 0.15 CPU-s/GB.
 SPLICE_UPLOADS = False
 
 #: Pipe capacity asked for a splice relay: one megabyte moves per pair of

@@ -18,7 +18,8 @@ The paths take turns round by round, so a noisy neighbour (these machines are
 shared) hurts them alike; a single round means little, the medians do.
 
 - ``--baseline DIR`` adds the ftpfix of another checkout as a fourth path, for
-  a before/after in one run: ``git worktree add /tmp/before HEAD``.
+  a before/after in one run:
+  ``mkdir /tmp/before && git archive HEAD | tar -x -C /tmp/before``.
 - ``--devnull`` makes vsftpd append to a symlink to /dev/null (APPE, since
   STOR truncates and /dev/null cannot be truncated), which takes the server's
   page-cache write out of the measurement and leaves the network path.
@@ -26,7 +27,7 @@ shared) hurts them alike; a single round means little, the medians do.
   transfer, with ``perf stat`` on the syscall tracepoints: a counter, not
   ptrace, so unlike ``strace -c`` it barely slows what it counts.
 - ``--profile DIR`` records each transfer system-wide with ``perf record -g``
-  for ``perf report -i DIR/<path>-<round>.data --sort comm,sym``; it slows the
+  for ``perf report -i DIR/up-<path>-<round>.data --sort comm,sym``; it slows the
   transfers, so only the shares mean something.
 
 Process CPU comes from /proc: ftpfix's own utime and stime; vsftpd's and
@@ -140,16 +141,16 @@ class UploadBench:
         names = self.args.paths.split(",")
         if self.args.baseline:
             names.append("baseline")
-        self.paths: list[Route] = []
+        self.routes: list[Route] = []
         for name in names:
             if name == "direct":
-                self.paths.append(Route(Endpoint(name, self.server.port)))
+                self.routes.append(Route(Endpoint(name, self.server.port)))
             elif name in ("ftpfix", "baseline"):
                 ftpfix = self.start_ftpfix(name, len(self.ftpfixes))
-                self.paths.append(Route(Endpoint(name, ftpfix.port), proxy=ftpfix.process.pid))
+                self.routes.append(Route(Endpoint(name, ftpfix.port), proxy=ftpfix.process.pid))
             elif name == "mod_proxy":
                 self.mod_proxy, port = start_mod_proxy(self.workdir / "mod_proxy", self.server.port)
-                self.paths.append(Route(Endpoint(name, port), forking=self.mod_proxy.pid))
+                self.routes.append(Route(Endpoint(name, port), forking=self.mod_proxy.pid))
             else:
                 raise SystemExit(f"unknown path {name!r}: use direct, ftpfix, mod_proxy")
 
@@ -177,14 +178,14 @@ class UploadBench:
         subprocess.run(["pkill", "-f", str(self.workdir)], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def transfer(self, path: Route, name: str) -> Sample:
+    def transfer(self, route: Route, name: str) -> Sample:
         server = self.server.process.pid
-        masters = [server] + ([path.forking] if path.forking else [])
+        masters = [server] + ([route.forking] if route.forking else [])
         children = {pid: _children(pid) for pid in masters}
-        before = {pid: _times(pid) for pid in [*masters, *([path.proxy] if path.proxy else [])]}
-        switches = _switches(path.proxy) if path.proxy else (0, 0)
+        before = {pid: _times(pid) for pid in [*masters, *([route.proxy] if route.proxy else [])]}
+        switches = _switches(route.proxy) if route.proxy else (0, 0)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        url = path.endpoint.url("big.bin" if self.args.retr else name)
+        url = route.endpoint.url("big.bin" if self.args.retr else name)
         if self.args.retr:
             command = ["curl", "--silent", "--show-error", "--disable-epsv", "-o", "/dev/null", url]
         elif self.args.devnull:
@@ -201,7 +202,7 @@ class UploadBench:
                 "-a",
                 "-g",
                 "-o",
-                str(self.args.profile / f"{name}.data"),
+                str(self.args.profile / f"{Path(name).stem}.data"),
                 "--",
                 *command,
             ]
@@ -214,19 +215,19 @@ class UploadBench:
         for pid in masters:
             _wait_reaped(pid, children[pid])
         after = {pid: _times(pid) for pid in before}
-        if path.proxy:
-            proxy_user = after[path.proxy][0] - before[path.proxy][0]
-            proxy_sys = after[path.proxy][1] - before[path.proxy][1]
-        elif path.forking:
-            proxy_user = after[path.forking][2] - before[path.forking][2]
-            proxy_sys = after[path.forking][3] - before[path.forking][3]
+        if route.proxy:
+            proxy_user = after[route.proxy][0] - before[route.proxy][0]
+            proxy_sys = after[route.proxy][1] - before[route.proxy][1]
+        elif route.forking:
+            proxy_user = after[route.forking][2] - before[route.forking][2]
+            proxy_sys = after[route.forking][3] - before[route.forking][3]
         else:
             proxy_user = proxy_sys = 0.0
-        switches_after = _switches(path.proxy) if path.proxy else (0, 0)
+        switches_after = _switches(route.proxy) if route.proxy else (0, 0)
         if not self.args.retr:
             stored = self.server.files / name
             if not self.args.devnull and not self.args.no_check and sha256(stored) != self.digest:
-                raise RuntimeError(f"{path.endpoint.name}: the upload arrived corrupted")
+                raise RuntimeError(f"{route.endpoint.name}: the upload arrived corrupted")
             stored.unlink()
         return Sample(
             seconds=seconds,
@@ -238,15 +239,15 @@ class UploadBench:
             switches=(switches_after[0] - switches[0], switches_after[1] - switches[1]),
         )
 
-    def syscalls(self, path: Route) -> dict[str, int]:
-        """``path``'s proxy's system calls by type during one transfer."""
-        assert path.proxy is not None
+    def syscalls(self, route: Route) -> dict[str, int]:
+        """``route``'s proxy's system calls by type during one transfer."""
+        assert route.proxy is not None
         events = ",".join([*(f"syscalls:sys_enter_{name}" for name in SYSCALLS), "raw_syscalls:sys_enter"])
-        output = self.workdir / f"perf-{path.endpoint.name}.txt"
-        perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(output), "-e", events, "-p", str(path.proxy)])
+        output = self.workdir / f"perf-{route.endpoint.name}.txt"
+        perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(output), "-e", events, "-p", str(route.proxy)])
         time.sleep(PERF_ATTACH)
         try:
-            self.transfer(path, f"syscalls-{path.endpoint.name}.bin")
+            self.transfer(route, f"syscalls-{route.endpoint.name}.bin")
         finally:
             perf.send_signal(2)
             perf.wait(10)
@@ -261,13 +262,13 @@ class UploadBench:
     def run(self) -> None:
         size = self.args.size_mib << 20
         gb = size / 1e9
-        samples: dict[str, list[Sample]] = {path.endpoint.name: [] for path in self.paths}
+        samples: dict[str, list[Sample]] = {route.endpoint.name: [] for route in self.routes}
         for round_ in range(self.args.rounds):
-            for path in self.paths:
-                sample = self.transfer(path, f"up-{path.endpoint.name}-{round_}.bin")
-                samples[path.endpoint.name].append(sample)
+            for route in self.routes:
+                sample = self.transfer(route, f"up-{route.endpoint.name}-{round_}.bin")
+                samples[route.endpoint.name].append(sample)
                 print(
-                    f"round {round_} {path.endpoint.name:9} {size / sample.seconds / 1e6:6.0f} MB/s   CPU s/GB: "
+                    f"round {round_} {route.endpoint.name:9} {size / sample.seconds / 1e6:6.0f} MB/s   CPU s/GB: "
                     f"curl {sample.curl / gb:.2f}  proxy {sample.proxy_user / gb:.2f}u+{sample.proxy_sys / gb:.2f}s  "
                     f"server {sample.server / gb:.2f}  all CPUs busy {sample.busy / (2 * sample.seconds):.0%}  "
                     f"ftpfix context switches {sample.switches[0]}v/{sample.switches[1]}i",
@@ -291,12 +292,12 @@ class UploadBench:
                 f"{per_gb('proxy_sys')} | {per_gb('server')} | {per_gb('busy')} | {occupancy:.0%} |"
             )
         if self.args.syscalls:
-            for path in self.paths:
-                if path.proxy is None:
+            for route in self.routes:
+                if route.proxy is None:
                     continue
-                counts = self.syscalls(path)
+                counts = self.syscalls(route)
                 print()
-                print(f"{path.endpoint.name} system calls during one {what} of {self.args.size_mib} MiB:")
+                print(f"{route.endpoint.name} system calls during one {what} of {self.args.size_mib} MiB:")
                 for name, count in sorted(counts.items(), key=lambda item: -item[1]):
                     if count:
                         print(f"  {name:12} {count:9d}  ({count / self.args.size_mib:.2f} per MiB)")
