@@ -11,6 +11,8 @@ from .public import PublicAddress
 
 def normalize_host(host: str) -> str:
     """The address as text, with IPv4-mapped IPv6 (::ffff:a.b.c.d) unwrapped."""
+    if ":" not in host:
+        return host  # IPv4, as the kernel spells it: already canonical
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped

@@ -106,8 +106,21 @@ class SessionTotals:
         self.download += transfer.stats.download
 
 
+_policies: dict[int, tuple[Config, Policy]] = {}
+
+
 def policy_of(config: Config) -> Policy:
-    """The parts of ``config`` that the core needs."""
+    """The parts of ``config`` that the core needs, built once per config."""
+    cached = _policies.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    _policies.clear()  # one config at a time; a reload replaces it
+    policy = _build_policy(config)
+    _policies[id(config)] = (config, policy)
+    return policy
+
+
+def _build_policy(config: Config) -> Policy:
     passive_ports = config.backend.passive_ports
     return Policy(
         aliases=config.commands.aliases,
@@ -366,7 +379,9 @@ class ControlChannel:
         """
         stream = self.streams[side]
         try:
-            with trio.move_on_after(self.config.limits.idle_timeout) as writing:
+            # A CancelScope, not move_on_after: this runs for every reply, and
+            # the context-manager wrapper costs as much as the scope itself.
+            with trio.CancelScope(deadline=trio.current_time() + self.config.limits.idle_timeout) as writing:
                 await (stream.send_urgent(data) if urgent else stream.send_all(data))
             if writing.cancelled_caught:
                 self._end(f"{side.value} stopped reading")
