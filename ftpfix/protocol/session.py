@@ -308,6 +308,7 @@ class Session:
                 return out
             case PassiveOpened(host=host, port=port):
                 assert self._answering is not None
+                self.relaying = True
                 if self._answering.verb == b"EPSV":
                     self._resume(format_229(port), out)
                 elif host is None:
@@ -648,7 +649,6 @@ class Session:
             self._close(out, "backend reply answered no command")
             return
         self._move(Waiting.PASSIVE)
-        self.relaying = True
         out.append(OpenPassive(advertised_host=advertised, backend_port=port, extended=answering.verb == b"EPSV"))
 
     def _check_passive_port(self, port: int) -> None:
