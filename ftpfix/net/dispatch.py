@@ -25,7 +25,6 @@ from structlog.typing import FilteringBoundLogger
 from ..config import Config
 from ..ports import PortPool
 from ..protocol import (
-    AbortSettled,
     AbortTransfer,
     ActiveFailed,
     ActiveOpened,
@@ -48,9 +47,10 @@ from ..protocol import (
     ReadOn,
     SendTo,
     Session,
-    SettleAbort,
+    SettleTransfer,
     Side,
     TransferDone,
+    TransferSettled,
     TransferStarted,
 )
 from ..protocol.grammar import SHUTTING_DOWN
@@ -282,8 +282,8 @@ class ControlChannel:
                         self._transfer.cancel("the server ended the transfer")
                 case AwaitQuiet():
                     self._spawn(self._post_when, self._backend_quiet, BackendQuiet)
-                case SettleAbort():
-                    self._spawn(self._post_when, partial(self._abort_settled, self._transfer), AbortSettled)
+                case SettleTransfer():
+                    self._spawn(self._post_when, partial(self._transfer_settled, self._transfer), TransferSettled)
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
                 case Close(reason=reason):
@@ -311,7 +311,7 @@ class ControlChannel:
         while (silent := trio.current_time() - self._last_backend_data) < QUIET_PERIOD:
             await trio.sleep(QUIET_PERIOD - silent)
 
-    async def _abort_settled(self, transfer: Transfer | None) -> None:
+    async def _transfer_settled(self, transfer: Transfer | None) -> None:
         """Wait until the aborted transfer is over and the backend has said what it will about it."""
         if transfer is not None:
             await transfer.settled()

@@ -19,13 +19,12 @@ from .commands import (
     OpenActive,
     OpenPassive,
     SendTo,
-    SettleAbort,
+    SettleTransfer,
     Side,
     TransferStarted,
 )
 from .errors import BackendError, FtpfixError, ProtocolError
 from .events import (
-    AbortSettled,
     ActiveFailed,
     ActiveOpened,
     BackendQuiet,
@@ -36,6 +35,7 @@ from .events import (
     PassiveOpened,
     ReadOn,
     TransferDone,
+    TransferSettled,
 )
 from .policy import ActiveMode, EpsvMode, Policy
 from .session import Session
@@ -43,7 +43,6 @@ from .state import TRANSITIONS, Waiting
 
 __all__ = [
     "TRANSITIONS",
-    "AbortSettled",
     "AbortTransfer",
     "ActiveFailed",
     "ActiveMode",
@@ -71,9 +70,10 @@ __all__ = [
     "ReadOn",
     "SendTo",
     "Session",
-    "SettleAbort",
+    "SettleTransfer",
     "Side",
     "TransferDone",
+    "TransferSettled",
     "TransferStarted",
     "Waiting",
 ]

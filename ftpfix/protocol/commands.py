@@ -101,14 +101,15 @@ class AbortTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class SettleAbort:
-    """Tell the core, with the event ``AbortSettled``, once the aborted
+class SettleTransfer:
+    """Tell the core, with the event ``TransferSettled``, once the current
     transfer's data connection is closed and the backend has then sent
     nothing for a moment.
 
-    Every server answers a broken data connection with a final reply within
-    milliseconds, except pure-ftpd, which sends a 150 and nothing more. The
-    core then asks the backend a NOOP: its 200 proves the transfer's reply
+    Asked after an ABOR, and after a second 1xx to a transfer command. Every
+    server answers a broken data connection with a final reply within
+    milliseconds, except pure-ftpd, which sends a second 150 and nothing more.
+    The core then asks the backend a NOOP: its 200 proves the transfer's reply
     will never come (see ``verbs.py``).
     """
 
@@ -171,7 +172,7 @@ Command = (
     | OpenActive
     | TransferStarted
     | AbortTransfer
-    | SettleAbort
+    | SettleTransfer
     | FinishTransfer
     | CancelTransfer
     | AwaitQuiet

@@ -83,9 +83,9 @@ class BackendQuiet:
 
 
 @dataclass(frozen=True, slots=True)
-class AbortSettled:
-    """Answer to ``SettleAbort``: the aborted data connection is closed and
-    the backend has been quiet since."""
+class TransferSettled:
+    """Answer to ``SettleTransfer``: the transfer's data connection is closed
+    and the backend has been quiet since."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +108,6 @@ Event = (
     | ActiveFailed
     | TransferDone
     | BackendQuiet
-    | AbortSettled
+    | TransferSettled
     | ReadOn
 )

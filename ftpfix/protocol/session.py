@@ -88,11 +88,11 @@ from .commands import (
     OpenActive,
     OpenPassive,
     SendTo,
+    SettleTransfer,
     Side,
 )
 from .errors import BackendError
 from .events import (
-    AbortSettled,
     ActiveFailed,
     ActiveOpened,
     BackendQuiet,
@@ -103,6 +103,7 @@ from .events import (
     PassiveOpened,
     ReadOn,
     TransferDone,
+    TransferSettled,
 )
 from .grammar import (
     ABORT_DONE,
@@ -185,7 +186,8 @@ class _Forwarded:
     verb: bytes  # as the client meant it (after aliases)
     sent: bytes = b""  # the verb the backend was sent, when it differs
     aborted: bool = False  # a transfer command the client has sent ABOR for
-    probed: bool = False  # ... after which ftpfix asked the backend a NOOP
+    preliminaries: int = 0  # 1xx replies to this (transfer) command so far
+    probed: bool = False  # ftpfix asked the backend a NOOP: is this reply ever coming?
     probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
 
 
@@ -340,8 +342,8 @@ class Session:
             case BackendQuiet():
                 self._unsettled = False
                 self._move(Waiting.NOTHING)
-            case AbortSettled():
-                self._probe_aborted_transfer(out)
+            case TransferSettled():
+                self._probe_unanswered_transfer(out)
             case ReadOn():
                 pass
             case _:
@@ -379,19 +381,25 @@ class Session:
             if isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS:
                 entry.aborted = True
 
-    def _probe_aborted_transfer(self, out: list[Command]) -> None:
-        """After an ABOR settled, ask a NOOP if the transfer is still unanswered (``verbs.py``, ABOR step 3)."""
+    def _probe_unanswered_transfer(self, out: list[Command]) -> None:
+        """Once a transfer settled, ask a NOOP if its reply may never come (``verbs.py``, ABOR step 3).
+
+        Only for a transfer the client aborted, or one that got a second 1xx:
+        pure-ftpd's way of ending a broken transfer without a final reply.
+        """
         head = self._pending[0] if self._pending else None
         if (
             self._state is Waiting.NOTHING
             and isinstance(head, _Forwarded)
-            and head.aborted
+            and (head.aborted or head.preliminaries > 1)
             and not head.probed
             and not self._framer.inside
             and not self._server_lines.pending
         ):
             head.probed = True
-            out.append(Note("asking the backend a NOOP: its aborted transfer is unanswered"))
+            out.append(
+                Note("asking the backend a NOOP: its transfer is unanswered", fields={"verb": head.verb.decode()})
+            )
             self._pending.append(_Forwarded(b"NOOP", probe=True))
             out.append(SendTo(Side.SERVER, b"NOOP" + CRLF))
 
@@ -564,10 +572,14 @@ class Session:
         if isinstance(head, _Forwarded) and head.probed and line.code == 200:
             # The probe's answer came first: the aborted transfer's reply never
             # will (no transfer command is answered with 200). Supply it.
-            out.append(Note("the server did not answer the aborted transfer", fields={"verb": head.verb.decode()}))
+            out.append(
+                Note("the server did not answer the transfer", level=Level.WARNING, fields={"verb": head.verb.decode()})
+            )
             self._pending.popleft()
             out.append(CancelTransfer())
-            out.append(SendTo(Side.CLIENT, transfer_aborted("aborted")))
+            out.append(
+                SendTo(Side.CLIENT, transfer_aborted("aborted" if head.aborted else "the server sent no final reply"))
+            )
             self._flush_local(out)
             head = self._pending[0] if self._pending else None
         if not isinstance(head, _Forwarded):
@@ -575,6 +587,12 @@ class Session:
             return False
         self._answering = head
         self._reply_multiline = not line.last
+        if line.code < 200 and head.verb in TRANSFER_VERBS:
+            head.preliminaries += 1
+            if head.preliminaries == 2 and not head.aborted:
+                # pure-ftpd's end of a broken transfer: a second 150, and no
+                # final reply. Ask, once the data connection is over.
+                out.append(SettleTransfer())
         self._action = reply_action(self, head, line.code)
         if head.verb in TRANSFER_VERBS and line.code >= 300:
             # Refused or failed: the data connection has nothing more to carry.

@@ -13,15 +13,16 @@ server ends the transfer the same way, at once, and ftpfix answers the ABOR
 itself with 226, right after the transfer's own reply:
 
 1. ``_abor``: ``AbortTransfer``, a 226 queued behind the transfer command,
-   the command marked aborted, and ``SettleAbort``.
+   the command marked aborted, and ``SettleTransfer``.
 2. The backend answers the transfer: 426 (or 451), relayed; or 226 if it had
    finished, which ftpfix turns into 426 unless every byte reached the
    client. A 1xx after the ABOR is dropped (``Action.DROP``): the client
    reads the next two replies as the transfer's and ABOR's.
-3. pure-ftpd answers a broken data connection with a 150 and nothing more.
-   Once the data connection is closed and the backend quiet
-   (``AbortSettled``), ftpfix sends the backend a NOOP (a probe) if the
-   transfer is still unanswered. RFC 959 never answers a transfer command
+3. pure-ftpd answers a broken data connection with a second 150 and nothing
+   more, with or without ABOR. After an ABOR, or after a second 1xx to a
+   transfer, once the data connection is closed and the backend quiet
+   (``SettleTransfer``, ``TransferSettled``), ftpfix sends the backend a NOOP
+   (a probe) if the transfer is still unanswered. RFC 959 never answers a transfer command
    with 200, so a 200 then proves the reply will not come: ftpfix supplies
    the 426 (``Session._start_reply``) and drops the 200.
 
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
-from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleAbort, Side, TransferStarted
+from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleTransfer, Side, TransferStarted
 from .grammar import (
     ABORT_DONE,
     CRLF,
@@ -227,7 +228,7 @@ def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
         out.append(AbortTransfer())
         session.answer(out, ABORT_DONE)
         session.abort_pending_transfer()
-        out.append(SettleAbort())
+        out.append(SettleTransfer())
         return
     # The data connection bypasses ftpfix: only the backend can stop it.
     # RFC 959's form, IAC IP, then the synch (IAC DM, its DM as TCP urgent

@@ -108,3 +108,25 @@ def test_abor_before_the_data_connection_then_quit(backend, files, tmp_path, pro
         # so ftpfix drops it, and the client reads exactly three replies.
         assert [attacker.code(timeout=5) for _ in range(3)] == ["426", "226", "221"]
     assert_healthy(proxy)
+
+
+def test_a_download_the_client_cuts_short_never_hangs_the_session(backend, files, tmp_path, proxies) -> None:
+    """No ABOR at all: the client reads a little and closes its data socket (`curl | head`).
+    pure-ftpd then sends a second 150 and no final reply; ftpfix must not wait for one
+    forever (each such session held a slot for pure-ftpd's 15-minute idle timeout, and
+    twenty of them locked the client's address out). The next command is answered."""
+    proxy = start(proxies, address(backend), tmp_path)
+    with logged_in(proxy.port, backend) as attacker:
+        data = running_download(attacker)
+        data.close()
+        final = final_reply_after_preliminaries(attacker)
+        assert final[:3] in ("426", "451"), final
+        assert attacker.command("NOOP").startswith("200")
+        assert hashlib.sha256(passive_download(attacker, "RETR small.bin")).digest() == hashlib.sha256(files).digest()
+    assert_healthy(proxy)
+
+
+def final_reply_after_preliminaries(attacker, timeout: float = 5.0) -> str:
+    while (text := attacker.reply(timeout)).startswith("1"):
+        pass
+    return text

@@ -20,7 +20,7 @@ from ftpfix.protocol import (
     OpenPassive,
     Policy,
     Session,
-    SettleAbort,
+    SettleTransfer,
     TransferStarted,
     Waiting,
 )
@@ -89,7 +89,7 @@ def test_abor_during_a_relayed_transfer_breaks_it_and_is_answered_after_the_tran
             *PASSIVE,
             Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
-            Client(abor) >> [AbortTransfer(), SettleAbort()],
+            Client(abor) >> [AbortTransfer(), SettleTransfer()],
             Server(b"426 Failure writing network stream.\r\n")
             >> [CancelTransfer(), to_client(b"426 Failure writing network stream.\r\n226 Abort successful.\r\n")],
             Client(b"NOOP\r\n") >> to_server(b"NOOP\r\n"),
@@ -105,7 +105,7 @@ def test_abor_after_the_transfer_finished_on_the_backend_turns_its_226_into_426(
             GREETING,
             *PASSIVE,
             Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
-            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleTransfer()],
             # The client has aborted: a 150 now would be read as the first of its two replies.
             Server(b"150 Opening\r\n226 Transfer complete\r\n") >> FinishTransfer(),
             Finished("aborted")
@@ -139,7 +139,7 @@ def test_commands_after_abor_wait_for_the_transfers_reply() -> None:
             GREETING,
             *PASSIVE,
             Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
-            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
+            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleTransfer()],
             Server(b"426 Aborted\r\n")
             >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n"), to_server(b"PWD\r\n")],
         ],
@@ -213,7 +213,7 @@ def test_pure_ftpd_leaves_an_aborted_transfer_unanswered_and_a_probe_proves_it()
             Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
             Server(b"150-Accepted data connection\r\n150 64 MB to download\r\n")
             >> to_client(b"150-Accepted data connection\r\n150 64 MB to download\r\n"),
-            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleAbort()],
+            Client(b"ABOR\r\nPWD\r\n") >> [AbortTransfer(), SettleTransfer()],
             Server(b"150 0.002 seconds (measured here), 2884.10 Mbytes per second\r\n") >> [],
             Settled() >> to_server(b"NOOP\r\n"),
             Server(b"200 Zzz...\r\n")
@@ -235,7 +235,7 @@ def test_a_server_that_answers_the_aborted_transfer_late_is_still_paired_right()
             GREETING,
             *PASSIVE,
             Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
-            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleTransfer()],
             Settled() >> to_server(b"NOOP\r\n"),
             Server(b"426 Failure writing network stream.\r\n")
             >> [CancelTransfer(), to_client(b"426 Failure writing network stream.\r\n226 Abort successful.\r\n")],
@@ -252,9 +252,35 @@ def test_no_probe_once_the_transfer_is_answered() -> None:
             GREETING,
             *PASSIVE,
             Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
-            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleAbort()],
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleTransfer()],
             Server(b"426 Aborted\r\n") >> [CancelTransfer(), to_client(b"426 Aborted\r\n226 Abort successful.\r\n")],
             Settled() >> [],
+        ],
+        client=CLIENT,
+    )
+
+
+def test_a_broken_transfer_pure_ftpd_leaves_unanswered_is_answered_426_without_abor() -> None:
+    """No ABOR: the client closed its data socket early. pure-ftpd's second 150 is the sign;
+    once things settle a probe proves no reply is coming, and the session goes on."""
+    play(
+        [
+            GREETING,
+            *PASSIVE,
+            Client(b"RETR big\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
+            Server(b"150-Accepted data connection\r\n150 64 MB to download\r\n")
+            >> to_client(b"150-Accepted data connection\r\n150 64 MB to download\r\n"),
+            Server(b"150 0.101 seconds (measured here), 95.19 Mbytes per second\r\n")
+            >> [SettleTransfer(), to_client(b"150 0.101 seconds (measured here), 95.19 Mbytes per second\r\n")],
+            Client(b"NOOP\r\n") >> [],
+            Settled() >> to_server(b"NOOP\r\n"),
+            Server(b"200 Zzz...\r\n")
+            >> [
+                CancelTransfer(),
+                to_client(b"426 Connection closed; transfer aborted: the server sent no final reply.\r\n"),
+                to_server(b"NOOP\r\n"),
+            ],
+            Server(b"200 Zzz...\r\n") >> to_client(b"200 Zzz...\r\n"),
         ],
         client=CLIENT,
     )

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ftpfix.protocol import (
-    AbortSettled,
+    ActiveFailed as ActiveFailedEvent,
+)
+from ftpfix.protocol import (
+    ActiveOpened as ActiveOpenedEvent,
+)
+from ftpfix.protocol import (
     BackendQuiet,
     Command,
     ConnectionClosed,
@@ -33,12 +38,7 @@ from ftpfix.protocol import (
     Session,
     Side,
     TransferDone,
-)
-from ftpfix.protocol import (
-    ActiveFailed as ActiveFailedEvent,
-)
-from ftpfix.protocol import (
-    ActiveOpened as ActiveOpenedEvent,
+    TransferSettled,
 )
 
 
@@ -100,7 +100,7 @@ class Quiet(_Step):
 
 @dataclass(frozen=True)
 class Settled(_Step):
-    """The shell's answer to SettleAbort: the aborted transfer is over and the backend quiet."""
+    """The shell's answer to SettleTransfer: the aborted transfer is over and the backend quiet."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def events(step: Step, *, byte_at_a_time: bool = False) -> list[Event]:
         case Quiet():
             return [BackendQuiet()]
         case Settled():
-            return [AbortSettled()]
+            return [TransferSettled()]
         case ClientClosed():
             return [ConnectionClosed(Side.CLIENT)]
         case ServerClosed():
