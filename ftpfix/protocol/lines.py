@@ -51,6 +51,13 @@ class LineBuffer:
         """Bytes held after the last complete line: a line still being sent."""
         return len(self._buffer) - (self._buffer.rfind(b"\n") + 1)
 
+    def complete_lines(self) -> list[bytes]:
+        """The complete lines held, unread (CR dropped, as ``next_line`` would)."""
+        end = self._buffer.rfind(b"\n")
+        if end < 0 or self._discarding:
+            return []
+        return [line.removesuffix(b"\r") for line in bytes(self._buffer[:end]).split(b"\n")]
+
     @property
     def has_line(self) -> bool:
         """True if a complete line waits to be read."""

@@ -140,6 +140,7 @@ from .verbs import (
     SECRET_VERBS,
     TRANSFER_VERBS,
     Action,
+    abort_now,
     reply_action,
 )
 
@@ -215,6 +216,8 @@ class Session:
         self.epsv_all = False
         #: False once the backend refused EPSV or left it out of FEAT.
         self.backend_knows_epsv = True
+        #: True once an ABOR acted ahead of its turn; it is answered in its turn.
+        self.abort_acted = False
         #: True while data connections go through ftpfix (PASV, EPSV, PORT
         #: in proxy mode), False after a PORT passed through to the backend.
         self.relaying = False
@@ -403,6 +406,17 @@ class Session:
             self._pending.append(_Forwarded(b"NOOP", probe=True))
             out.append(SendTo(Side.SERVER, b"NOOP" + CRLF))
 
+    def _abor_waiting(self) -> bool:
+        """True if a complete ABOR line waits in the client's buffer."""
+        for line in self._client_lines.complete_lines():
+            try:
+                verb, _ = parse_command(line, self.policy.aliases)
+            except CommandRejected:
+                continue
+            if verb == b"ABOR":
+                return True
+        return False
+
     def transfer_outstanding(self) -> bool:
         """True while the backend owes the final reply to a transfer command."""
         return any(isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS for entry in self._pending)
@@ -462,6 +476,11 @@ class Session:
                     case "quiet" if self._state is Waiting.NOTHING:
                         self._move(Waiting.QUIET)
                         out.append(AwaitQuiet())
+                    case "transfer running" if not self.abort_acted and self._abor_waiting():
+                        # An ABOR behind a command that waits for the transfer:
+                        # it acts now (RFC 959: it is urgent) and is answered
+                        # in its turn, after the commands sent before it.
+                        abort_now(self, out)
                 return
             line = self._client_lines.next_line()
             if line is None:

@@ -211,7 +211,22 @@ def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
     session.open_active(verb, OpenActive(host=str(host), port=port), out)
 
 
+def abort_now(session: Session, out: list[Command]) -> None:
+    """Break the relayed transfer for an ABOR still queued behind other commands
+    (``_abor`` answers it when its turn comes)."""
+    if session.relaying and session.transfer_outstanding() and session.waiting_for is not Waiting.TRANSFER:
+        session.abort_acted = True
+        out.append(AbortTransfer())
+        session.abort_pending_transfer()
+        out.append(SettleTransfer())
+
+
 def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if session.abort_acted:
+        # It acted ahead of its turn (``abort_now``); this is its turn.
+        session.abort_acted = False
+        session.answer(out, ABORT_DONE)
+        return
     if not session.transfer_outstanding():
         # Nothing to abort. pure-ftpd never answers an ABOR it does not
         # need, and the reply it owes would shift every later pairing.

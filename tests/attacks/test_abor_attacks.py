@@ -130,3 +130,24 @@ def final_reply_after_preliminaries(attacker, timeout: float = 5.0) -> str:
     while (text := attacker.reply(timeout)).startswith("1"):
         pass
     return text
+
+
+def test_an_abor_queued_behind_a_command_still_stops_the_transfer(backend, files, tmp_path, proxies) -> None:
+    """NOOP pipelined after RETR waits for the transfer; an ABOR sent after it must still
+    stop the transfer at once (it used to wait behind the NOOP, and the transfer ran on),
+    and the replies keep the order of the commands."""
+    proxy = start(proxies, address(backend), tmp_path)
+    with logged_in(proxy.port, backend) as attacker:
+        attacker.expect_after("TYPE I", "200")
+        host, port = attacker.pasv()
+        data = attacker.data_connect(port, host)
+        attacker.send(b"RETR big.bin\r\nNOOP\r\n")
+        attacker.expect("150")
+        data.recv(1 << 16)
+        attacker.send(b"\xff\xf4\xff\xf2ABOR\r\n")
+        assert attacker.code(timeout=3) == "426"
+        assert attacker.code(timeout=3) == "200"
+        assert attacker.code(timeout=3) == "226"
+        data.close()
+        assert attacker.command("PWD").startswith("257")
+    assert_healthy(proxy)

@@ -284,3 +284,22 @@ def test_a_broken_transfer_pure_ftpd_leaves_unanswered_is_answered_426_without_a
         ],
         client=CLIENT,
     )
+
+
+def test_an_abor_behind_a_waiting_command_acts_at_once_and_is_answered_in_its_turn() -> None:
+    """NOOP waits for the transfer; the ABOR after it must not: the transfer breaks at once,
+    and the replies keep the order of the commands: 426, NOOP's 200, ABOR's 226."""
+    play(
+        [
+            GREETING,
+            *PASSIVE,
+            Client(b"RETR big\r\nNOOP\r\n") >> [to_server(b"RETR big\r\n"), TransferStarted(download=True)],
+            Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
+            Client(b"\xff\xf4\xff\xf2ABOR\r\n") >> [AbortTransfer(), SettleTransfer()],
+            Server(b"426 Failure writing network stream.\r\n")
+            >> [CancelTransfer(), to_client(b"426 Failure writing network stream.\r\n"), to_server(b"NOOP\r\n")],
+            Server(b"200 NOOP ok.\r\n") >> to_client(b"200 NOOP ok.\r\n226 Abort successful.\r\n"),
+            Client(b"PWD\r\n") >> to_server(b"PWD\r\n"),
+        ],
+        client=CLIENT,
+    )
