@@ -24,11 +24,12 @@ pytestmark = [pytest.mark.servers, pytest.mark.root]
 BIG = 32 * 1024 * 1024
 
 
-def running_download(attacker, name: str = "big.bin"):
+def running_download(attacker, commands: bytes = b"RETR big.bin\r\n"):
+    """TYPE I, PASV, connect, send ``commands`` (a RETR first), read its 150 and a little data."""
     attacker.expect_after("TYPE I", "200")
     host, port = attacker.pasv()
     data = attacker.data_connect(port, host)
-    attacker.line(f"RETR {name}")
+    attacker.send(commands)
     attacker.expect("150")
     data.recv(1 << 16)
     return data
@@ -138,12 +139,7 @@ def test_an_abor_queued_behind_a_command_still_stops_the_transfer(backend, files
     and the replies keep the order of the commands."""
     proxy = start(proxies, address(backend), tmp_path)
     with logged_in(proxy.port, backend) as attacker:
-        attacker.expect_after("TYPE I", "200")
-        host, port = attacker.pasv()
-        data = attacker.data_connect(port, host)
-        attacker.send(b"RETR big.bin\r\nNOOP\r\n")
-        attacker.expect("150")
-        data.recv(1 << 16)
+        data = running_download(attacker, b"RETR big.bin\r\nNOOP\r\n")
         attacker.send(b"\xff\xf4\xff\xf2ABOR\r\n")
         assert attacker.code(timeout=3) == "426"
         assert attacker.code(timeout=3) == "200"
