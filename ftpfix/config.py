@@ -40,6 +40,19 @@ class ConfigError(Exception):
     """The configuration file cannot be used; the message names file and key."""
 
 
+@dataclass(frozen=True, slots=True)
+class Normalised:
+    """A parser's result when the file wrote a value otherwise than it is read.
+
+    The loader keeps ``value`` and notes "written read as read" on the Config,
+    so ``ftpfix check`` and ``ftpfix run`` can say what was understood.
+    """
+
+    value: Any
+    written: str
+    read: str
+
+
 # -- value parsers: each takes the raw TOML value and returns the typed one,
 #    or raises ValueError with a message that completes "key: ..." ----------
 
@@ -102,13 +115,27 @@ def _public_address(value: Any) -> str:
         raise ValueError(f'{value!r} is not an IPv4 address, a DNS name or "auto"') from None
 
 
-def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(value: Any) -> Any:
     if not isinstance(value, list):
         raise ValueError(f'{value!r} is not a list of networks like ["192.168.123.0/24"]')
     try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+        networks = tuple(ipaddress.ip_network(item, strict=False) for item in value)
     except (TypeError, ValueError):
         raise ValueError(f"{value!r} is not a list of networks in CIDR notation") from None
+    # "192.168.123.1/24" has host bits set: it is read as 192.168.123.0/24,
+    # which may not be what was meant. A bare address is a /32 (or /128).
+    changed = [
+        (item, network)
+        for item, network in zip(value, networks, strict=True)
+        if isinstance(item, str) and "/" in item and ipaddress.ip_interface(item).ip != network.network_address
+    ]
+    if changed:
+        return Normalised(
+            networks,
+            ", ".join(_toml_value(item) for item, _ in changed),
+            ", ".join(_toml_value(str(network)) for _, network in changed),
+        )
+    return networks
 
 
 def _optional_port(value: Any) -> int | None:
@@ -144,6 +171,8 @@ def _port_range(value: Any) -> PortRange:
         raise ValueError(f'"{first}-{last}" runs backwards; write "{last}-{first}"')
     if first < PASSIVE_PORT_FLOOR or last > 65535:
         raise ValueError(f'"{first}-{last}" is outside {PASSIVE_PORT_FLOOR}-65535')
+    if value != f"{first}-{last}":
+        return Normalised(PortRange(first, last), _toml_value(value), _toml_value(f"{first}-{last}"))
     return PortRange(first, last)
 
 
@@ -176,7 +205,7 @@ def _optional_port_range(value: Any) -> PortRange | None:
 _VERB = re.compile(r"[!-~]{1,16}")
 
 
-def _aliases(value: Any) -> Mapping[bytes, bytes]:
+def _aliases(value: Any) -> Any:
     if not isinstance(value, dict):
         raise ValueError('is not a table like {"P@SW" = "PASV"}')
     aliases = {}
@@ -185,6 +214,10 @@ def _aliases(value: Any) -> Mapping[bytes, bytes]:
             raise ValueError(f"{received!r} = {sent!r} is not a pair of command verbs")
         # Verbs are case-insensitive (RFC 959 section 5.3), so match upper case.
         aliases[received.upper().encode("ascii")] = sent.upper().encode("ascii")
+    changed = [(k, v) for k, v in value.items() if (k.upper(), v.upper()) != (k, v)]
+    if changed:
+        pairs = ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in changed)
+        return Normalised(MappingProxyType(aliases), pairs, pairs.upper())
     return MappingProxyType(aliases)
 
 
@@ -302,6 +335,9 @@ class Config:
     access: Access
     log: Log
     path: Path | None = None
+    #: What the loader read otherwise than written, one line per key, as in
+    #: ``[passive] ports: 50000 read as "50000-50000"``.
+    notes: tuple[str, ...] = ()
 
 
 SECTIONS: dict[str, type] = {
@@ -316,7 +352,7 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _build_section(name: str, cls: type, table: Any, where: str) -> Any:
+def _build_section(name: str, cls: type, table: Any, where: str, notes: list[str]) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -328,6 +364,9 @@ def _build_section(name: str, cls: type, table: Any, where: str) -> Any:
             values[key] = known[key].metadata["parse"](raw)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{where}: [{name}] {key}: {error}") from None
+        if isinstance(values[key], Normalised):
+            notes.append(f"[{name}] {key}: {values[key].written} read as {values[key].read}")
+            values[key] = values[key].value
     for key, spec in known.items():
         if key not in values and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: [{name}] {key}: missing, and it has no default")
@@ -343,8 +382,9 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
     for required in ("backend", "passive"):
         if required not in document:
             raise ConfigError(f"{where}: [{required}]: missing section")
-    sections = {name: _build_section(name, cls, document.get(name, {}), where) for name, cls in SECTIONS.items()}
-    return Config(**sections, path=path)
+    notes: list[str] = []
+    sections = {name: _build_section(name, cls, document.get(name, {}), where, notes) for name, cls in SECTIONS.items()}
+    return Config(**sections, path=path, notes=tuple(notes))
 
 
 def load_config(path: Path) -> Config:
