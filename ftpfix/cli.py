@@ -1,8 +1,9 @@
-"""The command line: ``ftpfix run`` and ``ftpfix check``."""
+"""The command line: ``ftpfix run``, ``ftpfix check`` and ``ftpfix health``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import ipaddress
 import socket
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from . import logs
+from . import __version__, logs
 from .config import ENVIRONMENT_VARIABLE, Config, ConfigError, default_path, load_config, render
 
 
@@ -19,10 +20,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="ftpfix",
         description="A transparent FTP proxy that makes passive mode work for an FTP server behind NAT.",
     )
+    parser.add_argument("--version", action="version", version=f"ftpfix {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "run the proxy in the foreground"),
-        ("check", "validate the config file and print the effective config"),
+        ("check", "run the start-up checks on the config and print the effective config"),
         ("health", "exit 0 if ftpfix answers on its control port with the backend's 220"),
     ):
         command = commands.add_parser(name, help=text, description=text)
@@ -32,7 +34,17 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"the TOML config file (default: ${ENVIRONMENT_VARIABLE}, else {default_path()})",
         )
+        if name == "check":
+            command.add_argument("--strict", action="store_true", help="exit 1 on warnings too, not only on errors")
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    try:
+        return importlib.metadata.version("ftpfix")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftpfix: {error}", file=sys.stderr)
         return 2
     if arguments.command == "check":
-        print(f"# {path}: OK\n")
-        print(render(config), end="")
-        return 0
+        return check(config, path, strict=arguments.strict)
     if arguments.command == "health":
         return health(config)
     from .net.server import StartupError, run
@@ -59,8 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     except* StartupError as group:
         failures = list(group.exceptions)
     for error in failures:
-        print(f"ftpfix: {error}", file=sys.stderr)
+        for line in str(error).splitlines():
+            print(f"ftpfix: {line}", file=sys.stderr)
     return 1 if failures else status
+
+
+def check(config: Config, path: Path, *, strict: bool) -> int:
+    """The preflight ``run`` does, and what only a dry run can test.
+
+    Each problem goes to stderr, one line each; the effective config goes to
+    stdout, so that stays a TOML file that loads (``ftpfix check > x.toml``).
+    Returns 1 on an error, or on a warning with ``strict``; else 0.
+    """
+    from .net.preflight import Severity, preflight
+
+    problems = preflight(config, dry_run=True)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    sys.stderr.flush()
+    errors = sum(problem.severity is Severity.ERROR for problem in problems)
+    warnings = len(problems) - errors
+    counts = [f"{n} {word}{'s' * (n != 1)}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
+    print(f"# {path}: {', '.join(counts) or 'OK'}\n")
+    print(render(config), end="")
+    return 1 if errors or (strict and warnings) else 0
 
 
 #: Seconds the health check waits for the greeting; Docker's own timeout

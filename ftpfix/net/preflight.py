@@ -1,28 +1,213 @@
-"""Start-up checks: what would otherwise fail at the first transfer, or
-quietly starve the passive port pool, is said at start."""
+"""Start-up checks, one set for ``ftpfix run`` and ``ftpfix check``.
+
+What would otherwise fail at the first transfer, quietly starve the passive
+port pool, or tell clients an address they cannot reach, is said before
+anything is served. ``preflight`` finds every problem and raises nothing;
+``check`` prints them all, and ``run`` (through ``refuse_or_warn``) logs the
+warnings and refuses to start on an error.
+"""
 
 from __future__ import annotations
 
+import enum
+import errno
+import ipaddress
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import structlog
+import trio
 
 from ..config import Config
 from ..protocol import ActiveMode
-from .dial import bind_source_port
+from .admission import Admission, open_descriptors, raise_descriptor_limit
+from .dial import bind_source_port, family
 
 
 class StartupError(Exception):
     """ftpfix cannot start with this config on this machine; the message says why."""
 
 
+class Severity(enum.StrEnum):
+    #: ftpfix cannot work so: ``run`` refuses to start, ``check`` exits 1.
+    ERROR = "error"
+    #: It runs, but likely not as meant: ``check`` exits 0, or 1 with --strict.
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding: the key it is about, what is wrong, and what to do."""
+
+    severity: Severity
+    key: str
+    text: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.key}: {self.text}; {self.fix}"
+
+
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 
+#: Python's ipaddress counts the documentation networks (RFC 5737) as
+#: private, but they are what examples and tests write for "the router's
+#: public address", so the public-address warning lets them pass. Loopback
+#: passes too: it only reaches this machine, which is what the demo and the
+#: local tests mean by it, and nobody types it for the router's address.
+PUBLIC_LOOKING = tuple(
+    ipaddress.IPv4Network(network) for network in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "127.0.0.0/8")
+)
 
-def warn_if_ports_are_ephemeral(config: Config) -> None:
-    """Warn when the passive range lies in the kernel's ephemeral range.
+
+def preflight(config: Config, *, dry_run: bool) -> list[Problem]:
+    """Every problem with ``config`` on this machine, errors and warnings.
+
+    ``dry_run`` is for ``check``, after which nothing binds the control port:
+    it also tests the ``[listen]`` keys, binding port 0 on each address and
+    refusing port 0. ``run`` binds them for real next and needs neither (its
+    tests listen on port 0 and read the port from the "listening" line).
+
+    Resource handling: every socket it binds to test an address is closed
+    before it returns. It blocks on DNS lookups; ``run`` calls it in a thread.
+    """
+    problems = [_normalised(note) for note in config.notes]
+    if dry_run:
+        problems += _control_listeners(config)
+    problems += _backend(config)
+    problems += _public_address(config)
+    problems += _passive_listen_address(config)
+    problems += _ephemeral_ports(config)
+    problems += check_source_port(config)
+    problems += _descriptors(config)
+    return problems
+
+
+async def refuse_or_warn(config: Config) -> None:
+    """``run``'s side of the preflight: log each warning, and raise
+    StartupError naming every error, one line each."""
+    problems = await trio.to_thread.run_sync(partial(preflight, config, dry_run=False))
+    log = structlog.get_logger("ftpfix")
+    for problem in problems:
+        if problem.severity is Severity.WARNING:
+            log.warning(problem.text, key=problem.key, fix=problem.fix)
+    errors = [
+        f"{problem.key}: {problem.text}; {problem.fix}" for problem in problems if problem.severity is Severity.ERROR
+    ]
+    if errors:
+        raise StartupError("\n".join(errors))
+
+
+def _normalised(note: str) -> Problem:
+    key, _, text = note.partition(": ")
+    read = text.rpartition(" read as ")[2]
+    return Problem(Severity.WARNING, key, text, f"write {read} if that is what you mean")
+
+
+def _bind_error(host: str) -> OSError | None:
+    """Why port 0 on ``host`` cannot be bound, or None if it can."""
+    try:
+        with socket.socket(family(host), socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+    except OSError as error:
+        return error
+    return None
+
+
+def _control_listeners(config: Config) -> Iterator[Problem]:
+    """What ``open_control_listeners`` would say, short of binding the port."""
+    if config.listen.port == 0:
+        yield Problem(
+            Severity.ERROR,
+            "[listen] port",
+            "0 makes the kernel pick another port at every start, and the router cannot forward to it",
+            "set the port the router forwards, e.g. 21",
+        )
+    failures = {address: error for address in config.listen.address if (error := _bind_error(address)) is not None}
+    for address, error in failures.items():
+        # As open_control_listeners does: a machine without IPv6 skips "::"
+        # as long as another address can be listened on.
+        ipv6_missing = ":" in address and error.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+        if ipv6_missing and len(failures) < len(config.listen.address):
+            yield Problem(
+                Severity.WARNING,
+                "[listen] address",
+                f"{address}: IPv6 is not available, so ftpfix will listen on IPv4 only",
+                f'remove "{address}" to say so',
+            )
+            continue
+        yield Problem(
+            Severity.ERROR,
+            "[listen] address",
+            f"{address} cannot be listened on: {_why(error)}",
+            "name addresses of this machine, or 0.0.0.0 and :: for all",
+        )
+
+
+def _backend(config: Config) -> Iterator[Problem]:
+    backend = config.backend
+    if backend.port == 0:
+        yield Problem(Severity.ERROR, "[backend] port", "0 can never be dialed", "set the backend's control port")
+    if not _is_ip(backend.address):
+        try:
+            # The family the dial uses (dial.connect), so the verdict is the dial's.
+            socket.getaddrinfo(backend.address, backend.port, family=family(backend.address))
+        except OSError as error:
+            yield Problem(
+                Severity.WARNING,
+                "[backend] address",
+                f"{backend.address} does not resolve ({_why(error)}): every session gets 421 until it does",
+                "fix the name or write the backend's IP address",
+            )
+
+
+def _public_address(config: Config) -> Iterator[Problem]:
+    setting = config.passive.public_address
+    if setting == "auto":
+        return
+    said = setting
+    if not _is_ip(setting):
+        # As PublicAddress.refresh looks it up: IPv4 only, the first answer.
+        try:
+            infos = socket.getaddrinfo(setting, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        except OSError as error:
+            yield Problem(
+                Severity.WARNING,
+                "[passive] public_address",
+                f"{setting} does not resolve ({_why(error)}): PASV fails until it does",
+                "fix the name, or write the router's public IPv4 address",
+            )
+            return
+        said = f"{setting} resolves to {infos[0][4][0]}, which"
+        setting = infos[0][4][0]
+    address = ipaddress.IPv4Address(setting)
+    if not address.is_global and not any(address in network for network in PUBLIC_LOOKING):
+        yield Problem(
+            Severity.WARNING,
+            "[passive] public_address",
+            f"{said} is not a public address: clients on the internet cannot reach it",
+            'write the router\'s public IPv4 address or DNS name (or "auto" when there is no NAT)',
+        )
+
+
+def _passive_listen_address(config: Config) -> Iterator[Problem]:
+    """A listen_address that is not this machine's fails every PASV (EADDRNOTAVAIL)."""
+    host = config.passive.listen_address
+    if host is not None and (error := _bind_error(host)) is not None:
+        yield Problem(
+            Severity.ERROR,
+            "[passive] listen_address",
+            f"{host} cannot be bound: {_why(error)}",
+            "name an address of this machine, or remove the key to bind the address each client dialed",
+        )
+
+
+def _ephemeral_ports(config: Config) -> Iterator[Problem]:
+    """The passive range lies in the kernel's ephemeral range.
 
     Outgoing connections (ftpfix's own, to the backend) take their local
     port from that range, and a port one of them holds, or held a minute ago
@@ -40,26 +225,63 @@ def warn_if_ports_are_ephemeral(config: Config) -> None:
     spans = [part.split("-") for part in reserved.split(",") if part]
     if all(any(int(span[0]) <= port <= int(span[-1]) for span in spans) for port in ports):
         return
-    structlog.get_logger("ftpfix").warning(
-        "the passive ports overlap the kernel's ephemeral ports; reserve them",
-        passive_ports=str(ports),
-        ephemeral_ports=f"{low}-{high}",
-        fix=f"sysctl -w net.ipv4.ip_local_reserved_ports={ports} (docker run --sysctl ...)",
+    yield Problem(
+        Severity.WARNING,
+        "[passive] ports",
+        f"{ports} lies in the kernel's ephemeral range {low}-{high}, where outgoing connections take their ports",
+        f"reserve them with sysctl -w net.ipv4.ip_local_reserved_ports={ports} (docker run --sysctl ...), "
+        f"or pick ports outside {low}-{high}",
     )
 
 
-def check_source_port(config: Config) -> None:
-    """Fail now, not at the first transfer, if ``[active] source_port`` cannot be bound."""
+def check_source_port(config: Config) -> Iterator[Problem]:
+    """``[active] source_port`` can be bound, now rather than at the first transfer."""
     port = config.active.source_port
     if port is None or config.active.mode != ActiveMode.PROXY:
+        return
+    if port == 0:
+        yield Problem(
+            Severity.WARNING,
+            "[active] source_port",
+            "0 lets the kernel pick the port, as leaving it unset does",
+            "remove it, or name the port the client's firewall expects, e.g. 20",
+        )
         return
     with socket.socket() as sock:
         try:
             bind_source_port(sock, port)
         except PermissionError:
-            raise StartupError(
-                f"[active] source_port = {port} needs the right to bind privileged ports: run ftpfix with "
-                "CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port"
-            ) from None
+            yield Problem(
+                Severity.ERROR,
+                "[active] source_port",
+                f"{port} needs the right to bind privileged ports",
+                "run ftpfix with CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port",
+            )
         except OSError as error:
-            raise StartupError(f"[active] source_port = {port} cannot be bound: {error.strerror or error}") from None
+            yield Problem(Severity.ERROR, "[active] source_port", f"{port} cannot be bound: {_why(error)}", "remove it")
+
+
+def _descriptors(config: Config) -> Iterator[Problem]:
+    """The descriptor limit fits fewer sessions at their worst than max_sessions."""
+    descriptors = raise_descriptor_limit()
+    fitting = Admission(descriptors, open_descriptors()).max_by_descriptors
+    if fitting is not None and fitting < config.limits.max_sessions:
+        yield Problem(
+            Severity.WARNING,
+            "[limits] max_sessions",
+            f"{config.limits.max_sessions} sessions may not fit the descriptor limit ({descriptors}, room for "
+            f"{fitting} at their worst)",
+            "raise the limit (ulimit -n, docker run --ulimit nofile=...) or lower max_sessions",
+        )
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -18,7 +18,7 @@ from ..ports import PortPool, PortRange
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
-from .preflight import StartupError, check_source_port, warn_if_ports_are_ephemeral
+from .preflight import StartupError, refuse_or_warn
 from .public import PublicAddress
 from .streams import say_last
 
@@ -168,22 +168,9 @@ async def serve(
     Error handling: raises StartupError when the config cannot be served here.
     """
     log = structlog.get_logger("ftpfix")
-    check_source_port(config)
-    warn_if_ports_are_ephemeral(config)
+    await refuse_or_warn(config)
     listeners = await open_control_listeners(config)
-    descriptors = raise_descriptor_limit()
-    server = Server(config, descriptors)
-    if (
-        server.admission.max_by_descriptors is not None
-        and server.admission.max_by_descriptors < config.limits.max_sessions
-    ):
-        log.warning(
-            "the descriptor limit may cap the sessions below max_sessions; raise it (ulimit -n, docker run "
-            "--ulimit nofile=...)",
-            descriptors=descriptors,
-            sessions=server.admission.max_by_descriptors,
-            max_sessions=config.limits.max_sessions,
-        )
+    server = Server(config, raise_descriptor_limit())
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     async with trio.open_nursery() as background:
         await server.keep_public_address_fresh(background)
