@@ -16,22 +16,47 @@ from .proxy import ROOT
 BACKEND_PORT = 2121
 LISTEN_PORT = 2100
 PUBLIC_ADDRESS = "127.0.0.1"
-PASSIVE_PORTS = "50000-50019"
+#: As many passive ports as the example config has.
+PASSIVE_PORT_COUNT = 20
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
-CONFIG = f"""\
-# The demo's config: ProFTPD on 127.0.0.1:{BACKEND_PORT} plays the legacy server
-# behind the router; 127.0.0.1 plays the router's public address.
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel takes for outgoing connections (Linux's default if unreadable)."""
+    try:
+        low, high = (int(n) for n in EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def passive_ports(low: int, high: int) -> str:
+    """``PASSIVE_PORT_COUNT`` ports just above the ephemeral range ``low-high``, else just below it.
+
+    The example config's 50000-50019 lies inside Linux's default ephemeral
+    range (32768-60999), and ftpfix rightly warns about that at start; the
+    demo should start clean without changing the machine's sysctls.
+    """
+    if high + PASSIVE_PORT_COUNT <= 65535:
+        return f"{high + 1}-{high + PASSIVE_PORT_COUNT}"
+    return f"{low - PASSIVE_PORT_COUNT}-{low - 1}"
+
+
+CONFIG = """\
+# The demo's config: ProFTPD on 127.0.0.1:{backend_port} plays the legacy server
+# behind the router; 127.0.0.1 plays the router's public address. The passive
+# ports lie outside this machine's ephemeral range ({ephemeral}).
 [listen]
 address = "127.0.0.1"
-port = {LISTEN_PORT}
+port = {listen_port}
 
 [backend]
 address = "127.0.0.1"
-port = {BACKEND_PORT}
+port = {backend_port}
 
 [passive]
-public_address = "{PUBLIC_ADDRESS}"
-ports = "{PASSIVE_PORTS}"
+public_address = "{public_address}"
+ports = "{ports}"
 
 [log]
 level = "debug"
@@ -58,12 +83,23 @@ def main() -> int:
         legacy.put_file(server, "welcome.txt", b"Hello from a legacy ProFTPD, through ftpfix.\n")
         legacy.put_file(server, "random.bin", os.urandom(8 * 1024 * 1024))
         config = workdir / "ftpfix.toml"
-        config.write_text(CONFIG)
+        low, high = ephemeral_range()
+        ports = passive_ports(low, high)
+        config.write_text(
+            CONFIG.format(
+                backend_port=BACKEND_PORT,
+                listen_port=LISTEN_PORT,
+                public_address=PUBLIC_ADDRESS,
+                ports=ports,
+                ephemeral=f"{low}-{high}",
+            )
+        )
         url = f"ftp://{server.user}:{server.password}@127.0.0.1:{LISTEN_PORT}"
         print(
             f"""
 ProFTPD 1.3.8 is listening on 127.0.0.1:{BACKEND_PORT} (user {server.user}, password {server.password}),
-files in {server.files}. ftpfix is in front of it on 127.0.0.1:{LISTEN_PORT}; its config is {config}.
+files in {server.files}. ftpfix is in front of it on 127.0.0.1:{LISTEN_PORT}, passive ports {ports}
+(outside the kernel's ephemeral ports {low}-{high}); its config is {config}.
 
 Try it from another terminal. The first two trust the address in the 227, as an old
 client would; the third sends P@SW, as the SMC router makes clients do, and ProFTPD
