@@ -115,7 +115,7 @@ def _public_address(value: Any) -> str:
         raise ValueError(f'{value!r} is not an IPv4 address, a DNS name or "auto"') from None
 
 
-def _networks(value: Any) -> Any:
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | Normalised:
     if not isinstance(value, list):
         raise ValueError(f'{value!r} is not a list of networks like ["192.168.123.0/24"]')
     try:
@@ -160,7 +160,7 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _port_range(value: Any) -> PortRange:
+def _port_range(value: Any) -> PortRange | Normalised:
     if isinstance(value, int) and not isinstance(value, bool):
         first = last = value
     elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)):
@@ -196,7 +196,7 @@ def _count(maximum: int) -> Callable[[Any], int]:
     return parse
 
 
-def _optional_port_range(value: Any) -> PortRange | None:
+def _optional_port_range(value: Any) -> PortRange | Normalised | None:
     if value is False:
         return None
     return _port_range(value)
@@ -205,7 +205,7 @@ def _optional_port_range(value: Any) -> PortRange | None:
 _VERB = re.compile(r"[!-~]{1,16}")
 
 
-def _aliases(value: Any) -> Any:
+def _aliases(value: Any) -> Mapping[bytes, bytes] | Normalised:
     if not isinstance(value, dict):
         raise ValueError('is not a table like {"P@SW" = "PASV"}')
     aliases = {}
