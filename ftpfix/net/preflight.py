@@ -44,11 +44,18 @@ class Problem:
 
     severity: Severity
     key: str
+    #: The value the text is about, as TOML writes it, or None.
+    value: str | None
     text: str
     fix: str
 
+    @property
+    def finding(self) -> str:
+        """``[active] source_port = 20 needs ...``, or ``[passive] ports: 50000 read as ...``."""
+        return f"{self.key} = {self.value} {self.text}" if self.value is not None else f"{self.key}: {self.text}"
+
     def __str__(self) -> str:
-        return f"{self.severity}: {self.key}: {self.text}; {self.fix}"
+        return f"{self.severity}: {self.finding}; {self.fix}"
 
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -94,10 +101,8 @@ async def refuse_or_warn(config: Config) -> None:
     log = structlog.get_logger("ftpfix")
     for problem in problems:
         if problem.severity is Severity.WARNING:
-            log.warning(problem.text, key=problem.key, fix=problem.fix)
-    errors = [
-        f"{problem.key}: {problem.text}; {problem.fix}" for problem in problems if problem.severity is Severity.ERROR
-    ]
+            log.warning(problem.finding, key=problem.key, fix=problem.fix)
+    errors = [f"{problem.finding}; {problem.fix}" for problem in problems if problem.severity is Severity.ERROR]
     if errors:
         raise StartupError("\n".join(errors))
 
@@ -105,7 +110,7 @@ async def refuse_or_warn(config: Config) -> None:
 def _normalised(note: str) -> Problem:
     key, _, text = note.partition(": ")
     read = text.rpartition(" read as ")[2]
-    return Problem(Severity.WARNING, key, text, f"write {read} if that is what you mean")
+    return Problem(Severity.WARNING, key, None, text, f"write {read} if that is what you mean")
 
 
 def _bind_error(host: str) -> OSError | None:
@@ -124,7 +129,8 @@ def _control_listeners(config: Config) -> Iterator[Problem]:
         yield Problem(
             Severity.ERROR,
             "[listen] port",
-            "0 makes the kernel pick another port at every start, and the router cannot forward to it",
+            "0",
+            "makes the kernel pick another port at every start, and the router cannot forward to it",
             "set the port the router forwards, e.g. 21",
         )
     failures = {address: error for address in config.listen.address if (error := _bind_error(address)) is not None}
@@ -136,14 +142,16 @@ def _control_listeners(config: Config) -> Iterator[Problem]:
             yield Problem(
                 Severity.WARNING,
                 "[listen] address",
-                f"{address}: IPv6 is not available, so ftpfix will listen on IPv4 only",
+                f'"{address}"',
+                "is IPv6, which this machine lacks: ftpfix will listen on IPv4 only",
                 f'remove "{address}" to say so',
             )
             continue
         yield Problem(
             Severity.ERROR,
             "[listen] address",
-            f"{address} cannot be listened on: {_why(error)}",
+            f'"{address}"',
+            f"cannot be listened on: {_why(error)}",
             "name addresses of this machine, or 0.0.0.0 and :: for all",
         )
 
@@ -151,7 +159,7 @@ def _control_listeners(config: Config) -> Iterator[Problem]:
 def _backend(config: Config) -> Iterator[Problem]:
     backend = config.backend
     if backend.port == 0:
-        yield Problem(Severity.ERROR, "[backend] port", "0 can never be dialed", "set the backend's control port")
+        yield Problem(Severity.ERROR, "[backend] port", "0", "can never be dialed", "set the backend's control port")
     if not _is_ip(backend.address):
         try:
             # The family the dial uses (dial.connect), so the verdict is the dial's.
@@ -160,7 +168,8 @@ def _backend(config: Config) -> Iterator[Problem]:
             yield Problem(
                 Severity.WARNING,
                 "[backend] address",
-                f"{backend.address} does not resolve ({_why(error)}): every session gets 421 until it does",
+                f'"{backend.address}"',
+                f"does not resolve ({_why(error)}): every session gets 421 until it does",
                 "fix the name or write the backend's IP address",
             )
 
@@ -169,7 +178,7 @@ def _public_address(config: Config) -> Iterator[Problem]:
     setting = config.passive.public_address
     if setting == "auto":
         return
-    said = setting
+    said = "is"
     if not _is_ip(setting):
         # As PublicAddress.refresh looks it up: IPv4 only, the first answer.
         try:
@@ -178,18 +187,21 @@ def _public_address(config: Config) -> Iterator[Problem]:
             yield Problem(
                 Severity.WARNING,
                 "[passive] public_address",
-                f"{setting} does not resolve ({_why(error)}): PASV fails until it does",
+                f'"{setting}"',
+                f"does not resolve ({_why(error)}): PASV fails until it does",
                 "fix the name, or write the router's public IPv4 address",
             )
             return
-        said = f"{setting} resolves to {infos[0][4][0]}, which"
-        setting = infos[0][4][0]
-    address = ipaddress.IPv4Address(setting)
+        said = f"resolves to {infos[0][4][0]}, which is"
+        address = ipaddress.IPv4Address(infos[0][4][0])
+    else:
+        address = ipaddress.IPv4Address(setting)
     if not address.is_global and not any(address in network for network in PUBLIC_LOOKING):
         yield Problem(
             Severity.WARNING,
             "[passive] public_address",
-            f"{said} is not a public address: clients on the internet cannot reach it",
+            f'"{setting}"',
+            f"{said} not a public address: clients on the internet cannot reach it",
             'write the router\'s public IPv4 address or DNS name (or "auto" when there is no NAT)',
         )
 
@@ -201,7 +213,8 @@ def _passive_listen_address(config: Config) -> Iterator[Problem]:
         yield Problem(
             Severity.ERROR,
             "[passive] listen_address",
-            f"{host} cannot be bound: {_why(error)}",
+            f'"{host}"',
+            f"cannot be bound: {_why(error)}",
             "name an address of this machine, or remove the key to bind the address each client dialed",
         )
 
@@ -228,7 +241,8 @@ def _ephemeral_ports(config: Config) -> Iterator[Problem]:
     yield Problem(
         Severity.WARNING,
         "[passive] ports",
-        f"{ports} lies in the kernel's ephemeral range {low}-{high}, where outgoing connections take their ports",
+        f'"{ports}"',
+        f"lies in the kernel's ephemeral range {low}-{high}, where outgoing connections take their ports",
         f"reserve them with sysctl -w net.ipv4.ip_local_reserved_ports={ports} (docker run --sysctl ...), "
         f"or pick ports outside {low}-{high}",
     )
@@ -243,7 +257,8 @@ def check_source_port(config: Config) -> Iterator[Problem]:
         yield Problem(
             Severity.WARNING,
             "[active] source_port",
-            "0 lets the kernel pick the port, as leaving it unset does",
+            "0",
+            "lets the kernel pick the port, as leaving it unset does",
             "remove it, or name the port the client's firewall expects, e.g. 20",
         )
         return
@@ -254,11 +269,14 @@ def check_source_port(config: Config) -> Iterator[Problem]:
             yield Problem(
                 Severity.ERROR,
                 "[active] source_port",
-                f"{port} needs the right to bind privileged ports",
+                str(port),
+                "needs the right to bind privileged ports",
                 "run ftpfix with CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port",
             )
         except OSError as error:
-            yield Problem(Severity.ERROR, "[active] source_port", f"{port} cannot be bound: {_why(error)}", "remove it")
+            yield Problem(
+                Severity.ERROR, "[active] source_port", str(port), f"cannot be bound: {_why(error)}", "remove it"
+            )
 
 
 def _descriptors(config: Config) -> Iterator[Problem]:
@@ -269,8 +287,8 @@ def _descriptors(config: Config) -> Iterator[Problem]:
         yield Problem(
             Severity.WARNING,
             "[limits] max_sessions",
-            f"{config.limits.max_sessions} sessions may not fit the descriptor limit ({descriptors}, room for "
-            f"{fitting} at their worst)",
+            str(config.limits.max_sessions),
+            f"may not fit the descriptor limit ({descriptors} descriptors, room for {fitting} sessions at their worst)",
             "raise the limit (ulimit -n, docker run --ulimit nofile=...) or lower max_sessions",
         )
 

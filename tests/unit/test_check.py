@@ -78,26 +78,26 @@ def ephemeral_ports() -> str:
     return f"{LOW + 100}-{LOW + 119}"
 
 
-# (what changes in CLEAN, the line check must print, does it name the fix)
+# case: (what changes in CLEAN, how the line check prints begins, the fix it must name)
 WARNINGS = {
     "ephemeral": (
         lambda: CLEAN.replace(PORTS, ephemeral_ports()),
-        f"warning: [passive] ports: {LOW + 100}-{LOW + 119} lies in the kernel's ephemeral range {LOW}-{HIGH}",
+        f'warning: [passive] ports = "{LOW + 100}-{LOW + 119}" lies in the kernel\'s ephemeral range {LOW}-{HIGH}',
         f"sysctl -w net.ipv4.ip_local_reserved_ports={LOW + 100}-{LOW + 119}",
     ),
     "private public_address": (
         lambda: CLEAN.replace('"203.0.113.1"', '"192.168.1.1"'),
-        "warning: [passive] public_address: 192.168.1.1 is not a public address",
+        'warning: [passive] public_address = "192.168.1.1" is not a public address',
         "write the router's public IPv4 address or DNS name",
     ),
     "unresolvable public_address": (
         lambda: CLEAN.replace('"203.0.113.1"', '"ftp.example.invalid"'),
-        "warning: [passive] public_address: ftp.example.invalid does not resolve",
+        'warning: [passive] public_address = "ftp.example.invalid" does not resolve',
         "fix the name",
     ),
     "unresolvable backend": (
         lambda: CLEAN.replace('address = "127.0.0.1"\nport = 2121', 'address = "legacy.invalid"\nport = 2121'),
-        "warning: [backend] address: legacy.invalid does not resolve",
+        'warning: [backend] address = "legacy.invalid" does not resolve',
         "fix the name or write the backend's IP address",
     ),
     "ports with spaces": (
@@ -122,7 +122,7 @@ WARNINGS = {
     ),
     "source_port 0": (
         lambda: CLEAN + "\n[active]\nsource_port = 0\n",
-        "warning: [active] source_port: 0 lets the kernel pick the port",
+        "warning: [active] source_port = 0 lets the kernel pick the port",
         "remove it",
     ),
 }
@@ -130,22 +130,22 @@ WARNINGS = {
 ERRORS = {
     "listen port 0": (
         lambda: CLEAN.replace("port = 2100", "port = 0"),
-        "error: [listen] port: 0 makes the kernel pick another port at every start",
+        "error: [listen] port = 0 makes the kernel pick another port at every start",
         "set the port the router forwards",
     ),
     "non-local listen address": (
         lambda: CLEAN.replace('address = "127.0.0.1"\nport = 2100', f'address = "{NOT_LOCAL}"\nport = 2100'),
-        f"error: [listen] address: {NOT_LOCAL} cannot be listened on: Cannot assign requested address",
+        f'error: [listen] address = "{NOT_LOCAL}" cannot be listened on: Cannot assign requested address',
         "name addresses of this machine",
     ),
     "non-local passive listen_address": (
         lambda: CLEAN.replace("[limits]", f'listen_address = "{NOT_LOCAL}"\n\n[limits]'),
-        f"error: [passive] listen_address: {NOT_LOCAL} cannot be bound: Cannot assign requested address",
+        f'error: [passive] listen_address = "{NOT_LOCAL}" cannot be bound: Cannot assign requested address',
         "name an address of this machine, or remove the key",
     ),
     "backend port 0": (
         lambda: CLEAN.replace("port = 2121", "port = 0"),
-        "error: [backend] port: 0 can never be dialed",
+        "error: [backend] port = 0 can never be dialed",
         "set the backend's control port",
     ),
 }
@@ -221,7 +221,7 @@ def test_run_refuses_a_passive_listen_address_it_cannot_bind(tmp_path: Path) -> 
     result = ftpfix("run", "--config", str(path))
     assert result.returncode == 1
     assert (
-        f"ftpfix: [passive] listen_address: {NOT_LOCAL} cannot be bound: Cannot assign requested address; "
+        f'ftpfix: [passive] listen_address = "{NOT_LOCAL}" cannot be bound: Cannot assign requested address; '
         "name an address of this machine" in result.stderr
     )
     assert "Traceback" not in result.stderr
@@ -242,7 +242,7 @@ def test_run_warns_as_check_does(tmp_path: Path) -> None:
     finally:
         proxy.stop()
     assert set(warnings) == {"[backend] address", "[passive] public_address", "[passive] ports"}
-    assert warnings["[passive] ports"]["event"] == f'"{PORTS.replace("-", " - ")}" read as "{PORTS}"'
+    assert warnings["[passive] ports"]["event"] == f'[passive] ports: "{PORTS.replace("-", " - ")}" read as "{PORTS}"'
     assert "does not resolve" in warnings["[backend] address"]["event"]
     assert "is not a public address" in warnings["[passive] public_address"]["event"]
     assert all(event["fix"] for event in warnings.values())
