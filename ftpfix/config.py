@@ -36,6 +36,27 @@ ENVIRONMENT_VARIABLE = "FTPFIX_CONFIG"
 PASSIVE_PORT_FLOOR = 1024
 
 
+class AcceptDataFrom(enum.StrEnum):
+    """Which addresses may make a passive data connection for a client.
+
+    ``same-network`` is for clients behind carrier-grade NAT, whose pool may
+    give the data connection another public address than the control
+    connection's (RFC 6888 asks pools to keep them paired, and not all do):
+    the same /24 (IPv4) or /64 (IPv6) is accepted.
+    """
+
+    SAME_ADDRESS = "same-address"
+    SAME_NETWORK = "same-network"
+
+    def network(self, host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The addresses accepted for a client at ``host``."""
+        address = ipaddress.ip_address(host)
+        if self is AcceptDataFrom.SAME_ADDRESS:
+            return ipaddress.ip_network(address)
+        prefix = 24 if address.version == 4 else 64
+        return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+
+
 class ConfigError(Exception):
     """The configuration file cannot be used; the message names file and key."""
 
@@ -238,6 +259,11 @@ class Passive:
         _networks, [], "clients in these networks are told the address they dialed"
     )
     epsv: EpsvMode = _key(_choice(EpsvMode), EpsvMode.AUTO, "what the backend gets for EPSV")
+    accept_data_from: AcceptDataFrom = _key(
+        _choice(AcceptDataFrom),
+        AcceptDataFrom.SAME_ADDRESS,
+        'who may connect to a passive port: "same-address" as the control connection, or "same-network" (/24, /64)',
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from ftpfix.protocol import (
     BackendQuiet,
     Command,
     ConnectionClosed,
+    DataFailed,
     DataReceived,
     Event,
     Note,
@@ -94,6 +95,13 @@ class Finished(_Step):
 
 
 @dataclass(frozen=True)
+class Lost(_Step):
+    """The shell says the newest mapping's data connection will never be made."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Quiet(_Step):
     """The shell's answer to AwaitQuiet: the backend has gone quiet."""
 
@@ -121,6 +129,7 @@ Step = (
     | ActiveOpened
     | ActiveFailed
     | Finished
+    | Lost
     | Quiet
     | Settled
     | ClientClosed
@@ -153,6 +162,8 @@ def events(step: Step, *, byte_at_a_time: bool = False) -> list[Event]:
             return [ActiveFailedEvent(reason)]
         case Finished(failure, connected):
             return [TransferDone(failure, connected=connected)]
+        case Lost(reason):
+            return [DataFailed(reason)]
         case Quiet():
             return [BackendQuiet()]
         case Settled():
