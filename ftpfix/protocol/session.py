@@ -128,13 +128,13 @@ from .grammar import (
     transfer_aborted,
 )
 from .lines import TOO_LONG, LineBuffer
+from .logins import LOGIN_VERBS, login_outcome
 from .policy import Policy
 from .state import TRANSITIONS, Waiting
 from .verbs import (
     ABOR_REPLIES,
     COMMANDS,
     EXCLUSIVE_VERBS,
-    LOGIN_VERBS,
     PORT_FLOOR,
     REFUSED_AFTER_EPSV_ALL,
     SECRET_VERBS,
@@ -190,6 +190,7 @@ class _Forwarded:
     preliminaries: int = 0  # 1xx replies to this (transfer) command so far
     probed: bool = False  # ftpfix asked the backend a NOOP: is this reply ever coming?
     probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
+    user: str | None = None  # USER, PASS, ACCT: the user name the backend pairs it with
 
 
 @dataclass(slots=True)
@@ -363,7 +364,11 @@ class Session:
 
     def expect_reply(self, verb: bytes, out: list[Command], *, sent: bytes = b"") -> None:
         """A command for ``verb`` goes to the backend (the caller sends it)."""
-        self._pending.append(_Forwarded(verb, sent))
+        # The user a login command is for is stamped now, not read when its
+        # reply comes: a pipelined "USER a, PASS, USER b, PASS" is answered
+        # for a, then b.
+        user = self.user if verb in LOGIN_VERBS else None
+        self._pending.append(_Forwarded(verb, sent, user=user))
 
     def answer(self, out: list[Command], text: bytes) -> None:
         """Answer the client's command here, in its turn."""
@@ -565,8 +570,11 @@ class Session:
         if self._action is Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             if line.last and line.code >= 200:
-                if line.code == 230 and self._answering is not None and self._answering.verb in LOGIN_VERBS:
-                    self.logged_in = True
+                answering = self._answering
+                if answering is not None and (login := login_outcome(answering.verb, line.code, answering.user)):
+                    out.append(login)
+                    if line.code == 230:
+                        self.logged_in = True
                 self._complete(out)
             return
         self._held.append(line.raw)
