@@ -128,7 +128,7 @@ from .grammar import (
     transfer_aborted,
 )
 from .lines import TOO_LONG, LineBuffer
-from .logins import LOGIN_VERBS, login_outcome
+from .logins import LOGIN_VERBS, loggable, login_outcome
 from .policy import Policy
 from .state import TRANSITIONS, Waiting
 from .verbs import (
@@ -162,6 +162,9 @@ MAX_HELD_REPLY = 16 * 1024
 #: the socket once ``CLIENT_BACKLOG`` bytes wait, so a flood of empty lines
 #: costs a bounded queue, not memory without end.
 MAX_PENDING = 32
+
+#: Longest command argument in a DEBUG line, in characters after escaping.
+MAX_LOGGED_ARGUMENT = 256
 
 #: Unread client bytes the core holds before the shell stops reading.
 CLIENT_BACKLOG = 64 * 1024
@@ -535,7 +538,8 @@ class Session:
         return None
 
     def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
-        shown = "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")
+        # The argument is the client's: escaped and bounded like a user name.
+        shown = "****" if verb in SECRET_VERBS else loggable(argument, MAX_LOGGED_ARGUMENT)
         out.append(Note("command", level=Level.DEBUG, fields={"verb": verb.decode("ascii"), "argument": shown}))
         if self.epsv_all and verb in REFUSED_AFTER_EPSV_ALL:
             self.answer(out, reply(f"503 {verb.decode('ascii')} not allowed after EPSV ALL."))
