@@ -129,13 +129,13 @@ from .grammar import (
     transfer_aborted,
 )
 from .lines import TOO_LONG, LineBuffer
+from .logins import LOGIN_VERBS, loggable, login_outcome
 from .policy import Policy
 from .state import TRANSITIONS, Waiting
 from .verbs import (
     ABOR_REPLIES,
     COMMANDS,
     EXCLUSIVE_VERBS,
-    LOGIN_VERBS,
     PORT_FLOOR,
     REFUSED_AFTER_EPSV_ALL,
     SECRET_VERBS,
@@ -164,6 +164,9 @@ MAX_HELD_REPLY = 16 * 1024
 #: costs a bounded queue, not memory without end.
 MAX_PENDING = 32
 
+#: Longest command argument in a DEBUG line, in characters after escaping.
+MAX_LOGGED_ARGUMENT = 256
+
 #: Unread client bytes the core holds before the shell stops reading.
 CLIENT_BACKLOG = 64 * 1024
 
@@ -191,6 +194,7 @@ class _Forwarded:
     preliminaries: int = 0  # 1xx replies to this (transfer) command so far
     probed: bool = False  # ftpfix asked the backend a NOOP: is this reply ever coming?
     probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
+    user: str | None = None  # USER, PASS, ACCT: the user name the backend pairs it with
     failed: str | None = None  # why its data connection was never made (DataFailed)
 
     def replacement(self) -> bytes:
@@ -387,7 +391,11 @@ class Session:
 
     def expect_reply(self, verb: bytes, out: list[Command], *, sent: bytes = b"") -> None:
         """A command for ``verb`` goes to the backend (the caller sends it)."""
-        self._pending.append(_Forwarded(verb, sent))
+        # The user a login command is for is stamped now, not read when its
+        # reply comes: a pipelined "USER a, PASS, USER b, PASS" is answered
+        # for a, then b.
+        user = self.user if verb in LOGIN_VERBS else None
+        self._pending.append(_Forwarded(verb, sent, user=user))
 
     def answer(self, out: list[Command], text: bytes) -> None:
         """Answer the client's command here, in its turn."""
@@ -571,7 +579,8 @@ class Session:
         return None
 
     def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
-        shown = "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")
+        # The argument is the client's: escaped and bounded like a user name.
+        shown = "****" if verb in SECRET_VERBS else loggable(argument, MAX_LOGGED_ARGUMENT)
         out.append(Note("command", level=Level.DEBUG, fields={"verb": verb.decode("ascii"), "argument": shown}))
         if self.epsv_all and verb in REFUSED_AFTER_EPSV_ALL:
             self.answer(out, reply(f"503 {verb.decode('ascii')} not allowed after EPSV ALL."))
@@ -606,9 +615,12 @@ class Session:
         if self._action is Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             if line.last and line.code >= 200:
-                if line.code == 230 and self._answering is not None and self._answering.verb in LOGIN_VERBS:
-                    self.logged_in = True
-                if line.code == 221 and self._answering is not None and self._answering.verb == b"QUIT":
+                answering = self._answering
+                if answering is not None and (login := login_outcome(answering.verb, line.code, answering.user)):
+                    out.append(login)
+                    if line.code == 230:
+                        self.logged_in = True
+                if line.code == 221 and answering is not None and answering.verb == b"QUIT":
                     self.quit = True
                 self._complete(out)
             return

@@ -54,6 +54,7 @@ from .grammar import (
     parse_port,
     reply,
 )
+from .logins import NOT_LOGGED_IN, loggable, login_failed
 from .policy import ActiveMode, EpsvMode
 from .state import Waiting
 
@@ -97,9 +98,6 @@ TELNET_DM = b"\xff\xf2"
 #: User names of anonymous FTP (RFC 1635).
 ANONYMOUS_USERS = frozenset({b"ANONYMOUS", b"FTP"})
 
-#: Commands whose successful reply (230) means the client is logged in.
-LOGIN_VERBS = frozenset({b"USER", b"PASS", b"ACCT"})
-
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
 
@@ -134,10 +132,12 @@ Handler = Callable[["Session", bytes, bytes, "list[Command]"], None]
 def _user(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     name = argument.strip(SEPARATORS)
     if session.policy.deny_anonymous and name.upper() in ANONYMOUS_USERS:
-        out.append(Note("anonymous login refused", level=Level.WARNING))
+        # A failed login like any other, for fail2ban: ftpfix is the server here.
+        out.append(login_failed(loggable(name), NOT_LOGGED_IN, reason="anonymous logins are refused"))
         session.answer(out, reply("530 Anonymous logins are not allowed here."))
         return
-    session.user = name.decode("utf-8", "replace")
+    # What the backend pairs the next PASS with, and the session summary's user.
+    session.user = loggable(name)
     session.forward(verb, argument, out)
 
 
