@@ -139,11 +139,11 @@ async def read_request_head(stream: trio.abc.Stream) -> bytes | None:
     """
     data = bytearray()
     while True:
-        for end in (b"\r\n\r\n", b"\n\n"):
-            if (found := data.find(end)) >= 0:
-                return bytes(data[:found])
-        if len(data) > MAX_REQUEST_HEAD:
+        ends = [found for found in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if found >= 0]
+        if min(ends, default=len(data)) > MAX_REQUEST_HEAD:
             raise HttpError(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+        if ends:
+            return bytes(data[: min(ends)])
         chunk = await stream.receive_some(RECEIVE_SIZE)
         if not chunk:
             if not data:
