@@ -8,6 +8,7 @@ flood of them costs the backend nothing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import trio
@@ -43,8 +44,10 @@ async def greets(backend: Backend) -> str | None:
                     greeting += chunk
                 if greeting[:3] == b"220" and greeting[3:4] in (b" ", b"-"):
                     # Say goodbye rather than vanish, so the backend logs a
-                    # clean end; its 221 is not waited for.
-                    await stream.send_all(b"QUIT\r\n")
+                    # clean end; its 221 is not waited for, and a backend
+                    # that hung up already still greeted.
+                    with contextlib.suppress(trio.BrokenResourceError, OSError):
+                        await stream.send_all(b"QUIT\r\n")
                     return None
             finally:
                 await trio.aclose_forcefully(stream)
