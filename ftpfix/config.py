@@ -318,6 +318,38 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class HostPort:
+    """An HTTP listener's address, written "127.0.0.1:9121" or "[::1]:9121"."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})")
+
+
+def _optional_host_port(value: Any) -> HostPort | None:
+    if value == "":
+        return None
+    match = _HOST_PORT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f'{value!r} is not "" or an address and port like "127.0.0.1:9121" or "[::1]:9121"')
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return HostPort(_ip(host), _port(int(port)))
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    listen: HostPort | None = _key(
+        _optional_host_port, None, 'HTTP listener for /healthz and /readyz, e.g. "127.0.0.1:9121"; "" for none'
+    )
+    ready_interval: float = _key(_seconds, 10.0, "seconds between the backend checks behind /readyz")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     backend: Backend
@@ -327,6 +359,7 @@ class Config:
     limits: Limits
     access: Access
     log: Log
+    metrics: Metrics
     path: Path | None = None
 
 
@@ -339,6 +372,7 @@ SECTIONS: dict[str, type] = {
     "limits": Limits,
     "access": Access,
     "log": Log,
+    "metrics": Metrics,
 }
 
 
@@ -386,7 +420,23 @@ def load_config(path: Path) -> Config:
     except RecursionError:
         # tomllib recurses once per nesting level of arrays and tables.
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-    return parse_config(document, path)
+    return parse_config(_environment_overrides(document, path), path)
+
+
+#: Overrides ``[passive] ports``, so that compose writes the range once (deploy/.env) for the published
+#: ports, the reserved-ports sysctl and ftpfix itself.
+PASSIVE_PORTS_VARIABLE = "FTPFIX_PASSIVE_PORTS"
+
+
+def _environment_overrides(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    value = os.environ.get(PASSIVE_PORTS_VARIABLE, "").strip()
+    if not value or not isinstance(document.get("passive"), dict):
+        return document  # a missing [passive] is parse_config's error to name
+    try:
+        _port_range(value)
+    except ValueError as error:
+        raise ConfigError(f"${PASSIVE_PORTS_VARIABLE} (overrides {path}: [passive] ports): {error}") from None
+    return {**document, "passive": {**document["passive"], "ports": value}}
 
 
 def default_path() -> Path:

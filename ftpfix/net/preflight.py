@@ -59,7 +59,8 @@ def check_source_port(config: Config) -> None:
         except PermissionError:
             raise StartupError(
                 f"[active] source_port = {port} needs the right to bind privileged ports: run ftpfix with "
-                "CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port"
+                f"CAP_NET_BIND_SERVICE or net.ipv4.ip_unprivileged_port_start <= {port} (in a container: "
+                f"--sysctl net.ipv4.ip_unprivileged_port_start=0), or remove source_port"
             ) from None
         except OSError as error:
             raise StartupError(f"[active] source_port = {port} cannot be bound: {error.strerror or error}") from None
