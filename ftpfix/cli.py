@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import ipaddress
-import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "run the proxy in the foreground"),
         ("check", "run the start-up checks on the config and print the effective config"),
-        ("health", "exit 0 if ftpfix answers on its control port with the backend's 220"),
+        ("health", "exit 0 if ftpfix's probe listener ([metrics] listen) says it serves; never dials the FTP port"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument(
@@ -36,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "check":
             command.add_argument("--strict", action="store_true", help="exit 1 on warnings too, not only on errors")
+    commands.choices["health"].add_argument(
+        "--ready", action="store_true", help="ask /readyz (backend greeting lately, not draining) instead of /healthz"
+    )
     return parser
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "check":
         return check(config, path, strict=arguments.strict)
     if arguments.command == "health":
-        return health(config)
+        return health(config, ready=arguments.ready)
     from .net.server import StartupError, run
 
     logs.configure(config.log.level, config.log.format)
@@ -95,24 +97,48 @@ def check(config: Config, path: Path, *, strict: bool) -> int:
     return 1 if errors or (strict and warnings) else 0
 
 
-#: Seconds the health check waits for the greeting; Docker's own timeout
+#: Seconds the health check waits for its answer; Docker's own timeout
 #: should be longer.
 HEALTH_TIMEOUT = 5.0
 
 
-def health(config: Config) -> int:
-    """Dial the control port and expect a 220: ftpfix and its backend both work."""
-    host = config.listen.address[0]
+def health(config: Config, *, ready: bool = False) -> int:
+    """Ask ftpfix's probe listener for /healthz (or /readyz): exit 0 on a 200.
+
+    It never dials the FTP port, so it opens no backend session and counts
+    against no session limit; /healthz does not depend on the backend, so a
+    HEALTHCHECK built on it does not restart ftpfix while the backend is down.
+    """
+    import http.client
+
+    where = config.path or "the config"
+    address = config.metrics.listen
+    if address is None:
+        print(
+            f'ftpfix: health: [metrics] listen is not set in {where}; set it, e.g. listen = "127.0.0.1:9121"',
+            file=sys.stderr,
+        )
+        return 1
+    if address.port == 0:
+        print(f"ftpfix: health: [metrics] listen in {where} has port 0; give it a fixed port", file=sys.stderr)
+        return 1
+    host = address.host
     if ipaddress.ip_address(host).is_unspecified:
         host = "::1" if ":" in host else "127.0.0.1"
+    path = "/readyz" if ready else "/healthz"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}{path}"
+    connection = http.client.HTTPConnection(host, address.port, timeout=HEALTH_TIMEOUT)
     try:
-        with socket.create_connection((host, config.listen.port), timeout=HEALTH_TIMEOUT) as sock:
-            greeting = sock.makefile("rb").readline(512)
-            sock.sendall(b"QUIT\r\n")
-    except OSError as error:
-        print(f"ftpfix: unhealthy: {host}:{config.listen.port}: {error}", file=sys.stderr)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        text = response.read(1024).decode("utf-8", "replace").strip()
+    except (OSError, http.client.HTTPException) as error:
+        print(f"ftpfix: unhealthy: {url}: {error}", file=sys.stderr)
         return 1
-    if not greeting.startswith(b"220"):
-        print(f"ftpfix: unhealthy: greeting {greeting!r}", file=sys.stderr)
+    finally:
+        connection.close()
+    if response.status != 200:
+        print(f"ftpfix: {'not ready' if ready else 'unhealthy'}: {url}: {response.status} {text}", file=sys.stderr)
         return 1
+    print(f"ftpfix: {url}: {text}")
     return 0

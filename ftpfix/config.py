@@ -36,6 +36,27 @@ ENVIRONMENT_VARIABLE = "FTPFIX_CONFIG"
 PASSIVE_PORT_FLOOR = 1024
 
 
+class AcceptDataFrom(enum.StrEnum):
+    """Which addresses may make a passive data connection for a client.
+
+    ``same-network`` is for clients behind carrier-grade NAT, whose pool may
+    give the data connection another public address than the control
+    connection's (RFC 6888 asks pools to keep them paired, and not all do):
+    the same /24 (IPv4) or /64 (IPv6) is accepted.
+    """
+
+    SAME_ADDRESS = "same-address"
+    SAME_NETWORK = "same-network"
+
+    def network(self, host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The addresses accepted for a client at ``host``."""
+        address = ipaddress.ip_address(host)
+        if self is AcceptDataFrom.SAME_ADDRESS:
+            return ipaddress.ip_network(address)
+        prefix = 24 if address.version == 4 else 64
+        return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+
+
 class ConfigError(Exception):
     """The configuration file cannot be used; the message names file and key."""
 
@@ -271,6 +292,11 @@ class Passive:
         _networks, [], "clients in these networks are told the address they dialed"
     )
     epsv: EpsvMode = _key(_choice(EpsvMode), EpsvMode.AUTO, "what the backend gets for EPSV")
+    accept_data_from: AcceptDataFrom = _key(
+        _choice(AcceptDataFrom),
+        AcceptDataFrom.SAME_ADDRESS,
+        'who may connect to a passive port: "same-address" as the control connection, or "same-network" (/24, /64)',
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +351,38 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class HostPort:
+    """An HTTP listener's address, written "127.0.0.1:9121" or "[::1]:9121"."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})")
+
+
+def _optional_host_port(value: Any) -> HostPort | None:
+    if value == "":
+        return None
+    match = _HOST_PORT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f'{value!r} is not "" or an address and port like "127.0.0.1:9121" or "[::1]:9121"')
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return HostPort(_ip(host), _port(int(port)))
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    listen: HostPort | None = _key(
+        _optional_host_port, None, 'HTTP listener for /healthz and /readyz, e.g. "127.0.0.1:9121"; "" for none'
+    )
+    ready_interval: float = _key(_seconds, 10.0, "seconds between the backend checks behind /readyz")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     backend: Backend
@@ -334,6 +392,7 @@ class Config:
     limits: Limits
     access: Access
     log: Log
+    metrics: Metrics
     path: Path | None = None
     #: What the loader read otherwise than written, one line per key, as in
     #: ``[passive] ports: 50000 read as "50000-50000"``.
@@ -349,6 +408,7 @@ SECTIONS: dict[str, type] = {
     "limits": Limits,
     "access": Access,
     "log": Log,
+    "metrics": Metrics,
 }
 
 
@@ -400,7 +460,23 @@ def load_config(path: Path) -> Config:
     except RecursionError:
         # tomllib recurses once per nesting level of arrays and tables.
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-    return parse_config(document, path)
+    return parse_config(_environment_overrides(document, path), path)
+
+
+#: Overrides ``[passive] ports``, so that compose writes the range once (deploy/.env) for the published
+#: ports, the reserved-ports sysctl and ftpfix itself.
+PASSIVE_PORTS_VARIABLE = "FTPFIX_PASSIVE_PORTS"
+
+
+def _environment_overrides(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    value = os.environ.get(PASSIVE_PORTS_VARIABLE, "").strip()
+    if not value or not isinstance(document.get("passive"), dict):
+        return document  # a missing [passive] is parse_config's error to name
+    try:
+        _port_range(value)
+    except ValueError as error:
+        raise ConfigError(f"${PASSIVE_PORTS_VARIABLE} (overrides {path}: [passive] ports): {error}") from None
+    return {**document, "passive": {**document["passive"], "ports": value}}
 
 
 def default_path() -> Path:

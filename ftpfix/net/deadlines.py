@@ -24,7 +24,7 @@ TRANSFER_CHECK = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Expired:
-    """A session deadline passed: send ``reply`` and end the session."""
+    """A session deadline passed: send ``reply`` (if any) and end the session."""
 
     reply: bytes
     reason: str
@@ -39,6 +39,7 @@ class Deadlines:
         self._started = now
         self._last_activity = now
         self._partial_since: float | None = None
+        self._left_at: float | None = None  # the client closed its end by then
         self._rearm = trio.Event()
 
     def client_spoke(self, partial: bool) -> None:
@@ -49,6 +50,11 @@ class Deadlines:
         elif self._partial_since is None:
             self._partial_since = self._last_activity
             self._rearm.set()  # a nearer deadline for the watchdog
+
+    def client_left(self, grace: float) -> None:
+        """The client closed its end: the session ends ``grace`` seconds from now at the latest."""
+        self._left_at = trio.current_time() + grace
+        self._rearm.set()
 
     def transfer_ended(self, connected: bool) -> None:
         """A transfer ended: the idle clock starts again if it moved data."""
@@ -81,6 +87,9 @@ class Deadlines:
         if self._partial_since is not None:
             text = f"421 Command line not completed within {limits.line_timeout:g} s."
             deadlines.append((self._partial_since + limits.line_timeout, Expired(reply(text), "line timeout")))
+        if self._left_at is not None:
+            # No reply: there is nobody to read it.
+            deadlines.append((self._left_at, Expired(b"", "client hung up")))
         return min(deadlines, key=lambda entry: entry[0])
 
     async def watch(

@@ -22,7 +22,7 @@ from functools import partial
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import Config
+from ..config import AcceptDataFrom, Config
 from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
@@ -34,6 +34,7 @@ from ..protocol import (
     Close,
     Command,
     ConnectionClosed,
+    DataFailed,
     DataReceived,
     Event,
     FinishTransfer,
@@ -84,13 +85,29 @@ QUIET_PERIOD = 0.05
 #: Seconds between checks for a hang-up on a side ftpfix is not reading.
 HANG_UP_CHECK = 1.0
 
+#: Seconds a client that closed its end still gets for the replies it is
+#: owed (a script that sends QUIT and half-closes still reads its 221). A
+#: transfer outstanding ends the session at once (the core's rule).
+HALF_CLOSE_GRACE = 2.0
+
+#: How close reasons and log lines name each side.
+SIDE_NAMES = {Side.CLIENT: "client", Side.SERVER: "backend"}
+
 
 @dataclass(frozen=True, slots=True)
 class _Drain:
     """ftpfix is shutting down: end the session once nothing is in flight."""
 
 
-_Input = Event | Expired | _Drain
+@dataclass(frozen=True, slots=True)
+class _Unmade:
+    """``transfer``'s data connection will never be made; the core hears of
+    it only if no newer mapping has replaced it meanwhile."""
+
+    transfer: Transfer
+
+
+_Input = Event | Expired | _Drain | _Unmade
 
 
 @dataclass(slots=True)
@@ -220,10 +237,17 @@ class ControlChannel:
             case Expired(reply=reply, reason=reason):
                 self.log.info("session timed out", reason=reason)
                 self.close_reason = reason
-                await self._send(Side.CLIENT, reply)
+                if reply:
+                    await self._send(Side.CLIENT, reply)
                 return False
             case _Drain():
                 self._draining = True
+            case _Unmade(transfer=transfer):
+                if transfer is not self._transfer:
+                    return True  # a newer mapping replaced it: nothing is waiting for it
+                failure = transfer.failure or "the data connection failed"
+                if not await self._feed(DataFailed(failure)):
+                    return False
             case _:
                 if not await self._feed(item):
                     return False
@@ -253,6 +277,8 @@ class ControlChannel:
                 events.append(ReadOn())
         if isinstance(event, DataReceived) and event.side is Side.CLIENT:
             self.deadlines.client_spoke(self.core.partial_command)
+        elif event == ConnectionClosed(Side.CLIENT):
+            self.deadlines.client_left(HALF_CLOSE_GRACE)
         return True
 
     async def _execute(self, commands: list[Command], followups: list[Event]) -> bool:
@@ -270,8 +296,10 @@ class ControlChannel:
                 case OpenActive():
                     followups.append(self._open_active(command))
                 case TransferStarted(download=download):
-                    if self._transfer is not None:
-                        self._transfer.expect(download=download)
+                    transfer = self._transfer
+                    if transfer is not None and transfer.expect(download=download):
+                        assert self._nursery is not None
+                        self._nursery.start_soon(transfer.knock)
                 case AbortTransfer():
                     if self._transfer is not None:
                         self._transfer.abort()
@@ -341,7 +369,7 @@ class ControlChannel:
                         with trio.move_on_after(HANG_UP_CHECK):
                             await self._wanted[side].wait()
                         if stream.hung_up():
-                            self._end(f"{side.value} hung up")
+                            self._end(f"{SIDE_NAMES[side]} hung up")
                             return
                     data = await stream.receive_some(CONTROL_READ_SIZE)
                     ended = not data
@@ -355,7 +383,7 @@ class ControlChannel:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # A reset: there is no peer left to answer.
-                self._end(f"{side.value} connection reset")
+                self._end(f"{SIDE_NAMES[side]} reset the connection")
 
     async def _read_rest(self, stream: ControlStream, data: bytes) -> tuple[bytes, bool]:
         """``data`` and whatever else the backend has already sent; True at its end.
@@ -384,9 +412,9 @@ class ControlChannel:
             with trio.CancelScope(deadline=trio.current_time() + self.config.limits.idle_timeout) as writing:
                 await (stream.send_urgent(data) if urgent else stream.send_all(data))
             if writing.cancelled_caught:
-                self._end(f"{side.value} stopped reading")
+                self._end(f"{SIDE_NAMES[side]} stopped reading")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._end(f"{side.value} connection lost")
+            self._end(f"{SIDE_NAMES[side]} connection lost")
             await trio.lowlevel.checkpoint()
 
     def _end(self, reason: str) -> None:
@@ -422,13 +450,14 @@ class ControlChannel:
         self._transfer = transfer
         self._transfers.append(transfer)
         self.totals.transfers += 1
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_transfer, transfer)
+        self._spawn(self._run_transfer, transfer)
 
-    async def _run_transfer(self, transfer: Transfer) -> None:
-        """Run one transfer; its own failure boundary (STYLE 11)."""
+    async def _run_transfer(self, transfer: Transfer, send: trio.MemorySendChannel[_Input]) -> None:
+        """Run one transfer; its own failure boundary (STYLE 11). A data
+        connection that was never made is reported (``_Unmade``)."""
         try:
-            await transfer.run()
+            async with send:
+                await transfer.run(partial(send.send, _Unmade(transfer)))
         except Exception:
             transfer.cancel("ftpfix failed")
             self.log.exception("data connection crashed: this is a bug in ftpfix", port=transfer.port)
@@ -464,7 +493,7 @@ class ControlChannel:
             Transfer(
                 port=port,
                 listener=listener,
-                peer_host=self.endpoints.client,
+                peers=self.config.passive.accept_data_from.network(self.endpoints.client),
                 target=(backend, command.backend_port),
                 pool=self.pool,
                 timeouts=self._timeouts(active=False),
@@ -495,7 +524,7 @@ class ControlChannel:
             Transfer(
                 port=port,
                 listener=listener,
-                peer_host=self.endpoints.backend,
+                peers=AcceptDataFrom.SAME_ADDRESS.network(self.endpoints.backend),
                 target=(command.host, command.port),
                 pool=self.pool,
                 timeouts=self._timeouts(active=True),

@@ -271,7 +271,8 @@ def check_source_port(config: Config) -> Iterator[Problem]:
                 "[active] source_port",
                 str(port),
                 "needs the right to bind privileged ports",
-                "run ftpfix with CAP_NET_BIND_SERVICE (the Docker image has it) or remove source_port",
+                f"run ftpfix with CAP_NET_BIND_SERVICE or net.ipv4.ip_unprivileged_port_start <= {port} "
+                "(in a container: --sysctl net.ipv4.ip_unprivileged_port_start=0), or remove source_port",
             )
         except OSError as error:
             yield Problem(

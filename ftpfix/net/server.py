@@ -18,8 +18,10 @@ from ..ports import PortPool, PortRange
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
+from .health import open_health_listeners, probe_routes, serve_health
 from .preflight import StartupError, refuse_or_warn
 from .public import PublicAddress
+from .readiness import Readiness, keep_checking
 from .streams import say_last
 
 __all__ = ["Server", "StartupError", "run", "serve"]
@@ -85,8 +87,14 @@ class Server:
             self.log.error("config reload failed; keeping the running config", error=f"{type(error).__name__}: {error}")
             return
         old = self.generation.config
-        if (config.listen, config.active.source_port) != (old.listen, old.active.source_port):
-            self.log.warning("[listen] and [active] source_port changes take effect only after a restart")
+        if (config.listen, config.active.source_port, config.metrics.listen) != (
+            old.listen,
+            old.active.source_port,
+            old.metrics.listen,
+        ):
+            self.log.warning(
+                "[listen], [active] source_port and [metrics] listen changes take effect only after a restart"
+            )
         self.generation = self._build(config)
         await self.keep_public_address_fresh(nursery)
         self.log.info("config reloaded", path=str(path), sessions=self.admission.total)
@@ -170,10 +178,28 @@ async def serve(
     log = structlog.get_logger("ftpfix")
     await refuse_or_warn(config)
     listeners = await open_control_listeners(config)
+    probe_listeners = []
+    if config.metrics.listen is not None:
+        try:
+            probe_listeners = await open_health_listeners(config.metrics.listen)
+        except OSError as error:
+            for listener in listeners:
+                await listener.aclose()
+            raise StartupError(
+                f"cannot listen on [metrics] listen = {config.metrics.listen}: {error.strerror or error}"
+            ) from None
     server = Server(config, raise_descriptor_limit())
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
+    probes: list[str] = []
     async with trio.open_nursery() as background:
         await server.keep_public_address_fresh(background)
+        if probe_listeners:
+            # In the background nursery, so /healthz and /readyz (503) still
+            # answer while sessions drain after SIGTERM.
+            readiness = Readiness(server.stopping)
+            background.start_soon(keep_checking, readiness, lambda: server.generation.config, log)
+            routes = probe_routes(readiness, lambda: server.generation.config)
+            probes = await background.start(serve_health, probe_listeners, routes)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(partial(trio.serve_listeners, server.handle, listeners, handler_nursery=sessions))
@@ -183,6 +209,7 @@ async def serve(
                     backend=f"{config.backend.address}:{config.backend.port}",
                     public_address=config.passive.public_address,
                     passive_ports=str(config.passive.ports),
+                    **({"probes": probes} if probes else {}),
                 )
                 task_status.started(server)
                 await stop.wait()

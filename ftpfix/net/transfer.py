@@ -11,7 +11,8 @@ Passive and active mode are the same thing seen from opposite ends:
 One ``Transfer`` lives per 227, 229 or PORT that ftpfix relays, and owns all
 of it: the listener and its port lease, the accept (only the expected peer),
 the dial, the relay, the hold of the final reply until the last byte is
-delivered (``outcome``), and the ABOR (``abort``). The session's dispatcher
+delivered (``outcome``), the ABOR (``abort``), and the data connection that
+is never made (``unmade``). The session's dispatcher
 only calls its methods; its task (``run``) lives in the session's nursery, so
 it can never outlive the session.
 
@@ -22,13 +23,21 @@ with its own 426 within milliseconds, with no ABOR to misread or answer out
 of order. A backend still waiting for its data connection (the client never
 connected) is dialed and reset, so it too answers now rather than at its own
 timeout.
+
+A data connection that is never made (nobody connects in time, only other
+addresses do, or the backend refuses) must not leave the client waiting:
+``unmade`` says so, the dispatcher tells the core (``DataFailed``), and a
+backend that waits for its own data connection is knocked the same way, so
+it answers now and the client gets its 425 within the accept timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -40,8 +49,11 @@ from .dial import RESOURCE_ERRORS, connect
 from .relay import RelayStats, TokenBucket, relay, reset_on_close
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
-#: an ABOR cancelled (see ``Transfer.abort``).
-ABORT_DIAL_TIMEOUT = 1.0
+#: that will never come (see ``Transfer.abort`` and ``unmade``).
+KNOCK_TIMEOUT = 1.0
+
+#: Refused strangers a transfer remembers for its log line.
+STRANGERS_LOGGED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +80,9 @@ class Outcome:
 class Transfer:
     """A listener that relays one data connection to ``target``.
 
-    ``peer_host`` is the only address that may connect. ``active`` says which
-    end the accepted connection is: the client (passive mode) or the backend
+    Only addresses in ``peers`` may connect (the client's own address, or its
+    network with ``[passive] accept_data_from``). ``active`` says which end
+    the accepted connection is: the client (passive mode) or the backend
     (active mode). ``pooled`` says whether ``port`` came from the port pool.
     """
 
@@ -78,7 +91,7 @@ class Transfer:
         *,
         port: int,
         listener: socket.socket,
-        peer_host: str,
+        peers: ipaddress.IPv4Network | ipaddress.IPv6Network,
         target: tuple[str, int],
         pool: PortPool,
         timeouts: Timeouts,
@@ -90,7 +103,7 @@ class Transfer:
         download_limit: TokenBucket | None = None,
     ) -> None:
         self.port = port
-        self.peer_host = peer_host
+        self.peers = peers
         self.target = target
         self.active = active
         self.stats = RelayStats()
@@ -113,7 +126,10 @@ class Transfer:
         self._released = False
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
+        self._expected = False  # the transfer command went to the backend
+        self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
+        self._strangers: list[str] = []  # refused peers, for the log
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -134,9 +150,32 @@ class Transfer:
         connected, or the backend has answered its transfer already."""
         return not self._accepted.is_set() or self._answered
 
-    def expect(self, *, download: bool) -> None:
-        """A transfer command went to the backend; ``download`` says which way the data flows."""
+    @property
+    def unmade(self) -> bool:
+        """True once the data connection will never be made, for a reason
+        the core does not know yet: nobody (or only strangers) connected in
+        time, the other end refused, or ftpfix ran out of descriptors."""
+        return self._finished.is_set() and not self.connected and not self._answered and not self._aborted
+
+    def expect(self, *, download: bool) -> bool:
+        """A transfer command went to the backend; ``download`` says which way the data flows.
+
+        True if the transfer had already ended unmade: the backend will wait
+        for a data connection nobody makes, so the caller must run ``knock``.
+        """
         self._download = download
+        self._expected = True
+        if self._settled.is_set() and self.unmade and not self.active:
+            self._settled = trio.Event()  # settled again once knocked
+            return True
+        return False
+
+    async def knock(self) -> None:
+        """Make a backend that waits for this transfer's data connection give up now."""
+        try:
+            await self._knock_and_reset()
+        finally:
+            self._settled.set()
 
     def finish(self) -> None:
         """The backend answered the transfer command with a 2xx; ``outcome`` follows."""
@@ -181,8 +220,12 @@ class Transfer:
 
     # -- the task ---------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, unmade: Callable[[], Awaitable[object]]) -> None:
         """Accept the expected peer, dial the other end, relay; then clean up.
+
+        If the data connection was never made, ``unmade()`` is awaited before
+        the backend is knocked: whoever pairs the backend's replies must know
+        that the ones the knock causes are about a failure.
 
         Only ``peer_host`` may connect: any other peer is closed at once and
         the listener keeps waiting, so a stranger who races for the port (port
@@ -201,6 +244,12 @@ class Transfer:
         """
         try:
             await self._run()
+            if self.unmade:
+                await unmade()
+            if self._expected and not self.active and not self._dialed and not self._answered:
+                # Aborted, or nobody connected: the backend still waits for
+                # its data connection.
+                await self._knock_and_reset()
         finally:
             self._settled.set()
 
@@ -214,6 +263,7 @@ class Transfer:
                 dialed = await self._dial()
                 if dialed is None:
                     return
+                self._dialed = True
                 self.connected = True
                 client, backend = (dialed, accepted) if self.active else (accepted, dialed)
                 upload, download = self._limits
@@ -245,8 +295,6 @@ class Transfer:
             self._release()
             self._delivered.set()
             self._finished.set()
-        if self._aborted and not self.active and dialed is None and not self._answered:
-            await self._knock_and_reset()
 
     async def _end_after_download(self, backend: socket.socket) -> None:
         """Once a download has delivered its last byte and end to the client,
@@ -271,9 +319,7 @@ class Transfer:
                 self._fail("the data port was closed")
                 return None
         if waiting.cancelled_caught:
-            who = "backend" if self.active else "client"
-            self._log.info(f"data port released: the {who} never connected", port=self.port)
-            self._fail(f"the {who} did not connect within {self._timeouts.accept:g} s")
+            self._fail(self._no_peer())
             return None
         # One data connection per transfer: stop listening at once. A passive
         # port stays leased until the transfer ends.
@@ -281,8 +327,26 @@ class Transfer:
         self._accepted.set()
         return accepted
 
+    def _no_peer(self) -> str:
+        """Log why nobody connected in time; return it as the client is told it."""
+        who = "backend" if self.active else "client"
+        seconds = f"{self._timeouts.accept:g} s"
+        if not self._strangers:
+            self._log.info(f"data port released: the {who} never connected", port=self.port, waited=seconds)
+            return f"nobody connected within {seconds}"
+        self._log.warning(
+            f"data port released: only other addresses connected, never the {who}",
+            port=self.port,
+            refused=self._strangers,
+            accepted=str(self.peers),
+            hint=None
+            if self.active
+            else 'clients behind carrier-grade NAT: [passive] accept_data_from = "same-network"',
+        )
+        return f"the data connection came from another address than {self.peers.network_address}"
+
     async def _accept_peer(self) -> socket.socket:
-        """The first connection on the listener from ``peer_host``.
+        """The first connection on the listener from an address in ``peers``.
 
         Error handling: a peer that gave up before accept() is skipped; running
         out of descriptors raises OSError (see RESOURCE_ERRORS), since the
@@ -303,17 +367,21 @@ class Transfer:
                 if error.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the data port was closed") from None
                 raise
-            try:
-                host = normalize_host(peer[0])
-            except ValueError:
-                host = None
-            if host != self.peer_host:
+            if not self._welcome(peer[0]):
                 self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
+                if len(self._strangers) < STRANGERS_LOGGED:
+                    self._strangers.append(str(peer[0]))
                 reset_on_close(sock)
                 sock.close()
                 continue
             sock.setblocking(False)
             return sock
+
+    def _welcome(self, host: str) -> bool:
+        try:
+            return ipaddress.ip_address(normalize_host(host)) in self.peers
+        except ValueError:
+            return False
 
     async def _dial(self) -> socket.socket | None:
         try:
@@ -328,11 +396,12 @@ class Transfer:
             return None
 
     async def _knock_and_reset(self) -> None:
-        """The backend waits for a data connection an ABOR cancelled: dial
-        its port and reset, so it ends the transfer now (425 or 426) instead
-        of at its own timeout."""
+        """The backend waits for a data connection that will never come (an
+        ABOR cancelled it, or the client never connected): dial its port and
+        reset, so it ends the transfer now (425 or 426) instead of at its own
+        timeout."""
         try:
-            sock = await connect(self.target, ABORT_DIAL_TIMEOUT)
+            sock = await connect(self.target, KNOCK_TIMEOUT)
         except (OSError, trio.TooSlowError):
             return
         reset_on_close(sock)

@@ -78,6 +78,19 @@ class TransferDone:
 
 
 @dataclass(frozen=True, slots=True)
+class DataFailed:
+    """The data connection of the newest mapping will never be made: nobody
+    connected in time, only other addresses did, or the other end refused.
+
+    The transfer command it was for, already sent or still to come, gets a
+    425 with ``reason``; the backend, if it waits, is made to give up (the
+    shell dials its port and resets), so the session stays usable.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class BackendQuiet:
     """Answer to ``AwaitQuiet``: the backend has sent nothing for a while."""
 
@@ -107,6 +120,7 @@ Event = (
     | ActiveOpened
     | ActiveFailed
     | TransferDone
+    | DataFailed
     | BackendQuiet
     | TransferSettled
     | ReadOn

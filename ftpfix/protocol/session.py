@@ -97,6 +97,7 @@ from .events import (
     ActiveOpened,
     BackendQuiet,
     ConnectionClosed,
+    DataFailed,
     DataReceived,
     Event,
     PassiveFailed,
@@ -128,13 +129,13 @@ from .grammar import (
     transfer_aborted,
 )
 from .lines import TOO_LONG, LineBuffer
+from .logins import LOGIN_VERBS, loggable, login_outcome
 from .policy import Policy
 from .state import TRANSITIONS, Waiting
 from .verbs import (
     ABOR_REPLIES,
     COMMANDS,
     EXCLUSIVE_VERBS,
-    LOGIN_VERBS,
     PORT_FLOOR,
     REFUSED_AFTER_EPSV_ALL,
     SECRET_VERBS,
@@ -163,6 +164,9 @@ MAX_HELD_REPLY = 16 * 1024
 #: costs a bounded queue, not memory without end.
 MAX_PENDING = 32
 
+#: Longest command argument in a DEBUG line, in characters after escaping.
+MAX_LOGGED_ARGUMENT = 256
+
 #: Unread client bytes the core holds before the shell stops reading.
 CLIENT_BACKLOG = 64 * 1024
 
@@ -190,6 +194,14 @@ class _Forwarded:
     preliminaries: int = 0  # 1xx replies to this (transfer) command so far
     probed: bool = False  # ftpfix asked the backend a NOOP: is this reply ever coming?
     probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
+    user: str | None = None  # USER, PASS, ACCT: the user name the backend pairs it with
+    failed: str | None = None  # why its data connection was never made (DataFailed)
+
+    def replacement(self) -> bytes:
+        """The reply the client gets instead of the server's failure (or its silence)."""
+        if self.failed is not None and not self.aborted:
+            return cant_open(self.failed)
+        return transfer_aborted("aborted" if self.aborted else "the server sent no final reply")
 
 
 @dataclass(slots=True)
@@ -221,6 +233,12 @@ class Session:
         #: True while data connections go through ftpfix (PASV, EPSV, PORT
         #: in proxy mode), False after a PORT passed through to the backend.
         self.relaying = False
+        #: Why the newest mapping's data connection will never be made
+        #: (``DataFailed`` before its transfer command); None once a new
+        #: mapping opens. A transfer command meanwhile gets 425 from ftpfix.
+        self.data_lost: str | None = None
+        #: True once a QUIT was answered: the session ends as the client asked.
+        self.quit = False
         self._state = Waiting.NOTHING
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
@@ -302,18 +320,25 @@ class Session:
                 self._server_lines.feed(data)
             case ConnectionClosed(side=Side.CLIENT):
                 # The client may have half-closed after QUIT and still read the
-                # 221: the session ends once every command has been answered.
+                # 221: the session ends once every command has been answered
+                # (the shell allows a few seconds for it). But a transfer
+                # cannot reach a client that is gone: end it now, so neither
+                # the session nor its per-address slot outlives the client.
                 self._client_eof = True
+                if self.transfer_outstanding() or self._state is Waiting.TRANSFER:
+                    self._close(out, "client hung up")
+                    return out
             case ConnectionClosed(side=Side.SERVER):
                 # After "221 Goodbye" nothing is pending and the close is the
                 # normal end; with commands unanswered, the backend died.
                 if any(isinstance(entry, _Forwarded) for entry in self._pending):
                     out.append(SendTo(Side.CLIENT, BACKEND_GONE))
-                self._close(out, "backend closed the connection")
+                self._close(out, "quit" if self.quit else "backend closed")
                 return out
             case PassiveOpened(host=host, port=port):
                 assert self._answering is not None
                 self.relaying = True
+                self.data_lost = None
                 if self._answering.verb == b"EPSV":
                     self._resume(format_229(port), out)
                 elif host is None:
@@ -328,6 +353,7 @@ class Session:
                 self._deferred = None
                 self._move(Waiting.NOTHING)
                 self.relaying = True
+                self.data_lost = None
                 self.expect_reply(verb, out)
                 out.append(SendTo(Side.SERVER, format_port(host, port)))
             case ActiveFailed(reason=reason):
@@ -342,6 +368,8 @@ class Session:
                     self._resume(cant_open(failure), out)
                 else:
                     self._resume(transfer_aborted(failure), out)
+            case DataFailed(reason=reason):
+                self._data_failed(reason, out)
             case BackendQuiet():
                 self._unsettled = False
                 self._move(Waiting.NOTHING)
@@ -363,7 +391,11 @@ class Session:
 
     def expect_reply(self, verb: bytes, out: list[Command], *, sent: bytes = b"") -> None:
         """A command for ``verb`` goes to the backend (the caller sends it)."""
-        self._pending.append(_Forwarded(verb, sent))
+        # The user a login command is for is stamped now, not read when its
+        # reply comes: a pipelined "USER a, PASS, USER b, PASS" is answered
+        # for a, then b.
+        user = self.user if verb in LOGIN_VERBS else None
+        self._pending.append(_Forwarded(verb, sent, user=user))
 
     def answer(self, out: list[Command], text: bytes) -> None:
         """Answer the client's command here, in its turn."""
@@ -394,7 +426,7 @@ class Session:
         if (
             self._state is Waiting.NOTHING
             and isinstance(head, _Forwarded)
-            and (head.aborted or head.preliminaries > 1)
+            and (head.aborted or head.failed is not None or head.preliminaries > 1)
             and not head.probed
             and not self._framer.inside
             and not self._server_lines.pending
@@ -405,6 +437,23 @@ class Session:
             )
             self._pending.append(_Forwarded(b"NOOP", probe=True))
             out.append(SendTo(Side.SERVER, b"NOOP" + CRLF))
+
+    def _data_failed(self, reason: str, out: list[Command]) -> None:
+        """The newest mapping's data connection will never be made.
+
+        The transfer command it was for gets a 425 in place of whatever the
+        backend says once the shell has made it give up (its 1xx, then a 426
+        or, from pure-ftpd, nothing: the NOOP probe covers that). If that
+        command has not come yet, it will get the 425 from ftpfix.
+        """
+        for entry in self._pending:
+            if isinstance(entry, _Forwarded) and entry.verb in TRANSFER_VERBS and not entry.aborted:
+                if self._state is Waiting.TRANSFER and entry is self._answering:
+                    return  # its 2xx is held, and TransferDone carries the failure
+                entry.failed = reason
+                out.append(SettleTransfer())
+                return
+        self.data_lost = reason
 
     def _abor_waiting(self) -> bool:
         """True if a complete ABOR line waits in the client's buffer."""
@@ -449,7 +498,7 @@ class Session:
             and self._deferred is None
             and not self._client_lines.has_line
         ):
-            self._close(out, "client closed the connection")
+            self._close(out, "quit" if self.quit else "client hung up")
 
     # -- client side -----------------------------------------------------
 
@@ -530,7 +579,8 @@ class Session:
         return None
 
     def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
-        shown = "****" if verb in SECRET_VERBS else argument.decode("utf-8", "replace")
+        # The argument is the client's: escaped and bounded like a user name.
+        shown = "****" if verb in SECRET_VERBS else loggable(argument, MAX_LOGGED_ARGUMENT)
         out.append(Note("command", level=Level.DEBUG, fields={"verb": verb.decode("ascii"), "argument": shown}))
         if self.epsv_all and verb in REFUSED_AFTER_EPSV_ALL:
             self.answer(out, reply(f"503 {verb.decode('ascii')} not allowed after EPSV ALL."))
@@ -560,13 +610,18 @@ class Session:
                 self._complete(out)
             elif line.last:
                 fields = {"reply": line.raw[:200].decode("latin-1")}
-                out.append(Note("preliminary reply after ABOR dropped", fields=fields))
+                out.append(Note("preliminary reply dropped: the transfer was aborted or failed", fields=fields))
             return
         if self._action is Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))
             if line.last and line.code >= 200:
-                if line.code == 230 and self._answering is not None and self._answering.verb in LOGIN_VERBS:
-                    self.logged_in = True
+                answering = self._answering
+                if answering is not None and (login := login_outcome(answering.verb, line.code, answering.user)):
+                    out.append(login)
+                    if line.code == 230:
+                        self.logged_in = True
+                if line.code == 221 and answering is not None and answering.verb == b"QUIT":
+                    self.quit = True
                 self._complete(out)
             return
         self._held.append(line.raw)
@@ -596,9 +651,7 @@ class Session:
             )
             self._pending.popleft()
             out.append(CancelTransfer())
-            out.append(
-                SendTo(Side.CLIENT, transfer_aborted("aborted" if head.aborted else "the server sent no final reply"))
-            )
+            out.append(SendTo(Side.CLIENT, head.replacement()))
             self._flush_local(out)
             head = self._pending[0] if self._pending else None
         if not isinstance(head, _Forwarded):
@@ -608,7 +661,7 @@ class Session:
         self._reply_multiline = not line.last
         if line.code < 200 and head.verb in TRANSFER_VERBS:
             head.preliminaries += 1
-            if head.preliminaries == 2 and not head.aborted:
+            if head.preliminaries == 2 and not head.aborted and head.failed is None:
                 # pure-ftpd's end of a broken transfer: a second 150, and no
                 # final reply. Ask, once the data connection is over.
                 out.append(SettleTransfer())
@@ -620,10 +673,12 @@ class Session:
 
     def _on_held_reply(self, code: int, out: list[Command]) -> None:
         """A reply held for rewriting is complete."""
-        if self._action is Action.ABORTED:
+        if self._action is Action.REPLACED:
             held, self._held, self._held_size = self._held, [], 0
-            out.append(Note("aborted transfer's reply", fields={"reply": held[-1][:200].decode("latin-1")}))
-            out.append(SendTo(Side.CLIENT, transfer_aborted("aborted")))
+            answering = self._answering
+            assert answering is not None
+            out.append(Note("failed transfer's reply", fields={"reply": held[-1][:200].decode("latin-1")}))
+            out.append(SendTo(Side.CLIENT, answering.replacement()))
             self._complete(out)
             return
         if self._action is Action.TRANSFER:

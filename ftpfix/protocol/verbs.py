@@ -48,11 +48,13 @@ from .grammar import (
     SEPARATORS,
     AddressError,
     UnsupportedNetwork,
+    cant_open,
     format_port,
     parse_eprt,
     parse_port,
     reply,
 )
+from .logins import NOT_LOGGED_IN, loggable, login_failed
 from .policy import ActiveMode, EpsvMode
 from .state import Waiting
 
@@ -96,9 +98,6 @@ TELNET_DM = b"\xff\xf2"
 #: User names of anonymous FTP (RFC 1635).
 ANONYMOUS_USERS = frozenset({b"ANONYMOUS", b"FTP"})
 
-#: Commands whose successful reply (230) means the client is logged in.
-LOGIN_VERBS = frozenset({b"USER", b"PASS", b"ACCT"})
-
 #: Commands whose argument is never logged.
 SECRET_VERBS = frozenset({b"PASS", b"ACCT"})
 
@@ -121,8 +120,8 @@ class Action(enum.Enum):
     FEAT = "feat"  # hold the feature list and rewrite it
     FALLBACK = "fallback"  # swallow the backend's "EPSV unknown", send PASV
     TRANSFER = "transfer"  # hold a transfer's 2xx until the relay has finished
-    DROP = "drop"  # say nothing: a preliminary reply to a transfer the client aborted
-    ABORTED = "aborted"  # say 426: the failure of a transfer the client aborted
+    DROP = "drop"  # say nothing: a preliminary reply to a transfer that was aborted or failed
+    REPLACED = "replaced"  # say 426 (aborted) or 425 (never connected) for the server's failure
 
 
 # -- commands ------------------------------------------------------------------
@@ -133,10 +132,12 @@ Handler = Callable[["Session", bytes, bytes, "list[Command]"], None]
 def _user(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     name = argument.strip(SEPARATORS)
     if session.policy.deny_anonymous and name.upper() in ANONYMOUS_USERS:
-        out.append(Note("anonymous login refused", level=Level.WARNING))
+        # A failed login like any other, for fail2ban: ftpfix is the server here.
+        out.append(login_failed(loggable(name), NOT_LOGGED_IN, reason="anonymous logins are refused"))
         session.answer(out, reply("530 Anonymous logins are not allowed here."))
         return
-    session.user = name.decode("utf-8", "replace")
+    # What the backend pairs the next PASS with, and the session summary's user.
+    session.user = loggable(name)
     session.forward(verb, argument, out)
 
 
@@ -257,6 +258,11 @@ def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
 
 
 def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if session.relaying and session.data_lost is not None:
+        # The mapping's data connection will never be made; asking the
+        # backend would leave it waiting for one until its own timeout.
+        session.answer(out, cant_open(session.data_lost))
+        return
     session.forward(verb, argument, out)
     out.append(TransferStarted(download=verb in DOWNLOAD_VERBS))
 
@@ -295,14 +301,21 @@ def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
         return Action.TRANSFER
     if answering.probe:
         return Action.DROP  # ftpfix's own NOOP: its reply is for ftpfix alone
+    gave_up = answering.aborted or answering.failed is not None
     if answering.aborted and code >= 400 and code not in (421, 426):
         # RFC 959 section 4.1.3: an aborted transfer is answered 426, whatever
         # the server calls its broken data connection (pure-ftpd: 451). A 421
         # still says the server is closing the connection.
-        return Action.ABORTED
-    if answering.aborted and code < 200:
+        return Action.REPLACED
+    if answering.failed is not None and code >= 400 and code != 421:
+        # The data connection was never made (``DataFailed``): the server's
+        # 426 for the connection ftpfix made and reset so that it would give
+        # up is really a 425, and says nothing of why.
+        return Action.REPLACED
+    if gave_up and code < 200:
         # After ABOR a client reads two replies, the transfer's and ABOR's
         # (RFC 959 section 4.1.3); a 1xx in between would be taken for the
-        # first. pure-ftpd sends one when its data connection breaks.
+        # first. pure-ftpd sends one when its data connection breaks, and
+        # every server one for the connection ftpfix makes it give up on.
         return Action.DROP
     return Action.RELAY

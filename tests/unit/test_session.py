@@ -24,6 +24,7 @@ from ftpfix.protocol import (
     ReadOn,
     SendTo,
     Session,
+    SettleTransfer,
     Side,
     TransferStarted,
 )
@@ -36,10 +37,12 @@ from .transcript import (
     Expect,
     Failed,
     Finished,
+    Lost,
     Opened,
     Quiet,
     Server,
     ServerClosed,
+    Settled,
     Step,
     both_ways,
     merge,
@@ -477,7 +480,7 @@ def test_the_backend_dying_mid_session_gets_421() -> None:
             ServerClosed()
             >> [
                 to_client(b"421 Service not available, the server closed the connection.\r\n"),
-                Close("backend closed the connection"),
+                Close("backend closed"),
             ],
         ]
     )
@@ -489,7 +492,7 @@ def test_the_backend_closing_after_quit_is_a_normal_end() -> None:
             *LOGIN,
             Client(b"QUIT\r\n") >> to_server(b"QUIT\r\n"),
             Server(b"221 Goodbye.\r\n") >> to_client(b"221 Goodbye.\r\n"),
-            ServerClosed() >> Close("backend closed the connection"),
+            ServerClosed() >> Close("quit"),
         ]
     )
 
@@ -500,7 +503,7 @@ def test_a_client_that_half_closes_after_quit_still_gets_its_221() -> None:
             *LOGIN,
             Client(b"QUIT\r\n") >> to_server(b"QUIT\r\n"),
             ClientClosed() >> [],
-            Server(b"221 Goodbye.\r\n") >> [to_client(b"221 Goodbye.\r\n"), Close("client closed the connection")],
+            Server(b"221 Goodbye.\r\n") >> [to_client(b"221 Goodbye.\r\n"), Close("quit")],
         ]
     )
 
@@ -993,3 +996,108 @@ def test_several_pipelined_pasvs_each_get_their_own_mapping_in_turn() -> None:
         out = merge(session.receive(PassiveOpened(IPv4Address("203.0.113.1"), port)))
         assert out[0].data.startswith(b"227 ")
     assert session.idle
+
+
+# -- every failure answers: a data connection that is never made ------------
+
+PASSIVE_READY = [
+    *LOGIN,
+    Client(b"PASV\r\n"),
+    Server(b"227 Entering Passive Mode (192,168,123,1,117,48).\r\n"),
+    Opened("203.0.113.1", 50000),
+]
+
+
+def test_a_data_connection_never_made_turns_the_servers_failure_into_425() -> None:
+    # The shell made the waiting server give up (it dialed its data port and
+    # reset): its 150 and 426 are about that connection, not the client's.
+    play(
+        [
+            *PASSIVE_READY,
+            Client(b"NLST\r\n") >> [to_server(b"NLST\r\n"), TransferStarted(download=True)],
+            Lost("nobody connected within 30 s") >> SettleTransfer(),
+            Server(b"150 Here comes the directory listing.\r\n") >> [],
+            Server(b"426 Failure writing network stream.\r\n")
+            >> [CancelTransfer(), to_client(b"425 Can't open data connection: nobody connected within 30 s.\r\n")],
+            Client(b"NOOP\r\n") >> to_server(b"NOOP\r\n"),
+            Server(b"200 NOOP ok.\r\n") >> to_client(b"200 NOOP ok.\r\n"),
+        ]
+    )
+
+
+def test_a_data_connection_never_made_with_a_2xx_from_the_server_is_still_425() -> None:
+    play(
+        [
+            *PASSIVE_READY,
+            Client(b"LIST\r\n"),
+            Lost("nobody connected within 30 s") >> SettleTransfer(),
+            Server(b"150 Opening\r\n") >> [],
+            Server(b"226 Transfer complete\r\n") >> FinishTransfer(),
+            Finished("nobody connected within 30 s", connected=False)
+            >> to_client(b"425 Can't open data connection: nobody connected within 30 s.\r\n"),
+        ]
+    )
+
+
+def test_a_server_silent_after_the_reset_is_probed_and_the_client_gets_425() -> None:
+    # pure-ftpd: a second 150, and no final reply to the transfer at all.
+    play(
+        [
+            *PASSIVE_READY,
+            Client(b"RETR f\r\n"),
+            Lost("nobody connected within 30 s") >> SettleTransfer(),
+            Server(b"150 Accepted data connection\r\n") >> [],
+            Settled() >> to_server(b"NOOP\r\n"),
+            Server(b"200 Zzz...\r\n")
+            >> [CancelTransfer(), to_client(b"425 Can't open data connection: nobody connected within 30 s.\r\n")],
+        ]
+    )
+
+
+def test_a_transfer_command_after_the_data_port_expired_is_answered_425_by_ftpfix() -> None:
+    # Asking the backend would leave it waiting for a connection no one makes.
+    play(
+        [
+            *PASSIVE_READY,
+            Lost("nobody connected within 30 s") >> [],
+            Client(b"RETR f\r\n") >> to_client(b"425 Can't open data connection: nobody connected within 30 s.\r\n"),
+            Client(b"PASV\r\n") >> to_server(b"PASV\r\n"),
+            Server(b"227 Entering Passive Mode (192,168,123,1,117,49).\r\n"),
+            Opened("203.0.113.1", 50001),
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
+        ]
+    )
+
+
+def test_an_aborted_transfer_stays_426_when_its_data_connection_is_also_lost() -> None:
+    play(
+        [
+            *PASSIVE_READY,
+            Client(b"RETR f\r\n"),
+            Client(b"ABOR\r\n") >> [AbortTransfer(), SettleTransfer()],
+            Lost("aborted") >> [],
+            Server(b"426 Transfer aborted\r\n")
+            >> [
+                CancelTransfer(),
+                to_client(b"426 Transfer aborted\r\n226 Abort successful.\r\n"),
+            ],
+        ]
+    )
+
+
+# -- the session ends with its client -----------------------------------------
+
+
+def test_a_client_that_hangs_up_during_a_transfer_ends_the_session_at_once() -> None:
+    play([*PASSIVE_READY, Client(b"NLST\r\n"), ClientClosed() >> Close("client hung up")])
+
+
+def test_a_client_that_hangs_up_with_a_reply_outstanding_still_gets_it() -> None:
+    play(
+        [
+            *LOGIN,
+            Client(b"STAT\r\n"),
+            ClientClosed() >> [],
+            Server(b"211 ok\r\n") >> [to_client(b"211 ok\r\n"), Close("client hung up")],
+        ]
+    )

@@ -27,8 +27,10 @@ from ftpfix.protocol import (
     BackendQuiet,
     Command,
     ConnectionClosed,
+    DataFailed,
     DataReceived,
     Event,
+    Level,
     Note,
     PassiveFailed,
     PassiveOpened,
@@ -94,6 +96,13 @@ class Finished(_Step):
 
 
 @dataclass(frozen=True)
+class Lost(_Step):
+    """The shell says the newest mapping's data connection will never be made."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Quiet(_Step):
     """The shell's answer to AwaitQuiet: the backend has gone quiet."""
 
@@ -121,6 +130,7 @@ Step = (
     | ActiveOpened
     | ActiveFailed
     | Finished
+    | Lost
     | Quiet
     | Settled
     | ClientClosed
@@ -153,6 +163,8 @@ def events(step: Step, *, byte_at_a_time: bool = False) -> list[Event]:
             return [ActiveFailedEvent(reason)]
         case Finished(failure, connected):
             return [TransferDone(failure, connected=connected)]
+        case Lost(reason):
+            return [DataFailed(reason)]
         case Quiet():
             return [BackendQuiet()]
         case Settled():
@@ -194,29 +206,33 @@ def play(
     *,
     policy: Policy | None = None,
     client: IPv4Address | IPv6Address | None = None,
+    notes: bool = False,
 ) -> Session:
     """Run a playbook: every ``step >> expected`` must produce exactly ``expected``.
 
     A bare step is run and its output not checked (a login, say). The script
-    runs twice, whole and one byte at a time, and both must match. Returns
-    the session as the whole run left it.
+    runs twice, whole and one byte at a time, and both must match. With
+    ``notes``, the log lines above DEBUG are part of what a step must produce.
+    Returns the session as the whole run left it.
     """
     for byte_at_a_time in (True, False):
         session = Session(policy, client=client)
         for number, item in enumerate(script):
             step = item.step if isinstance(item, Expect) else item
-            out = merge(run_step(session, step, byte_at_a_time=byte_at_a_time))
+            out = merge(run_step(session, step, byte_at_a_time=byte_at_a_time), notes=notes, debug=False)
             if isinstance(item, Expect):
-                expected = merge(item.expected)
+                expected = merge(item.expected, notes=notes, debug=False)
                 how = "one byte at a time" if byte_at_a_time else "whole"
                 assert out == expected, f"step {number} ({step!r}, {how}):\n  got      {out!r}\n  expected {expected!r}"
     return session
 
 
-def merge(commands: list[Command], *, notes: bool = False) -> list[Command]:
+def merge(commands: list[Command], *, notes: bool = False, debug: bool = True) -> list[Command]:
+    """``commands`` with consecutive writes to one side joined; Notes only with
+    ``notes``, and DEBUG ones only with ``debug`` too."""
     merged: list[Command] = []
     for command in commands:
-        if isinstance(command, Note) and not notes:
+        if isinstance(command, Note) and not (notes and (debug or command.level is not Level.DEBUG)):
             continue
         last = merged[-1] if merged else None
         if (
