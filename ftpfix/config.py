@@ -242,6 +242,17 @@ def _aliases(value: Any) -> Mapping[bytes, bytes] | Normalised:
     return MappingProxyType(aliases)
 
 
+def _optional_path(value: Any) -> Path | None:
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError(f"{value!r} is not a file path")
+    if value == "":
+        return None
+    if not value.startswith("/"):
+        # The service's working directory is not the config's: say which file.
+        raise ValueError(f"{value!r} is not an absolute path")
+    return Path(value)
+
+
 def _choice(choices: type[enum.StrEnum]) -> Callable[[Any], Any]:
     def parse(value: Any) -> enum.StrEnum:
         try:
@@ -348,6 +359,9 @@ class Access:
 class Log:
     level: Level = _key(_choice(Level), Level.INFO, "lowest level logged")
     format: LogFormat = _key(_choice(LogFormat), LogFormat.AUTO, "auto: JSON unless stdout is a terminal")
+    xferlog: Path | None = _key(
+        _optional_path, None, 'file for wu-ftpd xferlog lines, e.g. "/var/log/ftpfix/xferlog"; "" for none'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +391,7 @@ def _optional_host_port(value: Any) -> HostPort | None:
 @dataclass(frozen=True, slots=True)
 class Metrics:
     listen: HostPort | None = _key(
-        _optional_host_port, None, 'HTTP listener for /healthz and /readyz, e.g. "127.0.0.1:9121"; "" for none'
+        _optional_host_port, None, 'HTTP listener for /healthz, /readyz, /metrics, e.g. "127.0.0.1:9121"; "" for none'
     )
     ready_interval: float = _key(_seconds, 10.0, "seconds between the backend checks behind /readyz")
 

@@ -34,6 +34,7 @@ from ..protocol import (
     Close,
     Command,
     ConnectionClosed,
+    Count,
     DataFailed,
     DataReceived,
     Event,
@@ -51,6 +52,7 @@ from ..protocol import (
     SettleTransfer,
     Side,
     TransferDone,
+    TransferReplied,
     TransferSettled,
     TransferStarted,
 )
@@ -58,10 +60,12 @@ from ..protocol.grammar import SHUTTING_DOWN
 from .addresses import Endpoints, advertised_address
 from .deadlines import Deadlines, Expired
 from .dial import open_active_listener, open_passive_listener
+from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
 from .streams import ControlStream
 from .transfer import Timeouts, Transfer
+from .transferlog import log_transfer
 
 #: Bytes read from a control connection at once. Replies are short; a STAT
 #: listing is the only large thing that crosses the control channel.
@@ -189,6 +193,7 @@ class ControlChannel:
         self._inputs: trio.MemorySendChannel[_Input] | None = None
         self._draining = False
         self._last_backend_data = trio.current_time()
+        self._transfer_started = self._last_backend_data  # when the last transfer command went out
         # Set while the core wants more from a side; read before each receive.
         self._wanted = {side: trio.Event() for side in Side}
         for event in self._wanted.values():
@@ -296,6 +301,7 @@ class ControlChannel:
                 case OpenActive():
                     followups.append(self._open_active(command))
                 case TransferStarted(download=download):
+                    self._transfer_started = trio.current_time()
                     transfer = self._transfer
                     if transfer is not None and transfer.expect(download=download):
                         assert self._nursery is not None
@@ -314,6 +320,10 @@ class ControlChannel:
                     self._spawn(self._post_when, partial(self._transfer_settled, self._transfer), TransferSettled)
                 case Note(event=event, level=level, fields=fields):
                     getattr(self.log, level)(event, **fields)
+                case Count(what=what):
+                    METRICS.count(what)
+                case TransferReplied():
+                    self._log_transfer(command)
                 case Close(reason=reason):
                     self.close_reason = reason
                     return False
@@ -424,6 +434,24 @@ class ControlChannel:
 
     # -- transfers ------------------------------------------------------
 
+    def _log_transfer(self, replied: TransferReplied) -> None:
+        """The transfer log line and metrics; the figures are the newest data
+        connection's, which is the transfer's (a new PASV or PORT waits until
+        the transfer command is answered)."""
+        transfer = self._transfer if replied.relayed else None
+        mode = "passthrough" if transfer is None else "active" if transfer.active else "passive"
+        stats = transfer.stats if transfer is not None else None
+        log_transfer(
+            self.log,
+            replied,
+            client=self.endpoints.client,
+            user=self.core.user,
+            seconds=trio.current_time() - self._transfer_started,
+            upload=stats.upload if stats else 0,
+            download=stats.download if stats else 0,
+            mode=mode,
+        )
+
     def _finish_transfer(self) -> None:
         """Report the transfer's outcome once it has delivered everything."""
         transfer = self._transfer
@@ -455,6 +483,7 @@ class ControlChannel:
     async def _run_transfer(self, transfer: Transfer, send: trio.MemorySendChannel[_Input]) -> None:
         """Run one transfer; its own failure boundary (STYLE 11). A data
         connection that was never made is reported (``_Unmade``)."""
+        METRICS.data_connections_open.inc()
         try:
             async with send:
                 await transfer.run(partial(send.send, _Unmade(transfer)))
@@ -465,6 +494,9 @@ class ControlChannel:
             self._transfers.remove(transfer)
             self.deadlines.transfer_ended(transfer.connected)
             self.totals.add(transfer)
+            METRICS.data_connections_open.dec()
+            METRICS.data_bytes.labels("upload").inc(transfer.stats.upload)
+            METRICS.data_bytes.labels("download").inc(transfer.stats.download)
             if transfer.stats.error:
                 self.log.info("data connection ended abruptly", port=transfer.port, error=transfer.stats.error)
 
@@ -483,6 +515,7 @@ class ControlChannel:
             self.log.warning("cannot open a passive port", address=listen_host, error=error.strerror or str(error))
             return PassiveFailed("ftpfix cannot listen for it now")
         if opened is None:
+            METRICS.pool_exhausted.inc()
             self.log.warning(
                 "passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased
             )

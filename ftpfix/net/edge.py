@@ -26,6 +26,7 @@ from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
 from .addresses import Endpoints, normalize_host
 from .dial import connect
 from .dispatch import ControlChannel
+from .metrics import METRICS, session_end
 from .public import PublicAddress
 from .streams import say_last
 
@@ -60,6 +61,7 @@ async def handle_client(
     started = trio.current_time()
     log.info("session opened")
     channel: ControlChannel | None = None
+    end = "other"  # the ftpfix_sessions_ended_total reason, unless the channel says better
     ended = False  # the session ran to its own end, not cut off
     try:
         # ftplib's abort() sends IAC DM as TCP urgent data: read it inline, in
@@ -69,6 +71,7 @@ async def handle_client(
         local = normalize_host(stream.socket.getsockname()[0])
         backend = await _connect_backend(stream, config, log)
         if backend is None:
+            end = "backend_down"
             return
         async with backend:
             endpoints = Endpoints(
@@ -87,10 +90,13 @@ async def handle_client(
                 await say_last(stream, error.reply)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
         log.info("connection lost", error=str(error))
+        end = "client_hung_up"
     except FtpfixError as error:
         log.error("session failed", error=str(error))
+        end = "error"
     except Exception:
         log.exception("session crashed: this is a bug in ftpfix")
+        end = "error"
     finally:
         if shutdown is not None and shutdown.is_set() and not ended:
             # Cut off by the end of the shutdown grace: say so, briefly.
@@ -105,6 +111,11 @@ async def handle_client(
                 "mappings": channel.totals.transfers,
                 "reason": channel.close_reason,
             }
+        if channel is not None and end == "other":
+            end = session_end(channel.close_reason)
+        if shutdown is not None and shutdown.is_set() and not ended:
+            end = "shutdown"
+        METRICS.sessions_ended.labels(end).inc()
         log.info("session closed", duration=round(trio.current_time() - started, 3), **fields)
         structlog.contextvars.clear_contextvars()
 
@@ -114,10 +125,13 @@ async def _connect_backend(
 ) -> trio.SocketStream | None:
     """The backend's control connection, or None after telling the client why not."""
     backend = config.backend
+    dialed = trio.current_time()
     try:
         with trio.fail_after(backend.connect_timeout):
             stream = await _dial(backend.address, backend.port, backend.connect_timeout)
+        METRICS.backend_connect_seconds.observe(trio.current_time() - dialed)
     except (OSError, trio.TooSlowError) as error:
+        METRICS.backend_connect_failures.inc()
         log.warning("backend unreachable", backend=f"{backend.address}:{backend.port}", error=str(error) or "timed out")
         await say_last(client, BACKEND_UNREACHABLE)
         return None

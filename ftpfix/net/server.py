@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,16 +14,18 @@ from pathlib import Path
 import structlog
 import trio
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, render
 from ..ports import PortPool, PortRange
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
-from .health import open_health_listeners, probe_routes, serve_health
+from .health import Response, open_health_listeners, probe_routes, serve_health
+from .metrics import METRICS, config_hash
 from .preflight import StartupError, refuse_or_warn
 from .public import PublicAddress
 from .readiness import Readiness, keep_checking
 from .streams import say_last
+from .transferlog import XFERLOG
 
 __all__ = ["Server", "StartupError", "run", "serve"]
 
@@ -51,6 +54,19 @@ class Server:
         self._pools: dict[PortRange, PortPool] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
+        METRICS.watch(
+            sessions=lambda: self.admission.total,
+            pool_size=lambda: len(self.generation.pool.ports),
+            leased=lambda: self.generation.pool.leased,
+        )
+        self._observe(config)
+
+    def _observe(self, config: Config) -> None:
+        """Name the running config in the metrics and (re)open its xferlog."""
+        METRICS.config.info({"hash": config_hash(render(config)), "path": str(config.path or "")})
+        XFERLOG.configure(config.log.xferlog)
+        if XFERLOG.error is not None:
+            self.log.error("xferlog is off", error=XFERLOG.error)
 
     def _build(self, config: Config) -> Generation:
         # Keep the pool of an unchanged range: its leases belong to live sessions.
@@ -81,10 +97,14 @@ class Server:
         try:
             config = load_config(path)
         except ConfigError as error:
+            METRICS.config_reloads.labels("failed").inc()
             self.log.error("config reload failed; keeping the running config", error=str(error))
+            XFERLOG.configure(self.generation.config.log.xferlog)  # logrotate sends SIGHUP too
             return
         except Exception as error:  # noqa: BLE001 - the reload's edge: keep serving
+            METRICS.config_reloads.labels("failed").inc()
             self.log.error("config reload failed; keeping the running config", error=f"{type(error).__name__}: {error}")
+            XFERLOG.configure(self.generation.config.log.xferlog)
             return
         old = self.generation.config
         if (config.listen, config.active.source_port, config.metrics.listen) != (
@@ -96,6 +116,8 @@ class Server:
                 "[listen], [active] source_port and [metrics] listen changes take effect only after a restart"
             )
         self.generation = self._build(config)
+        METRICS.config_reloads.labels("ok").inc()
+        self._observe(config)
         await self.keep_public_address_fresh(nursery)
         self.log.info("config reloaded", path=str(path), sessions=self.admission.total)
 
@@ -118,6 +140,7 @@ class Server:
             generation = self.generation
             refusal = self.admission.admit(host, generation.config)
             if refusal is not None:
+                METRICS.refusals.labels("access" if refusal.startswith(b"421 Access") else "limit").inc()
                 self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
                 await say_last(stream, refusal)
                 await trio.aclose_forcefully(stream)
@@ -199,6 +222,7 @@ async def serve(
             readiness = Readiness(server.stopping)
             background.start_soon(keep_checking, readiness, lambda: server.generation.config, log)
             routes = probe_routes(readiness, lambda: server.generation.config)
+            routes["/metrics"] = partial(scrape, readiness, lambda: server.generation.config)
             probes = await background.start(serve_health, probe_listeners, routes)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
@@ -220,6 +244,15 @@ async def serve(
             sessions.cancel_scope.deadline = trio.current_time() + grace
         background.cancel_scope.cancel()
     log.info("stopped")
+
+
+def scrape(readiness: Readiness, current: Callable[[], Config]) -> Response:
+    """/metrics: every series, rendered by prometheus_client."""
+    config = current()
+    ready, _ = readiness.verdict(trio.current_time(), config.metrics.ready_interval, config.backend.connect_timeout)
+    METRICS.backend_up.set(1 if ready else 0)
+    body, content_type = METRICS.render()
+    return Response(200, body, content_type)
 
 
 async def run(config: Config) -> int:

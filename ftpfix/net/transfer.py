@@ -46,6 +46,7 @@ from structlog.typing import FilteringBoundLogger
 from ..ports import PortPool
 from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
+from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, reset_on_close
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
@@ -369,6 +370,7 @@ class Transfer:
                 raise
             if not self._welcome(peer[0]):
                 self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
+                METRICS.refusals.labels("stranger").inc()
                 if len(self._strangers) < STRANGERS_LOGGED:
                     self._strangers.append(str(peer[0]))
                 reset_on_close(sock)

@@ -157,6 +157,46 @@ class Close:
     reason: str
 
 
+class Tally(enum.StrEnum):
+    """Things the core counts for the metrics, by what only the core knows.
+
+    A closed set, so the shell's counters have bounded labels: never a
+    client address, a user or a file name.
+    """
+
+    REWRITE_227 = "rewrite_227"  # a 227 rewritten to carry the public address and a leased port
+    REWRITE_229 = "rewrite_229"  # a 229 rewritten to carry a leased port
+    ALIAS = "alias"  # a verb rewritten by [commands] aliases (P@SW)
+    EPSV_TRANSLATED = "epsv_translated"  # a client's EPSV sent to the backend as PASV
+    BOUNCE = "bounce"  # a PORT or EPRT refused by the bounce checks (RFC 2577 section 3)
+    LONG_LINE = "long_line"  # a command line over [limits] max_line
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Count one ``what`` for the metrics. Counting is a command, like
+    logging, so a test can see which input moved which counter."""
+
+    what: Tally
+
+
+@dataclass(frozen=True, slots=True)
+class TransferReplied:
+    """The client got the final reply to a transfer command (RETR, STOR, LIST, ...).
+
+    ``code`` is the reply the client got, which may be ftpfix's 425 or 426
+    in place of the backend's. ``path`` is the command's argument as the
+    client sent it: the shell escapes it for each log it writes. ``relayed``
+    says the data connection went through ftpfix, so the shell's figures
+    (bytes, duration) belong to it.
+    """
+
+    verb: str
+    path: bytes
+    code: int
+    relayed: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Note:
     """Something worth a log line. Logging is a command so tests can see it."""
@@ -178,4 +218,6 @@ Command = (
     | AwaitQuiet
     | Close
     | Note
+    | Count
+    | TransferReplied
 )

@@ -82,6 +82,7 @@ from .commands import (
     CancelTransfer,
     Close,
     Command,
+    Count,
     FinishTransfer,
     Level,
     Note,
@@ -90,6 +91,8 @@ from .commands import (
     SendTo,
     SettleTransfer,
     Side,
+    Tally,
+    TransferReplied,
 )
 from .errors import BackendError
 from .events import (
@@ -196,6 +199,7 @@ class _Forwarded:
     probe: bool = False  # ftpfix's own NOOP, whose reply the client never sees
     user: str | None = None  # USER, PASS, ACCT: the user name the backend pairs it with
     failed: str | None = None  # why its data connection was never made (DataFailed)
+    argument: bytes = b""  # a transfer command's path, for the transfer log
 
     def replacement(self) -> bytes:
         """The reply the client gets instead of the server's failure (or its silence)."""
@@ -340,10 +344,12 @@ class Session:
                 self.relaying = True
                 self.data_lost = None
                 if self._answering.verb == b"EPSV":
+                    out.append(Count(Tally.REWRITE_229))
                     self._resume(format_229(port), out)
                 elif host is None:
                     raise RuntimeError("PassiveOpened needs an address for a 227")
                 else:
+                    out.append(Count(Tally.REWRITE_227))
                     self._resume(format_227(host, port), out)
             case PassiveFailed(reason=reason):
                 self._resume(cant_open(reason), out)
@@ -387,6 +393,10 @@ class Session:
     def forward(self, verb: bytes, argument: bytes, out: list[Command], *, sent: bytes | None = None) -> None:
         """Send the canonical command line to the backend and await its reply."""
         self.expect_reply(verb, out, sent=sent or b"")
+        if verb in TRANSFER_VERBS:
+            last = self._pending[-1]
+            assert isinstance(last, _Forwarded)
+            last.argument = argument
         out.append(SendTo(Side.SERVER, format_command(sent or verb, argument)))
 
     def expect_reply(self, verb: bytes, out: list[Command], *, sent: bytes = b"") -> None:
@@ -481,7 +491,7 @@ class Session:
         """The held reply is settled: send ``text`` in its place and read on."""
         out.append(SendTo(Side.CLIENT, text))
         self._move(Waiting.NOTHING)
-        self._complete(out)
+        self._complete(out, int(text[:3]))
 
     def _close(self, out: list[Command], reason: str) -> None:
         self._move(Waiting.CLOSED)
@@ -536,6 +546,7 @@ class Session:
                 return
             if line is TOO_LONG:
                 self._long_lines += 1
+                out.append(Count(Tally.LONG_LINE))
                 self.answer(out, reply(f"500 Command line too long (the limit is {self.policy.max_line} bytes)."))
                 if self._long_lines >= self.policy.max_long_lines:
                     out.append(Note("too many over-long command lines", level=Level.WARNING))
@@ -554,6 +565,7 @@ class Session:
             if alias is not None:
                 fields = {"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}
                 out.append(Note("command alias", level=Level.DEBUG, fields=fields))
+                out.append(Count(Tally.ALIAS))
                 verb = alias
             if self._held_back(verb) is not None:
                 self._deferred = (verb, argument)
@@ -607,7 +619,7 @@ class Session:
             return
         if self._action is Action.DROP:
             if line.last and line.code >= 200:
-                self._complete(out)
+                self._complete(out, line.code)
             elif line.last:
                 fields = {"reply": line.raw[:200].decode("latin-1")}
                 out.append(Note("preliminary reply dropped: the transfer was aborted or failed", fields=fields))
@@ -622,7 +634,7 @@ class Session:
                         self.logged_in = True
                 if line.code == 221 and answering is not None and answering.verb == b"QUIT":
                     self.quit = True
-                self._complete(out)
+                self._complete(out, line.code)
             return
         self._held.append(line.raw)
         self._held_size += len(line.raw) + 2
@@ -652,6 +664,7 @@ class Session:
             self._pending.popleft()
             out.append(CancelTransfer())
             out.append(SendTo(Side.CLIENT, head.replacement()))
+            self._replied(head, int(head.replacement()[:3]), out)
             self._flush_local(out)
             head = self._pending[0] if self._pending else None
         if not isinstance(head, _Forwarded):
@@ -679,7 +692,7 @@ class Session:
             assert answering is not None
             out.append(Note("failed transfer's reply", fields={"reply": held[-1][:200].decode("latin-1")}))
             out.append(SendTo(Side.CLIENT, answering.replacement()))
-            self._complete(out)
+            self._complete(out, int(answering.replacement()[:3]))
             return
         if self._action is Action.TRANSFER:
             self._move(Waiting.TRANSFER)
@@ -698,6 +711,7 @@ class Session:
             case Action.FALLBACK:
                 fields = {"reply": held[0].decode("latin-1")}
                 out.append(Note("backend does not know EPSV; sending PASV", fields=fields))
+                out.append(Count(Tally.EPSV_TRANSLATED))
                 self.backend_knows_epsv = False
                 answering.sent = b"PASV"
                 out.append(SendTo(Side.SERVER, b"PASV" + CRLF))
@@ -758,13 +772,21 @@ class Session:
         if ports is not None and port not in ports:
             raise AddressError(f"port {port} is outside the server's passive ports {ports.start}-{ports.stop - 1}")
 
-    def _complete(self, out: list[Command]) -> None:
-        """The reply to the command at the head of the FIFO is complete."""
-        if self._pending and isinstance(self._pending[0], _Forwarded):
+    def _complete(self, out: list[Command], code: int | None = None) -> None:
+        """The reply to the command at the head of the FIFO is complete;
+        ``code`` is the final reply the client got for it, if it got one."""
+        if self._pending and isinstance(head := self._pending[0], _Forwarded):
             self._pending.popleft()
             if self._reply_multiline:
                 self._unsettled = True
+            if code is not None:
+                self._replied(head, code, out)
         self._flush_local(out)
+
+    def _replied(self, entry: _Forwarded, code: int, out: list[Command]) -> None:
+        """A transfer command got its final reply: one line for the transfer log."""
+        if entry.verb in TRANSFER_VERBS:
+            out.append(TransferReplied(entry.verb.decode("ascii"), entry.argument, code, self.relaying))
 
     def _flush_local(self, out: list[Command]) -> None:
         """Send the replies ftpfix made up whose turn has come."""

@@ -40,7 +40,18 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
-from .commands import AbortTransfer, Level, Note, OpenActive, SendTo, SettleTransfer, Side, TransferStarted
+from .commands import (
+    AbortTransfer,
+    Count,
+    Level,
+    Note,
+    OpenActive,
+    SendTo,
+    SettleTransfer,
+    Side,
+    Tally,
+    TransferStarted,
+)
 from .grammar import (
     ABORT_DONE,
     CRLF,
@@ -165,6 +176,8 @@ def _epsv(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
     # 229 the client gets carries no address, so either will do.
     mode = session.policy.epsv
     send_epsv = mode == EpsvMode.PASSTHROUGH or (mode == EpsvMode.AUTO and session.backend_knows_epsv)
+    if not send_epsv:
+        out.append(Count(Tally.EPSV_TRANSLATED))
     session.forward(b"EPSV", b"", out, sent=b"EPSV" if send_epsv else b"PASV")
 
 
@@ -187,6 +200,7 @@ def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
         out.append(
             Note("active mode to a privileged port refused", level=Level.WARNING, fields={"target": f"{host}:{port}"})
         )
+        out.append(Count(Tally.BOUNCE))
         session.answer(out, reply(f"504 {name} refused: port {port} is below {PORT_FLOOR}."))
         return
     if host != session.client:
@@ -199,6 +213,7 @@ def _active(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
             out.append(
                 Note("active mode to another address refused", level=Level.WARNING, fields={"target": f"{host}:{port}"})
             )
+            out.append(Count(Tally.BOUNCE))
             session.answer(out, reply(f"501 {name} refused: the address must be your own ({client})."))
             return
     if session.policy.active == ActiveMode.PASSTHROUGH:

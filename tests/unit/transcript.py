@@ -27,6 +27,7 @@ from ftpfix.protocol import (
     BackendQuiet,
     Command,
     ConnectionClosed,
+    Count,
     DataFailed,
     DataReceived,
     Event,
@@ -40,6 +41,7 @@ from ftpfix.protocol import (
     Session,
     Side,
     TransferDone,
+    TransferReplied,
     TransferSettled,
 )
 
@@ -227,12 +229,15 @@ def play(
     return session
 
 
-def merge(commands: list[Command], *, notes: bool = False, debug: bool = True) -> list[Command]:
+def merge(commands: list[Command], *, notes: bool = False, debug: bool = True, counts: bool = False) -> list[Command]:
     """``commands`` with consecutive writes to one side joined; Notes only with
-    ``notes``, and DEBUG ones only with ``debug`` too."""
+    ``notes``, and DEBUG ones only with ``debug`` too; ``Count`` and
+    ``TransferReplied`` (metrics and the transfer log) only with ``counts``."""
     merged: list[Command] = []
     for command in commands:
         if isinstance(command, Note) and not (notes and (debug or command.level is not Level.DEBUG)):
+            continue
+        if isinstance(command, Count | TransferReplied) and not counts:
             continue
         last = merged[-1] if merged else None
         if (
