@@ -1,4 +1,4 @@
-"""The command line: ``ftpfix run``, ``ftpfix check`` and ``ftpfix health``."""
+"""The command line: ``ftpfix run``, ``check``, ``health`` and ``status``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run the proxy in the foreground"),
         ("check", "run the start-up checks on the config and print the effective config"),
         ("health", "exit 0 if ftpfix's probe listener ([metrics] listen) says it serves; never dials the FTP port"),
+        ("status", "ask the running ftpfix ([metrics] listen) for sessions, pool use, transfers and backend health"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument(
@@ -61,19 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         return check(config, path, strict=arguments.strict)
     if arguments.command == "health":
         return health(config, ready=arguments.ready)
+    if arguments.command == "status":
+        return status(config)
     from .net.server import StartupError, run
 
     logs.configure(config.log.level, config.log.format)
     failures: list[BaseException] = []
-    status = 0
+    exit_status = 0
     try:
-        status = trio.run(run, config)
+        exit_status = trio.run(run, config)
     except* StartupError as group:
         failures = list(group.exceptions)
     for error in failures:
         for line in str(error).splitlines():
             print(f"ftpfix: {line}", file=sys.stderr)
-    return 1 if failures else status
+    return 1 if failures else exit_status
 
 
 def check(config: Config, path: Path, *, strict: bool) -> int:
@@ -111,23 +114,13 @@ def health(config: Config, *, ready: bool = False) -> int:
     """
     import http.client
 
-    where = config.path or "the config"
-    address = config.metrics.listen
-    if address is None:
-        print(
-            f'ftpfix: health: [metrics] listen is not set in {where}; set it, e.g. listen = "127.0.0.1:9121"',
-            file=sys.stderr,
-        )
+    probe = _probe_address(config, "health")
+    if probe is None:
         return 1
-    if address.port == 0:
-        print(f"ftpfix: health: [metrics] listen in {where} has port 0; give it a fixed port", file=sys.stderr)
-        return 1
-    host = address.host
-    if ipaddress.ip_address(host).is_unspecified:
-        host = "::1" if ":" in host else "127.0.0.1"
+    host, port = probe
     path = "/readyz" if ready else "/healthz"
-    url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}{path}"
-    connection = http.client.HTTPConnection(host, address.port, timeout=HEALTH_TIMEOUT)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -141,4 +134,97 @@ def health(config: Config, *, ready: bool = False) -> int:
         print(f"ftpfix: {'not ready' if ready else 'unhealthy'}: {url}: {response.status} {text}", file=sys.stderr)
         return 1
     print(f"ftpfix: {url}: {text}")
+    return 0
+
+
+def _probe_address(config: Config, command: str) -> tuple[str, int] | None:
+    """Where the probe listener answers, or None after saying why it cannot be asked."""
+    where = config.path or "the config"
+    address = config.metrics.listen
+    if address is None:
+        print(
+            f'ftpfix: {command}: [metrics] listen is not set in {where}; set it, e.g. listen = "127.0.0.1:9121"',
+            file=sys.stderr,
+        )
+        return None
+    if address.port == 0:
+        print(f"ftpfix: {command}: [metrics] listen in {where} has port 0; give it a fixed port", file=sys.stderr)
+        return None
+    host = address.host
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "::1" if ":" in host else "127.0.0.1"
+    return host, address.port
+
+
+def _get(host: str, port: int, path: str) -> tuple[int, str]:
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read(4 * 1024 * 1024).decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def status(config: Config) -> int:
+    """Print a short summary of the running instance, from its /metrics and /readyz.
+
+    Exits 0 when the instance answered (whatever the backend's state), 1 when
+    it could not be asked.
+    """
+    import http.client
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    probe = _probe_address(config, "status")
+    if probe is None:
+        return 1
+    host, port = probe
+    where = f"{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        code, text = _get(host, port, "/metrics")
+        ready_code, ready = _get(host, port, "/readyz")
+    except (OSError, http.client.HTTPException) as error:
+        print(f"ftpfix: status: cannot reach ftpfix at {where}: {error}", file=sys.stderr)
+        return 1
+    if code != 200:
+        print(f"ftpfix: status: {where}/metrics answered {code}", file=sys.stderr)
+        return 1
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def total(name: str, **labels: str) -> int:
+        return round(sum(v for found, v in samples.get(name, []) if all(found.get(k) == w for k, w in labels.items())))
+
+    def by(name: str, label: str) -> str:
+        parts = [f"{found[label]} {round(v)}" for found, v in samples.get(name, []) if v]
+        return ", ".join(parts) or "none"
+
+    info = samples.get("ftpfix_config_info", [({}, 0)])[0][0]
+    mib = 1024 * 1024
+    lines = [
+        f"ftpfix at {where}, config {info.get('hash', '?')} ({info.get('path') or 'no path'})",
+        f"backend:        {ready.strip()}" + ("" if ready_code == 200 else f" ({ready_code})"),
+        f"sessions:       {total('ftpfix_sessions_open')} open; ended: {by('ftpfix_sessions_ended_total', 'reason')}",
+        (
+            f"passive pool:   {total('ftpfix_passive_pool_leased')} of {total('ftpfix_passive_pool_ports')}"
+            f" ports leased, exhausted {total('ftpfix_passive_pool_exhausted_total')} times"
+        ),
+        (
+            f"data:           {total('ftpfix_data_connections_open')} connections open;"
+            f" {total('ftpfix_data_bytes_total', direction='download') / mib:.1f} MiB down,"
+            f" {total('ftpfix_data_bytes_total', direction='upload') / mib:.1f} MiB up"
+        ),
+        (
+            f"transfers:      {total('ftpfix_transfers_total', result='ok')} ok,"
+            f" {total('ftpfix_transfers_total') - total('ftpfix_transfers_total', result='ok')} failed"
+        ),
+        f"refusals:       {by('ftpfix_refusals_total', 'kind')}",
+        f"config reloads: {by('ftpfix_config_reloads_total', 'result')}",
+    ]
+    print("\n".join(lines))
     return 0
