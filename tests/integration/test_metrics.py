@@ -8,6 +8,7 @@ import ftplib
 import os
 import resource
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -258,3 +259,27 @@ def test_a_scrape_with_many_sessions_open_stays_cheap(tmp_path: Path, proxies) -
         stop.set()
         listener.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_sighup_reopens_the_xferlog_and_counts_the_reload(vsftpd: legacy.LegacyServer, tmp_path: Path, proxies) -> None:
+    legacy.put_file(vsftpd, "f.bin", b"x" * 1000)
+    proxy = start((vsftpd.host, vsftpd.port), tmp_path)
+    proxies.append(proxy)
+    port = probe_port(proxy)
+    xferlog = tmp_path / "xferlog"
+
+    def download() -> None:
+        ftp = login(proxy)
+        ftp.trust_server_pasv_ipv4_address = True
+        ftp.retrbinary("RETR f.bin", lambda _: None)
+        ftp.quit()
+
+    download()
+    wait_until(lambda: xferlog.exists() and xferlog.read_text().count("\n") == 1)
+    xferlog.rename(tmp_path / "xferlog.1")  # logrotate, then its postrotate SIGHUP
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for("config reloaded")
+    download()
+    wait_until(lambda: xferlog.exists() and xferlog.read_text().count("\n") == 1)
+    assert (tmp_path / "xferlog.1").read_text().count("\n") == 1
+    assert value(scrape(port), "ftpfix_config_reloads_total", result="ok") == 1
