@@ -105,6 +105,8 @@ async def handle_client(
                 "mappings": channel.totals.transfers,
                 "reason": channel.close_reason,
             }
+            if channel.tls_summary is not None:
+                fields["tls_version"], fields["tls_cipher"] = channel.tls_summary
         log.info("session closed", duration=round(trio.current_time() - started, 3), **fields)
         structlog.contextvars.clear_contextvars()
 

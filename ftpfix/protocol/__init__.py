@@ -21,6 +21,7 @@ from .commands import (
     SendTo,
     SettleTransfer,
     Side,
+    StartTLS,
     TransferStarted,
 )
 from .errors import BackendError, FtpfixError, ProtocolError
@@ -35,10 +36,11 @@ from .events import (
     PassiveFailed,
     PassiveOpened,
     ReadOn,
+    TlsStarted,
     TransferDone,
     TransferSettled,
 )
-from .policy import ActiveMode, EpsvMode, Policy
+from .policy import ActiveMode, EpsvMode, Policy, TlsMode
 from .session import Session
 from .state import TRANSITIONS, Waiting
 
@@ -74,6 +76,9 @@ __all__ = [
     "Session",
     "SettleTransfer",
     "Side",
+    "StartTLS",
+    "TlsMode",
+    "TlsStarted",
     "TransferDone",
     "TransferSettled",
     "TransferStarted",
