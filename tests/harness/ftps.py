@@ -47,7 +47,7 @@ require_session_reuse = {"true" if reuse else "false"}
 """
 
 
-class ReusingFTP_TLS(ftplib.FTP_TLS):  # noqa: N801 - named after ftplib's class
+class ReusingFTP_TLS(ftplib.FTP_TLS):
     """ftplib's FTP_TLS, but each data connection resumes the control
     connection's TLS session, as curl, FileZilla and lftp do (ftplib does not)."""
 
@@ -55,9 +55,12 @@ class ReusingFTP_TLS(ftplib.FTP_TLS):  # noqa: N801 - named after ftplib's class
     #: control connection's, as a thief's client would present.
     foreign_session: ssl.SSLSession | None = None
 
+    #: False: behave as stock ftplib, which never resumes.
+    reuse = True
+
     def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
         conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
         if self._prot_p:
-            session = self.foreign_session or self.sock.session
+            session = self.foreign_session or (self.sock.session if self.reuse else None)
             conn = self.context.wrap_socket(conn, server_hostname=self.host, session=session)
         return conn, size
