@@ -213,3 +213,22 @@ def test_required_mode(backend, certs, tmp_path: Path) -> None:
         ftp.quit()
     finally:
         ftpfix.stop()
+
+
+def test_lftp_ssl_force_protect_data(proxy, backend, certs, big_file: Path, tmp_path: Path) -> None:
+    """lftp (GnuTLS) with ftp:ssl-force and ftp:ssl-protect-data, PASV, reuse required: 16 MiB each way."""
+    require_programs("lftp")
+    legacy.put_file(backend, "download.bin", big_file.read_bytes())
+    got = tmp_path / "downloaded.bin"
+    script = (
+        "set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ssl:verify-certificate no; "
+        "set ftp:fix-pasv-address no; set ftp:prefer-epsv no; set net:max-retries 1; set net:timeout 30; "
+        f"open -u {backend.user},{backend.password} -p {proxy.port} {proxy.host}; "
+        f"get download.bin -o {got}; put {big_file} -o uploaded.bin; bye"
+    )
+    run = subprocess.run(["lftp", "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert sha256(got) == sha256(big_file)
+    assert sha256(backend.files / "uploaded.bin") == sha256(big_file)
+    assert not proxy.events("data connection refused: it did not resume the control session's TLS session")
+    assert proxy.events("tls started")
