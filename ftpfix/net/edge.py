@@ -10,8 +10,6 @@ server down.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import itertools
 import socket
 
@@ -23,23 +21,13 @@ from ..config import Config
 from ..ports import PortPool
 from ..protocol import FtpfixError, ProtocolError
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
-from .addresses import Endpoints, normalize_host
+from .addresses import Endpoints, is_address, normalize_host
 from .dial import connect
 from .dispatch import ControlChannel
 from .public import PublicAddress
 from .streams import say_last
 
 _session_ids = itertools.count(1)
-
-
-@functools.lru_cache(maxsize=16)
-def _is_address(host: str) -> bool:
-    """True if ``host`` is an IP address rather than a name (asked once per config)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def handle_client(
@@ -130,7 +118,7 @@ async def _connect_backend(
 async def _dial(host: str, port: int, timeout: float) -> trio.SocketStream:
     """A stream to ``host:port``. An address is dialed directly, which costs a
     fraction of trio's happy-eyeballs machinery; a name goes through it."""
-    if not _is_address(host):
+    if not is_address(host):
         return await trio.open_tcp_stream(host, port)
     sock = await connect((host, port), timeout)
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

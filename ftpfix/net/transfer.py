@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import trio
 from structlog.typing import FilteringBoundLogger
 
+from ..config import AcceptDataFrom
 from ..ports import PortPool
 from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
@@ -363,11 +364,23 @@ class Transfer:
             port=self.port,
             refused=self._strangers,
             accepted=str(self.peers),
-            hint=None
-            if self.active
-            else 'clients behind carrier-grade NAT: [passive] accept_data_from = "same-network"',
+            hint=self._hint(),
         )
         return f"the data connection came from another address than {self.peers.network_address}"
+
+    def _hint(self) -> str | None:
+        """What the refused addresses suggest: the client's other address, or a stranger."""
+        if self.active:
+            return None
+        near = AcceptDataFrom.SAME_NETWORK.network(str(self.peers.network_address))
+        if any((address := _address(stranger)) is not None and address in near for stranger in self._strangers):
+            return (
+                f"an address in the client's network {near}: the client's other address behind carrier-grade "
+                'NAT? [passive] accept_data_from = "same-network" accepts it'
+            )
+        return (
+            "a stranger, not the client's network: port stealing (RFC 2577 section 5), or a proxy on the client's side"
+        )
 
     async def _accept_peer(self) -> socket.socket:
         """The first connection on the listener from an address in ``peers``.
@@ -402,10 +415,8 @@ class Transfer:
             return sock
 
     def _welcome(self, host: str) -> bool:
-        try:
-            return ipaddress.ip_address(normalize_host(host)) in self.peers
-        except ValueError:
-            return False
+        address = _address(host)
+        return address is not None and address in self.peers
 
     async def _dial(self) -> socket.socket | None:
         try:
@@ -484,3 +495,11 @@ class Transfer:
         self._close_listener()
         if self._pooled:
             self._pool.release(self.port)
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as the peer checks compare it (IPv4-mapped unwrapped), or None if it is no address."""
+    try:
+        return ipaddress.ip_address(normalize_host(host))
+    except ValueError:
+        return None

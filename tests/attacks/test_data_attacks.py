@@ -328,15 +328,18 @@ def test_a_backend_reset_during_retr_is_reported_426(scripted, tmp_path, proxies
         host, port = attacker.pasv()
         with attacker.data_connect(port, host) as data:
             attacker.line("RETR half.bin")
-            attacker.expect("150")
+            first = attacker.reply()
             try:
                 received = recv_all(data)
             except OSError:
                 received = None  # the break reached the client as a reset: fine
         assert received is None or len(received) < len(payload), "the client got the whole file?"
-        final = final_reply(attacker)
         # 426; or 425 when the reset beat ftpfix's dial to the backend, so no
-        # data connection was made at all. Never a 2xx.
+        # data connection was made at all, and then perhaps before the
+        # backend's 150 got through (ftpfix drops a 1xx about a data
+        # connection that failed). Never a 2xx.
+        final = first if first.startswith("425") else final_reply(attacker)
+        assert first[:3] in ("150", "425"), f"first reply to a broken RETR: {first!r}"
         assert final[:3] in ("425", "426"), f"final reply to a broken RETR: {final!r}"
         attacker.expect_after("NOOP", "200")
     assert_healthy(proxy)

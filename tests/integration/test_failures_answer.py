@@ -110,6 +110,7 @@ def test_a_strangers_data_connection_gets_the_client_425_and_the_log_names_it(ba
         assert_usable(ftp)
         (released,) = proxy.wait_for("data port released: only other addresses connected, never the client")
         assert released["refused"] == ["127.0.0.2"]
+        assert "the client's network 127.0.0.0/24" in released["hint"]
         assert "same-network" in released["hint"]
         ftp.quit()
     finally:
