@@ -90,9 +90,10 @@ QUIET_PERIOD = 0.05
 #: Seconds between checks for a hang-up on a side ftpfix is not reading.
 HANG_UP_CHECK = 1.0
 
-#: Seconds a client that closed its end still gets for the replies it is
-#: owed (a script that sends QUIT and half-closes still reads its 221). A
-#: transfer outstanding ends the session at once (the core's rule).
+#: Seconds a client that closed its end without a QUIT still gets for the
+#: replies it is owed; one with a transfer outstanding is gone at once (the
+#: core's rule). After a QUIT, the client waits for its replies, the
+#: transfer's included, and the usual deadlines apply.
 HALF_CLOSE_GRACE = 2.0
 
 #: How close reasons and log lines name each side.
@@ -289,7 +290,7 @@ class ControlChannel:
                 events.append(ReadOn())
         if isinstance(event, DataReceived) and event.side is Side.CLIENT:
             self.deadlines.client_spoke(self.core.partial_command)
-        elif event == ConnectionClosed(Side.CLIENT):
+        elif event == ConnectionClosed(Side.CLIENT) and not self.core.quitting:
             self.deadlines.client_left(HALF_CLOSE_GRACE)
         return True
 

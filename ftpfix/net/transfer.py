@@ -366,21 +366,21 @@ class Transfer:
             accepted=str(self.peers),
             hint=self._hint(),
         )
-        return f"the data connection came from another address than {self.peers.network_address}"
+        accepted = self.peers.network_address if self.peers.num_addresses == 1 else self.peers
+        return f"the data connection came from outside {accepted}"
 
     def _hint(self) -> str | None:
         """What the refused addresses suggest: the client's other address, or a stranger."""
         if self.active:
             return None
         near = AcceptDataFrom.SAME_NETWORK.network(str(self.peers.network_address))
-        if any((address := _address(stranger)) is not None and address in near for stranger in self._strangers):
+        addresses = [address for stranger in self._strangers if (address := _address(stranger)) is not None]
+        if self.peers.num_addresses == 1 and any(address in near for address in addresses):
             return (
                 f"an address in the client's network {near}: the client's other address behind carrier-grade "
                 'NAT? [passive] accept_data_from = "same-network" accepts it'
             )
-        return (
-            "a stranger, not the client's network: port stealing (RFC 2577 section 5), or a proxy on the client's side"
-        )
+        return f"a stranger, outside {self.peers}: port stealing (RFC 2577 section 5)?"
 
     async def _accept_peer(self) -> socket.socket:
         """The first connection on the listener from an address in ``peers``.

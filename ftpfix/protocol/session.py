@@ -299,6 +299,24 @@ class Session:
         return self._server_lines.pending < SERVER_BACKLOG
 
     @property
+    def quitting(self) -> bool:
+        """True once the client has sent QUIT: an end of file after it is a
+        client that still reads its replies (the transfer's, then the 221),
+        not one that hung up."""
+        if any(isinstance(entry, _Forwarded) and entry.verb == b"QUIT" for entry in self._pending):
+            return True
+        if self._deferred is not None and self._deferred[0] == b"QUIT":
+            return True
+        for line in self._client_lines.complete_lines():
+            try:
+                verb, _ = parse_command(line, self.policy.aliases)
+            except CommandRejected:
+                continue
+            if verb == b"QUIT":
+                return True
+        return False
+
+    @property
     def idle(self) -> bool:
         """True when no command is outstanding: nothing would be cut short by a 421."""
         return not self._pending and self._deferred is None and not self.paused
@@ -334,7 +352,7 @@ class Session:
                 # cannot reach a client that is gone: end it now, so neither
                 # the session nor its per-address slot outlives the client.
                 self._client_eof = True
-                if self.transfer_outstanding() or self._state is Waiting.TRANSFER:
+                if not self.quitting and (self.transfer_outstanding() or self._state is Waiting.TRANSFER):
                     self._close(out, "client hung up")
                     return out
             case ConnectionClosed(side=Side.SERVER):
