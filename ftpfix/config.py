@@ -13,6 +13,7 @@ import enum
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 from .logs import LogFormat
 from .ports import PortRange
 from .protocol.commands import Level
-from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode, Policy
+from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode, Policy, TlsMode
 
 DEFAULT_PATH = Path("/etc/ftpfix/ftpfix.toml")
 
@@ -270,6 +271,44 @@ def _key(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, help: 
     return field(default=default, metadata={"parse": parse, "help": help})
 
 
+class BackendTls(enum.StrEnum):
+    """How ftpfix speaks to the backend."""
+
+    OFF = "off"
+    EXPLICIT = "explicit"
+    IMPLICIT = "implicit"
+
+
+def _backend_tls(value: Any) -> BackendTls:
+    mode = _choice(BackendTls)(value)
+    if mode is not BackendTls.OFF:
+        # Not built yet (issue 11, item 6): refuse rather than pretend.
+        raise ValueError(f'{value!r} is not supported yet; only "off" is (TLS to the backend is not implemented)')
+    return mode
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a file path")
+    return value
+
+
+#: TLS versions ``[tls] min_version`` accepts, by the names Python's ssl gives them.
+TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _tls_version(value: Any) -> str:
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"{value!r} is not one of {', '.join(TLS_VERSIONS)} (older versions are broken)")
+    return value
+
+
 # -- the sections ----------------------------------------------------------
 
 
@@ -289,6 +328,9 @@ class Backend:
         None,
         "its own passive range (e.g. vsftpd's pasv_min_port-pasv_max_port); a 227 naming another port opens nothing",
     )
+    tls: BackendTls = _key(_backend_tls, "off", 'TLS to the backend: "off" (only "off" is implemented so far)')
+    tls_verify: bool = _key(_boolean, True, "verify the backend's certificate (with tls)")
+    tls_ca: str = _key(_string, "", "CA bundle for verifying the backend; empty: the system's")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +439,20 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """FTPS towards clients (RFC 4217): ftpfix terminates TLS, the backend stays plain."""
+
+    mode: TlsMode = _key(_choice(TlsMode), TlsMode.OFF, 'explicit FTPS (AUTH TLS): "off", "optional" or "required"')
+    certificate: str = _key(_path, "", "PEM certificate chain (leaf first); needed unless mode is off")
+    key: str = _key(_path, "", "PEM private key of the certificate")
+    implicit_port: int = _key(_port, 0, "implicit FTPS listener (990 by convention); 0: none (not implemented yet)")
+    require_session_reuse: bool = _key(
+        _boolean, True, "a PROT P data connection must resume its own control connection's TLS session"
+    )
+    min_version: str = _key(_tls_version, "TLSv1.2", 'oldest TLS version accepted: "TLSv1.2" or "TLSv1.3"')
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     backend: Backend
@@ -407,6 +463,7 @@ class Config:
     access: Access
     log: Log
     metrics: Metrics
+    tls: Tls = field(default_factory=Tls)
     path: Path | None = None
     #: What the loader read otherwise than written, one line per key, as in
     #: ``[passive] ports: 50000 read as "50000-50000"``.
@@ -423,6 +480,7 @@ SECTIONS: dict[str, type] = {
     "access": Access,
     "log": Log,
     "metrics": Metrics,
+    "tls": Tls,
 }
 
 
@@ -458,7 +516,39 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
             raise ConfigError(f"{where}: [{required}]: missing section")
     notes: list[str] = []
     sections = {name: _build_section(name, cls, document.get(name, {}), where, notes) for name, cls in SECTIONS.items()}
+    _check_tls(sections["tls"], where)
     return Config(**sections, path=path, notes=tuple(notes))
+
+
+def _check_tls(tls: Tls, where: str) -> None:
+    """Refuse at start what would fail at the first AUTH TLS: a missing,
+    unreadable or mismatched certificate and key, named by key."""
+    if tls.implicit_port:
+        raise ConfigError(
+            f"{where}: [tls] implicit_port: {tls.implicit_port}: implicit FTPS is not implemented yet; use 0"
+        )
+    if tls.mode is TlsMode.OFF:
+        return
+    for name in ("certificate", "key"):
+        value = getattr(tls, name)
+        if not value:
+            raise ConfigError(f'{where}: [tls] {name}: missing, and [tls] mode = "{tls.mode}" needs it')
+        try:
+            Path(value).read_bytes()
+        except OSError as error:
+            raise ConfigError(f"{where}: [tls] {name}: cannot read {value}: {error.strerror}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.certificate, tls.key)
+    except ssl.SSLError as error:
+        if "KEY_VALUES_MISMATCH" in str(error) or "key values mismatch" in str(error):
+            raise ConfigError(
+                f"{where}: [tls] key: {tls.key} does not match [tls] certificate {tls.certificate}"
+            ) from None
+        raise ConfigError(
+            f"{where}: [tls] certificate, key: {tls.certificate} and {tls.key} are not a PEM certificate chain "
+            f"and its key: {error.reason or error}"
+        ) from None
 
 
 def load_config(path: Path) -> Config:

@@ -3,10 +3,21 @@ a client is told to dial for its data connection (split horizon)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
 from .public import PublicAddress
+
+
+@functools.lru_cache(maxsize=16)
+def is_address(host: str) -> bool:
+    """True if ``host`` is an IP address rather than a name (asked once per config)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def normalize_host(host: str) -> str:

@@ -15,6 +15,7 @@ middle of a command list, in the manner of mitmproxy's
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -51,12 +52,15 @@ from ..protocol import (
     Session,
     SettleTransfer,
     Side,
+    StartTLS,
+    TlsStarted,
     TransferDone,
     TransferReplied,
     TransferSettled,
     TransferStarted,
 )
 from ..protocol.grammar import SHUTTING_DOWN
+from ..protocol.grammar import reply as reply_line
 from .addresses import Endpoints, advertised_address
 from .deadlines import Deadlines, Expired
 from .dial import open_active_listener, open_passive_listener
@@ -64,6 +68,7 @@ from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
 from .streams import ControlStream
+from .tls import HANDSHAKE_TIMEOUT, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -89,9 +94,10 @@ QUIET_PERIOD = 0.05
 #: Seconds between checks for a hang-up on a side ftpfix is not reading.
 HANG_UP_CHECK = 1.0
 
-#: Seconds a client that closed its end still gets for the replies it is
-#: owed (a script that sends QUIT and half-closes still reads its 221). A
-#: transfer outstanding ends the session at once (the core's rule).
+#: Seconds a client that closed its end without a QUIT still gets for the
+#: replies it is owed; one with a transfer outstanding is gone at once (the
+#: core's rule). After a QUIT, the client waits for its replies, the
+#: transfer's included, and the usual deadlines apply.
 HALF_CLOSE_GRACE = 2.0
 
 #: How close reasons and log lines name each side.
@@ -152,6 +158,7 @@ def _build_policy(config: Config) -> Policy:
         deny_anonymous=config.access.deny_anonymous,
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
+        tls=config.tls.mode,
     )
 
 
@@ -192,6 +199,12 @@ class ControlChannel:
         self._nursery: trio.Nursery | None = None
         self._inputs: trio.MemorySendChannel[_Input] | None = None
         self._draining = False
+        self._readers: dict[Side, tuple[trio.CancelScope, trio.Event]] = {}
+        #: The TLS context of this session, once the client sent AUTH TLS
+        #: (``tls.py``: one per session binds data connections to it).
+        self.tls_context: ssl.SSLContext | None = None
+        #: The negotiated TLS version and cipher, for the summary line.
+        self.tls_summary: tuple[str, str] | None = None
         self._last_backend_data = trio.current_time()
         self._transfer_started = self._last_backend_data  # when the last transfer command went out
         # Set while the core wants more from a side; read before each receive.
@@ -217,7 +230,7 @@ class ControlChannel:
             self._inputs = send
             async with send, receive:
                 for side in Side:
-                    nursery.start_soon(self._read, side, send.clone())
+                    self._start_reader(side)
                 nursery.start_soon(
                     self.deadlines.watch, lambda: self.core.logged_in, lambda: self._transfers, send.clone()
                 )
@@ -282,7 +295,7 @@ class ControlChannel:
                 events.append(ReadOn())
         if isinstance(event, DataReceived) and event.side is Side.CLIENT:
             self.deadlines.client_spoke(self.core.partial_command)
-        elif event == ConnectionClosed(Side.CLIENT):
+        elif event == ConnectionClosed(Side.CLIENT) and not self.core.quitting:
             self.deadlines.client_left(HALF_CLOSE_GRACE)
         return True
 
@@ -314,6 +327,11 @@ class ControlChannel:
                 case CancelTransfer():
                     if self._transfer is not None:
                         self._transfer.cancel("the server ended the transfer")
+                case StartTLS(side=Side.CLIENT, reply=reply):
+                    started = await self._start_tls(reply)
+                    if started is None:
+                        return False
+                    followups.append(started)
                 case AwaitQuiet():
                     self._spawn(self._post_when, self._backend_quiet, BackendQuiet)
                 case SettleTransfer():
@@ -368,7 +386,29 @@ class ControlChannel:
 
     # -- reading and writing ----------------------------------------------
 
-    async def _read(self, side: Side, send: trio.MemorySendChannel[_Input]) -> None:
+    def _start_reader(self, side: Side) -> None:
+        """Start reading ``side``, in a scope ``_stop_reader`` can cancel."""
+        assert self._nursery is not None and self._inputs is not None
+        scope, done = trio.CancelScope(), trio.Event()
+        self._readers[side] = (scope, done)
+        self._nursery.start_soon(self._read, side, self._inputs.clone(), scope, done)
+
+    async def _stop_reader(self, side: Side) -> None:
+        """Stop reading ``side`` and wait until the reader has let go of the stream."""
+        scope, done = self._readers[side]
+        scope.cancel()
+        await done.wait()
+
+    async def _read(
+        self, side: Side, send: trio.MemorySendChannel[_Input], scope: trio.CancelScope, done: trio.Event
+    ) -> None:
+        try:
+            with scope:
+                await self._read_until_end(side, send)
+        finally:
+            done.set()
+
+    async def _read_until_end(self, side: Side, send: trio.MemorySendChannel[_Input]) -> None:
         stream = self.streams[side]
         async with send:
             try:
@@ -426,6 +466,36 @@ class ControlChannel:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._end(f"{SIDE_NAMES[side]} connection lost")
             await trio.lowlevel.checkpoint()
+
+    async def _start_tls(self, reply: bytes) -> TlsStarted | None:
+        """Send the 234 and make the client's control connection TLS; None if that failed.
+
+        The client's reader stops before the 234 leaves (see ``StartTLS``),
+        and starts again on the TLS stream once the handshake is done.
+        """
+        await self._stop_reader(Side.CLIENT)
+        try:
+            self.tls_context = server_context(self.config.tls)
+        except (OSError, ssl.SSLError) as error:
+            self.log.error("cannot load the TLS certificate", error=str(error))
+            await self._send(Side.CLIENT, reply_line("431 TLS is not available now, try again later."))
+            self.close_reason = "TLS certificate unavailable"
+            return None
+        await self._send(Side.CLIENT, reply)
+        raw = self.streams[Side.CLIENT].stream
+        stream = trio.SSLStream(raw, self.tls_context, server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
+            self.log.warning("TLS handshake failed", side="client", error=why)
+            self.close_reason = f"TLS handshake failed: {why}"
+            return None
+        self.streams[Side.CLIENT] = ControlStream(stream)
+        self.tls_summary = describe(stream)
+        self._start_reader(Side.CLIENT)
+        return TlsStarted(*self.tls_summary)
 
     def _end(self, reason: str) -> None:
         self.close_reason = reason
@@ -533,6 +603,8 @@ class ControlChannel:
                 log=self.log,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,
+                tls=self.tls_context if self.core.protected else None,
+                require_session_reuse=self.config.tls.require_session_reuse,
             )
         )
         self.log.info(
@@ -567,6 +639,8 @@ class ControlChannel:
                 source_port=self.config.active.source_port,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,
+                tls=self.tls_context if self.core.protected else None,
+                require_session_reuse=self.config.tls.require_session_reuse,
             )
         )
         self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{listen_host}:{port}")

@@ -10,8 +10,6 @@ server down.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import itertools
 import socket
 
@@ -23,7 +21,7 @@ from ..config import Config
 from ..ports import PortPool
 from ..protocol import FtpfixError, ProtocolError
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
-from .addresses import Endpoints, normalize_host
+from .addresses import Endpoints, is_address, normalize_host
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
@@ -31,16 +29,6 @@ from .public import PublicAddress
 from .streams import say_last
 
 _session_ids = itertools.count(1)
-
-
-@functools.lru_cache(maxsize=16)
-def _is_address(host: str) -> bool:
-    """True if ``host`` is an IP address rather than a name (asked once per config)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def handle_client(
@@ -111,6 +99,8 @@ async def handle_client(
                 "mappings": channel.totals.transfers,
                 "reason": channel.close_reason,
             }
+            if channel.tls_summary is not None:
+                fields["tls_version"], fields["tls_cipher"] = channel.tls_summary
         if channel is not None and end == "other":
             end = session_end(channel.close_reason)
         if shutdown is not None and shutdown.is_set() and not ended:
@@ -142,7 +132,7 @@ async def _connect_backend(
 async def _dial(host: str, port: int, timeout: float) -> trio.SocketStream:
     """A stream to ``host:port``. An address is dialed directly, which costs a
     fraction of trio's happy-eyeballs machinery; a name goes through it."""
-    if not _is_address(host):
+    if not is_address(host):
         return await trio.open_tcp_stream(host, port)
     sock = await connect((host, port), timeout)
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

@@ -23,6 +23,7 @@ import trio
 
 from ..config import Config
 from ..protocol import ActiveMode
+from .addresses import is_address
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .dial import bind_source_port, family
 
@@ -160,7 +161,7 @@ def _backend(config: Config) -> Iterator[Problem]:
     backend = config.backend
     if backend.port == 0:
         yield Problem(Severity.ERROR, "[backend] port", "0", "can never be dialed", "set the backend's control port")
-    if not _is_ip(backend.address):
+    if not is_address(backend.address):
         try:
             # The family the dial uses (dial.connect), so the verdict is the dial's.
             socket.getaddrinfo(backend.address, backend.port, family=family(backend.address))
@@ -179,7 +180,7 @@ def _public_address(config: Config) -> Iterator[Problem]:
     if setting == "auto":
         return
     said = "is"
-    if not _is_ip(setting):
+    if not is_address(setting):
         # As PublicAddress.refresh looks it up: IPv4 only, the first answer.
         try:
             infos = socket.getaddrinfo(setting, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
@@ -296,11 +297,3 @@ def _descriptors(config: Config) -> Iterator[Problem]:
 
 def _why(error: OSError) -> str:
     return error.strerror or str(error)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -38,6 +38,7 @@ broken upload would store the fragment and answer 226.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -338,5 +339,110 @@ async def relay(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, upload, nursery)
         nursery.start_soon(run, download, nursery)
+        if stall_timeout < float("inf"):
+            nursery.start_soon(watch_for_stall, nursery)
+
+
+#: Plaintext bytes read from a TLS stream at once: TLS records carry at
+#: most 16 KiB, and trio's SSLStream decrypts whatever arrived up to this.
+TLS_CHUNK_SIZE = 256 * 1024
+
+
+async def relay_tls(
+    client: trio.SSLStream[trio.SocketStream],
+    backend: socket.socket,
+    stats: RelayStats,
+    upload_limit: TokenBucket | None = None,
+    download_limit: TokenBucket | None = None,
+    *,
+    stall_timeout: float = float("inf"),
+    delivered: trio.Event | None = None,
+) -> None:
+    """Relay plaintext between a protected data connection (``client``, TLS
+    done) and the backend's plain ``backend`` socket, until both directions end.
+
+    Splice cannot see into TLS, so both directions go through trio streams.
+    TLS has no half-close, so the ends map this way:
+
+    - the client's close_notify is its end of an upload: the backend gets a
+      FIN. A TLS stream that ends without close_notify (a reset, or a TCP FIN
+      alone, which an attacker can forge: the truncation attack) is a failure,
+      so the backend gets a reset and never stores the fragment;
+    - the backend's FIN is the end of a download: the client gets
+      close_notify and the connection closes (``delivered`` is set then).
+
+    Resource handling and error handling: as ``relay``. The caller closes the
+    sockets; ``client``'s transport is closed here once the download ends.
+    """
+    stats.last_progress = trio.current_time()
+    backend_stream = trio.SocketStream(trio.socket.from_stdlib_socket(backend))
+    raw_client = client.transport_stream.socket
+    download_done = False
+
+    def fail(reason: str, nursery: trio.Nursery) -> None:
+        if stats.error is None:
+            stats.error = reason
+        reset_on_close(backend)
+        with contextlib.suppress(OSError):
+            raw_client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        nursery.cancel_scope.cancel()
+
+    async def pace(bucket: TokenBucket | None, count: int) -> None:
+        if bucket is not None and (delay := bucket.take(count, trio.current_time())):
+            await trio.sleep(delay)
+
+    async def upload(nursery: trio.Nursery) -> None:
+        try:
+            while data := await client.receive_some(TLS_CHUNK_SIZE):
+                await backend_stream.send_all(data)
+                stats.upload += len(data)
+                stats.last_progress = trio.current_time()
+                await pace(upload_limit, len(data))
+        except trio.ClosedResourceError:
+            if not download_done:
+                raise
+            return  # the download closed the stream: the normal end of a download
+        except trio.BrokenResourceError as error:
+            if download_done:
+                return  # the client hung up after its download: nothing was lost
+            fail(f"upload: the TLS stream ended without close_notify ({error.__cause__ or error})", nursery)
+            return
+        except OSError as error:
+            fail(f"upload: {error.strerror or error}", nursery)
+            return
+        _shutdown_write(backend)
+
+    async def download(nursery: trio.Nursery) -> None:
+        nonlocal download_done
+        try:
+            while data := await backend_stream.receive_some(TLS_CHUNK_SIZE):
+                await client.send_all(data)
+                stats.download += len(data)
+                stats.last_progress = trio.current_time()
+                await pace(download_limit, len(data))
+            download_done = True
+            # close_notify, then the TCP end: TLS's way of saying "that was all".
+            await client.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            cause = error.__cause__ or error
+            fail(f"download: {getattr(cause, 'strerror', None) or cause}", nursery)
+            return
+        if delivered is not None:
+            delivered.set()
+        # The backend has finished; give the client a while to finish too.
+        nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + CLIENT_LINGER)
+
+    async def watch_for_stall(nursery: trio.Nursery) -> None:
+        while not download_done:
+            now = trio.current_time()
+            deadline = stats.last_progress + stall_timeout
+            if now >= deadline:
+                fail(f"no data moved for {stall_timeout:g} s", nursery)
+                return
+            await trio.sleep_until(min(deadline, now + STALL_SAMPLE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload, nursery)
+        nursery.start_soon(download, nursery)
         if stall_timeout < float("inf"):
             nursery.start_soon(watch_for_stall, nursery)

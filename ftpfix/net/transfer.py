@@ -37,17 +37,20 @@ import contextlib
 import errno
 import ipaddress
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 from structlog.typing import FilteringBoundLogger
 
+from ..config import AcceptDataFrom
 from ..ports import PortPool
 from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
-from .relay import RelayStats, TokenBucket, relay, reset_on_close
+from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
+from .tls import HANDSHAKE_TIMEOUT
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -102,6 +105,8 @@ class Transfer:
         source_port: int | None = None,
         upload_limit: TokenBucket | None = None,
         download_limit: TokenBucket | None = None,
+        tls: ssl.SSLContext | None = None,
+        require_session_reuse: bool = True,
     ) -> None:
         self.port = port
         self.peers = peers
@@ -119,6 +124,8 @@ class Transfer:
         self._log = log
         self._source_port = source_port
         self._limits = (upload_limit, download_limit)
+        self._tls = tls
+        self._require_session_reuse = require_session_reuse
         self._scope = trio.CancelScope()
         self._accepted = trio.Event()
         self._delivered = trio.Event()
@@ -265,13 +272,18 @@ class Transfer:
                 if dialed is None:
                     return
                 self._dialed = True
-                self.connected = True
                 client, backend = (dialed, accepted) if self.active else (accepted, dialed)
                 upload, download = self._limits
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._end_after_download, backend)
-                    await relay(
-                        client,
+                if self._tls is not None:
+                    # The backend has its data connection already (it may
+                    # answer 150 only then, and the client may handshake
+                    # only after the 150); the client's TLS comes now.
+                    secured = await self._secure(client)
+                    if secured is None:
+                        return
+                    self.connected = True
+                    await relay_tls(
+                        secured,
                         backend,
                         self.stats,
                         upload,
@@ -279,7 +291,20 @@ class Transfer:
                         stall_timeout=self._timeouts.stall,
                         delivered=self._delivered,
                     )
-                    nursery.cancel_scope.cancel()
+                else:
+                    self.connected = True
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._end_after_download, backend)
+                        await relay(
+                            client,
+                            backend,
+                            self.stats,
+                            upload,
+                            download,
+                            stall_timeout=self._timeouts.stall,
+                            delivered=self._delivered,
+                        )
+                        nursery.cancel_scope.cancel()
                 if self.stats.error is not None:
                     self._fail(self.stats.error)
         except OSError as error:
@@ -340,11 +365,23 @@ class Transfer:
             port=self.port,
             refused=self._strangers,
             accepted=str(self.peers),
-            hint=None
-            if self.active
-            else 'clients behind carrier-grade NAT: [passive] accept_data_from = "same-network"',
+            hint=self._hint(),
         )
-        return f"the data connection came from another address than {self.peers.network_address}"
+        accepted = self.peers.network_address if self.peers.num_addresses == 1 else self.peers
+        return f"the data connection came from outside {accepted}"
+
+    def _hint(self) -> str | None:
+        """What the refused addresses suggest: the client's other address, or a stranger."""
+        if self.active:
+            return None
+        near = AcceptDataFrom.SAME_NETWORK.network(str(self.peers.network_address))
+        addresses = [address for stranger in self._strangers if (address := _address(stranger)) is not None]
+        if self.peers.num_addresses == 1 and any(address in near for address in addresses):
+            return (
+                f"an address in the client's network {near}: the client's other address behind carrier-grade "
+                'NAT? [passive] accept_data_from = "same-network" accepts it'
+            )
+        return f"a stranger, outside {self.peers}: port stealing (RFC 2577 section 5)?"
 
     async def _accept_peer(self) -> socket.socket:
         """The first connection on the listener from an address in ``peers``.
@@ -380,10 +417,8 @@ class Transfer:
             return sock
 
     def _welcome(self, host: str) -> bool:
-        try:
-            return ipaddress.ip_address(normalize_host(host)) in self.peers
-        except ValueError:
-            return False
+        address = _address(host)
+        return address is not None and address in self.peers
 
     async def _dial(self) -> socket.socket | None:
         try:
@@ -396,6 +431,33 @@ class Transfer:
             self._log.warning(f"{who} refused the data connection", target=target, error=str(error) or "timed out")
             self._fail(f"cannot connect to the {who}")
             return None
+
+    async def _secure(self, client: socket.socket) -> trio.SSLStream[trio.SocketStream] | None:
+        """The client's data connection with TLS done, ftpfix as the TLS server
+        (RFC 4217: the FTP server is the TLS server on data connections,
+        whichever end dialed), and resuming this control session's TLS session unless that
+        is not required. None, with ``failure`` set, if not: the transfer
+        command then gets a 425 that says why.
+        """
+        assert self._tls is not None
+        stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
+            self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
+            self._fail("the TLS handshake on the data connection failed")
+            return None
+        if self._require_session_reuse and not stream.session_reused:
+            # Each control session has a context of its own (tls.py), so a
+            # resumed session is necessarily this control session's.
+            self._log.warning(
+                "data connection refused: it did not resume the control session's TLS session", port=self.port
+            )
+            self._fail("the data connection must resume the TLS session of its control connection")
+            return None
+        return stream
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
@@ -435,3 +497,11 @@ class Transfer:
         self._close_listener()
         if self._pooled:
             self._pool.release(self.port)
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as the peer checks compare it (IPv4-mapped unwrapped), or None if it is no address."""
+    try:
+        return ipaddress.ip_address(normalize_host(host))
+    except ValueError:
+        return None

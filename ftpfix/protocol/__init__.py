@@ -22,6 +22,7 @@ from .commands import (
     SendTo,
     SettleTransfer,
     Side,
+    StartTLS,
     Tally,
     TransferReplied,
     TransferStarted,
@@ -38,10 +39,11 @@ from .events import (
     PassiveFailed,
     PassiveOpened,
     ReadOn,
+    TlsStarted,
     TransferDone,
     TransferSettled,
 )
-from .policy import ActiveMode, EpsvMode, Policy
+from .policy import ActiveMode, EpsvMode, Policy, TlsMode
 from .session import Session
 from .state import TRANSITIONS, Waiting
 
@@ -78,7 +80,10 @@ __all__ = [
     "Session",
     "SettleTransfer",
     "Side",
+    "StartTLS",
     "Tally",
+    "TlsMode",
+    "TlsStarted",
     "TransferDone",
     "TransferReplied",
     "TransferSettled",

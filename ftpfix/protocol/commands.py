@@ -151,6 +151,24 @@ class AwaitQuiet:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The client sent AUTH TLS: stop reading its control connection, send
+    ``reply`` (the 234) in plain text, then run the TLS handshake as the
+    server (RFC 4217 section 4).
+
+    The reader must be stopped *before* the 234 leaves: a conforming client
+    sends its ClientHello only after reading it, so every byte read until
+    then is plaintext sent after AUTH, which the core has thrown away. Bytes
+    read after the 234 would be the ClientHello, and must reach the TLS
+    layer. The shell answers with the event ``TlsStarted``, or ends the
+    session if the handshake fails.
+    """
+
+    side: Side
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """End the session, after sending what was queued before this command."""
 
@@ -216,6 +234,7 @@ Command = (
     | FinishTransfer
     | CancelTransfer
     | AwaitQuiet
+    | StartTLS
     | Close
     | Note
     | Count

@@ -102,6 +102,15 @@ class TransferSettled:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsStarted:
+    """Answer to ``StartTLS``: the handshake is done; ``version`` and
+    ``cipher`` are what was negotiated, for the log."""
+
+    version: str
+    cipher: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReadOn:
     """The shell has written the last batch of replies: read on from what is buffered.
 
@@ -123,5 +132,6 @@ Event = (
     | DataFailed
     | BackendQuiet
     | TransferSettled
+    | TlsStarted
     | ReadOn
 )

@@ -267,16 +267,24 @@ HIDDEN_FEATURES = (b"AUTH", b"PBSZ", b"PROT", b"CCC", b"LPSV", b"LPRT", b"ADAT",
 PROVIDED_FEATURES = (b"EPRT", b"EPSV")
 
 
-def rewrite_feat(lines: list[bytes]) -> tuple[list[bytes], bool]:
+#: What ftpfix provides when it terminates TLS itself (RFC 4217 section 6).
+TLS_FEATURES = (b"AUTH TLS", b"PBSZ", b"PROT")
+
+
+def rewrite_feat(lines: list[bytes], *, tls: bool = False) -> tuple[list[bytes], bool]:
     """A 211 FEAT reply that lists what ftpfix provides, and whether the backend knows EPSV.
 
     ``lines`` are the reply's lines without endings; the first and last keep
     their codes. Feature lines start with a space (RFC 2389 section 3.2).
+    The backend's own security features are always hidden (the backend's
+    TLS is not the client's); with ``tls``, ftpfix's are listed instead.
     """
     features = [line for line in lines[1:-1] if line.startswith(b" ")]
     names = {line.strip().split(b" ", 1)[0].upper() for line in features}
     kept = [line for line in features if line.strip().split(b" ", 1)[0].upper() not in HIDDEN_FEATURES]
     added = [b" " + name for name in PROVIDED_FEATURES if name not in names]
+    if tls:
+        added += [b" " + feature for feature in TLS_FEATURES]
     return [lines[0], *kept, *added, lines[-1]], b"EPSV" in names
 
 

@@ -28,6 +28,14 @@ class ActiveMode(enum.StrEnum):
     DENY = "deny"  # refuse it
 
 
+class TlsMode(enum.StrEnum):
+    """Explicit FTPS towards the client (RFC 4217)."""
+
+    OFF = "off"  # AUTH is refused, as before ftpfix spoke TLS
+    OPTIONAL = "optional"  # AUTH TLS offered; plain sessions and PROT C allowed
+    REQUIRED = "required"  # no login before AUTH TLS, no transfer without PROT P (RFC 4217 section 9)
+
+
 #: The SMC Barricade's mangling of PASV, undone by default.
 DEFAULT_ALIASES: Mapping[bytes, bytes] = MappingProxyType({b"P@SW": b"PASV"})
 
@@ -52,6 +60,9 @@ class Policy:
     ``backend_port`` is the backend's control port and ``backend_passive_ports``
     its passive range, if known: a 227 or 229 naming any other port opens
     nothing.
+
+    ``tls`` says whether ftpfix answers AUTH TLS, PBSZ and PROT itself
+    (``TlsMode``); the backend never sees them.
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=lambda: DEFAULT_ALIASES)
@@ -63,3 +74,4 @@ class Policy:
     deny_anonymous: bool = False
     backend_port: int = 21
     backend_passive_ports: range | None = None
+    tls: TlsMode = TlsMode.OFF

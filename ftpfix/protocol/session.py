@@ -91,6 +91,7 @@ from .commands import (
     SendTo,
     SettleTransfer,
     Side,
+    StartTLS,
     Tally,
     TransferReplied,
 )
@@ -106,6 +107,7 @@ from .events import (
     PassiveFailed,
     PassiveOpened,
     ReadOn,
+    TlsStarted,
     TransferDone,
     TransferSettled,
 )
@@ -133,7 +135,7 @@ from .grammar import (
 )
 from .lines import TOO_LONG, LineBuffer
 from .logins import LOGIN_VERBS, loggable, login_outcome
-from .policy import Policy
+from .policy import Policy, TlsMode
 from .state import TRANSITIONS, Waiting
 from .verbs import (
     ABOR_REPLIES,
@@ -186,6 +188,7 @@ _ANSWERS: dict[type, Waiting] = {
     ActiveFailed: Waiting.ACTIVE,
     TransferDone: Waiting.TRANSFER,
     BackendQuiet: Waiting.QUIET,
+    TlsStarted: Waiting.TLS,
 }
 
 
@@ -243,6 +246,12 @@ class Session:
         self.data_lost: str | None = None
         #: True once a QUIT was answered: the session ends as the client asked.
         self.quit = False
+        #: True once the client's control connection is TLS (AUTH TLS, RFC 4217).
+        self.tls_active = False
+        #: True after PBSZ (RFC 4217 section 8: PROT needs it first).
+        self.pbsz = False
+        #: True after PROT P: data connections are TLS too.
+        self.protected = False
         self._state = Waiting.NOTHING
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
@@ -294,6 +303,24 @@ class Session:
         return self._server_lines.pending < SERVER_BACKLOG
 
     @property
+    def quitting(self) -> bool:
+        """True once the client has sent QUIT: an end of file after it is a
+        client that still reads its replies (the transfer's, then the 221),
+        not one that hung up."""
+        if any(isinstance(entry, _Forwarded) and entry.verb == b"QUIT" for entry in self._pending):
+            return True
+        if self._deferred is not None and self._deferred[0] == b"QUIT":
+            return True
+        for line in self._client_lines.complete_lines():
+            try:
+                verb, _ = parse_command(line, self.policy.aliases)
+            except CommandRejected:
+                continue
+            if verb == b"QUIT":
+                return True
+        return False
+
+    @property
     def idle(self) -> bool:
         """True when no command is outstanding: nothing would be cut short by a 421."""
         return not self._pending and self._deferred is None and not self.paused
@@ -329,7 +356,7 @@ class Session:
                 # cannot reach a client that is gone: end it now, so neither
                 # the session nor its per-address slot outlives the client.
                 self._client_eof = True
-                if self.transfer_outstanding() or self._state is Waiting.TRANSFER:
+                if not self.quitting and (self.transfer_outstanding() or self._state is Waiting.TRANSFER):
                     self._close(out, "client hung up")
                     return out
             case ConnectionClosed(side=Side.SERVER):
@@ -381,6 +408,10 @@ class Session:
                 self._move(Waiting.NOTHING)
             case TransferSettled():
                 self._probe_unanswered_transfer(out)
+            case TlsStarted(version=version, cipher=cipher):
+                self.tls_active = True
+                self._move(Waiting.NOTHING)
+                out.append(Note("tls started", fields={"version": version, "cipher": cipher}))
             case ReadOn():
                 pass
             case _:
@@ -419,6 +450,21 @@ class Session:
         self._move(Waiting.ACTIVE)
         self._deferred = (verb, b"")
         out.append(command)
+
+    def start_tls(self, text: bytes, out: list[Command]) -> None:
+        """Answer AUTH TLS with ``text`` and have the shell start TLS on the client's side.
+
+        Whatever the client sent after the AUTH line arrived in plain text
+        and must never be read as if it came through TLS (the STARTTLS
+        command injection of CVE-2011-0411, RFC 4217 section 4): it is
+        thrown away, and nothing more is read until the handshake is done.
+        """
+        dropped = self._client_lines.pending
+        if dropped:
+            out.append(Note("plaintext after AUTH TLS thrown away", level=Level.WARNING, fields={"bytes": dropped}))
+            self._client_lines = LineBuffer(self.policy.max_line)
+        self._move(Waiting.TLS)
+        out.append(StartTLS(Side.CLIENT, text))
 
     def abort_pending_transfer(self) -> None:
         """Mark the transfer commands awaiting their reply as aborted by the client."""
@@ -513,7 +559,7 @@ class Session:
     # -- client side -----------------------------------------------------
 
     def _reading_commands(self) -> bool:
-        if self._state in (Waiting.CLOSED, Waiting.ACTIVE) or len(self._pending) >= MAX_PENDING:
+        if self._state in (Waiting.CLOSED, Waiting.ACTIVE, Waiting.TLS) or len(self._pending) >= MAX_PENDING:
             return False
         # An exclusive command is alone on the wire until its reply is complete.
         last = self._pending[-1] if self._pending else None
@@ -588,6 +634,10 @@ class Session:
             return None
         if verb != b"ABOR" and self.transfer_outstanding():
             return "transfer running"
+        if verb == b"AUTH" and self._pending:
+            # The 234 must be the last plaintext the client reads: every
+            # earlier reply goes first.
+            return "replies outstanding"
         return None
 
     def _on_command(self, verb: bytes, argument: bytes, out: list[Command]) -> None:
@@ -705,7 +755,7 @@ class Session:
             case Action.PASSIVE:
                 self._on_passive_reply(code, CRLF.join(held) + CRLF, answering, out)
             case Action.FEAT:
-                lines, self.backend_knows_epsv = rewrite_feat(held)
+                lines, self.backend_knows_epsv = rewrite_feat(held, tls=self.policy.tls is not TlsMode.OFF)
                 out.append(SendTo(Side.CLIENT, b"".join(held_line + CRLF for held_line in lines)))
                 self._complete(out)
             case Action.FALLBACK:

@@ -18,12 +18,16 @@ class Waiting(enum.Enum):
     PASSIVE = "passive"  # OpenPassive: replies are not read
     ACTIVE = "active"  # OpenActive: commands are not read
     TRANSFER = "transfer"  # FinishTransfer: replies are not read
+    TLS = "tls"  # StartTLS: nothing is read until the handshake is done
     CLOSED = "closed"  # Close: the session is over
 
 
 #: The moves the core may make between states; any other is a bug.
 TRANSITIONS: dict[Waiting, frozenset[Waiting]] = {
-    Waiting.NOTHING: frozenset({Waiting.QUIET, Waiting.PASSIVE, Waiting.ACTIVE, Waiting.TRANSFER, Waiting.CLOSED}),
+    Waiting.NOTHING: frozenset(
+        {Waiting.QUIET, Waiting.PASSIVE, Waiting.ACTIVE, Waiting.TRANSFER, Waiting.TLS, Waiting.CLOSED}
+    ),
+    Waiting.TLS: frozenset({Waiting.NOTHING, Waiting.CLOSED}),
     Waiting.QUIET: frozenset({Waiting.NOTHING, Waiting.CLOSED}),
     Waiting.PASSIVE: frozenset({Waiting.NOTHING, Waiting.CLOSED}),
     Waiting.ACTIVE: frozenset({Waiting.NOTHING, Waiting.CLOSED}),

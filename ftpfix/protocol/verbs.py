@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from .commands import (
     AbortTransfer,
+    CancelTransfer,
     Count,
     Level,
     Note,
@@ -66,7 +67,7 @@ from .grammar import (
     reply,
 )
 from .logins import NOT_LOGGED_IN, loggable, login_failed
-from .policy import ActiveMode, EpsvMode
+from .policy import ActiveMode, EpsvMode, TlsMode
 from .state import Waiting
 
 if TYPE_CHECKING:
@@ -142,6 +143,10 @@ Handler = Callable[["Session", bytes, bytes, "list[Command]"], None]
 
 def _user(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     name = argument.strip(SEPARATORS)
+    if _tls_missing(session):
+        # RFC 4217 section 11: a server whose policy requires TLS answers USER with 530.
+        session.answer(out, TLS_REQUIRED_FOR_LOGIN)
+        return
     if session.policy.deny_anonymous and name.upper() in ANONYMOUS_USERS:
         # A failed login like any other, for fail2ban: ftpfix is the server here.
         out.append(login_failed(loggable(name), NOT_LOGGED_IN, reason="anonymous logins are refused"))
@@ -273,6 +278,17 @@ def _abor(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
 
 
 def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if session.policy.tls is TlsMode.REQUIRED and not session.protected:
+        # RFC 4217 section 9: 521 for a transfer the policy refuses at this PROT level.
+        # The mapping the client may have connected to is of no more use.
+        out.append(CancelTransfer())
+        session.answer(out, reply("521 Data connections must be protected here: send PBSZ 0 and PROT P first."))
+        return
+    if session.protected and not session.relaying:
+        # The data connection bypasses ftpfix ([active] mode = "passthrough"), and the
+        # backend speaks no TLS: the client would wait for a handshake nobody makes.
+        session.answer(out, reply("521 PROT P needs the data connection through ftpfix: use passive mode."))
+        return
     if session.relaying and session.data_lost is not None:
         # The mapping's data connection will never be made; asking the
         # backend would leave it waiting for one until its own timeout.
@@ -286,6 +302,89 @@ def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) 
     session.answer(out, reply(REFUSED[verb]))
 
 
+# -- FTPS (RFC 4217): answered by ftpfix, never forwarded; the backend stays plain --
+
+#: USER (or PASS, ACCT) before AUTH TLS where TLS is required.
+TLS_REQUIRED_FOR_LOGIN = reply("530 TLS is required here: send AUTH TLS before logging in.")
+
+#: The AUTH mechanisms ftpfix answers with a TLS handshake. "SSL" is the
+#: pre-RFC name some old clients still send; ftpfix speaks TLS for it too.
+AUTH_MECHANISMS = frozenset({b"TLS", b"SSL", b"TLS-C"})
+
+
+def _tls_missing(session: Session) -> bool:
+    return session.policy.tls is TlsMode.REQUIRED and not session.tls_active
+
+
+def _auth(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if session.policy.tls is TlsMode.OFF:
+        session.answer(out, reply(REFUSED[b"AUTH"]))
+        return
+    mechanism = argument.strip(SEPARATORS).upper()
+    if session.tls_active:
+        # RFC 4217 section 4: no second AUTH on a protected connection.
+        session.answer(out, reply("503 The control connection is already protected."))
+        return
+    if mechanism not in AUTH_MECHANISMS:
+        session.answer(out, reply("504 AUTH type not supported: use AUTH TLS."))
+        return
+    # _held_back kept AUTH until every earlier reply was out, so the 234 goes now.
+    session.start_tls(reply("234 AUTH TLS successful: proceed with the TLS handshake."), out)
+
+
+def _login(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if _tls_missing(session):
+        session.answer(out, TLS_REQUIRED_FOR_LOGIN)
+        return
+    session.forward(verb, argument, out)
+
+
+def _pbsz(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if not session.tls_active:
+        # RFC 2228 section 3: PBSZ needs a completed security exchange.
+        session.answer(out, reply("503 PBSZ needs AUTH TLS first."))
+        return
+    session.pbsz = True
+    # RFC 4217 section 8: the buffer size is 0 for TLS, whatever was asked.
+    session.answer(out, reply("200 PBSZ=0"))
+
+
+def _prot(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    level = argument.strip(SEPARATORS).upper()
+    if not session.tls_active or not session.pbsz:
+        session.answer(out, reply("503 PROT needs AUTH TLS and PBSZ first."))
+        return
+    if level in (b"P", b"C"):
+        session.protected = level == b"P"
+        session.answer(out, reply(f"200 Protection level set to {level.decode()}."))
+        return
+    if level in (b"S", b"E"):
+        session.answer(out, reply("536 Protection level not supported by TLS: use P or C."))
+        return
+    session.answer(out, reply("504 Unknown protection level: use P or C."))
+
+
+def _ccc(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    if session.policy.tls is TlsMode.OFF:
+        session.forward(verb, argument, out)
+        return
+    # RFC 4217 section 6: CCC is optional. ftpfix keeps the control channel
+    # protected: a plaintext 227 would be open to every NAT helper again.
+    session.answer(out, reply("502 CCC is not supported: the control connection stays protected."))
+
+
+def _tls_or_forward(handler: Handler) -> Handler:
+    """``handler`` when ftpfix terminates TLS; otherwise the verb goes to the backend as before."""
+
+    def dispatch(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+        if session.policy.tls is TlsMode.OFF:
+            session.forward(verb, argument, out)
+        else:
+            handler(session, verb, argument, out)
+
+    return dispatch
+
+
 #: What ftpfix does with a client's command, by verb; any other is forwarded.
 COMMANDS: dict[bytes, Handler] = {
     b"USER": _user,
@@ -296,6 +395,12 @@ COMMANDS: dict[bytes, Handler] = {
     b"ABOR": _abor,
     **{verb: _transfer for verb in TRANSFER_VERBS},
     **{verb: _refuse for verb in REFUSED},
+    b"AUTH": _auth,
+    b"PASS": _tls_or_forward(_login),
+    b"ACCT": _tls_or_forward(_login),
+    b"PBSZ": _tls_or_forward(_pbsz),
+    b"PROT": _tls_or_forward(_prot),
+    b"CCC": _ccc,
 }
 
 

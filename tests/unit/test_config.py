@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpfix.config import ConfigError, default_path, load_config
+from ftpfix.config import ConfigError, default_path, load_config, parse_config
 from ftpfix.ports import PortRange
 
 GOOD = """\
@@ -144,3 +144,30 @@ def test_the_effective_config_loads_again(tmp_path: Path) -> None:
     rendered = ftpfix("check", "--config", str(tmp_path / "ftpfix.toml")).stdout
     again = load_config(write(tmp_path, rendered))
     assert dataclasses.replace(again, path=None) == dataclasses.replace(original, path=None)
+
+
+def _tls_document(**tls: object) -> dict:
+    return {"backend": {"address": "192.168.123.1"}, "passive": {"public_address": "203.0.113.1"}, "tls": tls}
+
+
+def test_tls_files_are_checked_at_start(tmp_path) -> None:
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "a")
+    other = make_certificates(tmp_path / "b")
+    config = parse_config(_tls_document(mode="required", certificate=str(certs.certificate), key=str(certs.key)))
+    assert config.tls.mode == "required" and config.tls.require_session_reuse
+    with pytest.raises(ConfigError, match=r"\[tls\] certificate: missing"):
+        parse_config(_tls_document(mode="optional"))
+    with pytest.raises(ConfigError, match=r"\[tls\] key: cannot read /nonexistent.pem"):
+        parse_config(_tls_document(mode="optional", certificate=str(certs.certificate), key="/nonexistent.pem"))
+    with pytest.raises(ConfigError, match=r"\[tls\] key: .* does not match \[tls\] certificate"):
+        parse_config(_tls_document(mode="optional", certificate=str(certs.certificate), key=str(other.key)))
+    with pytest.raises(ConfigError, match=r"\[tls\] min_version: 'TLSv1.0' is not one of"):
+        parse_config(_tls_document(min_version="TLSv1.0"))
+    with pytest.raises(ConfigError, match=r"\[tls\] implicit_port: 990: implicit FTPS is not implemented yet"):
+        parse_config(_tls_document(implicit_port=990))
+    document = _tls_document()
+    document["backend"]["tls"] = "explicit"
+    with pytest.raises(ConfigError, match=r"\[backend\] tls: 'explicit' is not supported yet"):
+        parse_config(document)

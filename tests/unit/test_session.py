@@ -1101,3 +1101,20 @@ def test_a_client_that_hangs_up_with_a_reply_outstanding_still_gets_it() -> None
             Server(b"211 ok\r\n") >> [to_client(b"211 ok\r\n"), Close("client hung up")],
         ]
     )
+
+
+def test_a_client_that_sends_quit_and_half_closes_during_a_transfer_gets_both_replies() -> None:
+    # It still reads: the transfer's reply, then the 221 (red team: it used
+    # to be taken for a hang-up and got nothing).
+    play(
+        [
+            *PASSIVE_READY,
+            Client(b"RETR f\r\n") >> [to_server(b"RETR f\r\n"), TransferStarted(download=True)],
+            Server(b"150 Opening\r\n") >> to_client(b"150 Opening\r\n"),
+            Client(b"QUIT\r\n") >> [],
+            ClientClosed() >> [],
+            Server(b"226 Done\r\n") >> FinishTransfer(),
+            Finished() >> [to_client(b"226 Done\r\n"), to_server(b"QUIT\r\n")],
+            Server(b"221 Bye\r\n") >> [to_client(b"221 Bye\r\n"), Close("quit")],
+        ]
+    )

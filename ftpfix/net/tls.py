@@ -1,0 +1,54 @@
+"""TLS towards the client: one server context per control session.
+
+Binding data connections to their control session (issue 11, item 4) rests
+on this: each control session gets its *own* ``ssl.SSLContext``. OpenSSL
+keeps the session cache (TLS 1.2 session ids) and the keys that encrypt
+session tickets (TLS 1.2 and 1.3) per context, and makes fresh random ticket
+keys for every new context. A data connection that resumes a session on
+this context therefore resumes one that this control session's handshakes
+issued, and a ticket from another session (a thief behind the same
+carrier-grade NAT who got one of their own) cannot be decrypted: its
+handshake is a full one, ``session_reused`` is False, and the data
+connection is refused. vsftpd's ``require_ssl_reuse`` makes the same demand.
+
+Each context reads the certificate and key from their files, so new sessions
+pick up a renewed certificate (a reload or not) without a restart.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from ..config import TLS_VERSIONS, Tls
+
+#: Seconds a client has to finish a TLS handshake, on the control
+#: connection or a data connection: a client that opens one and stalls
+#: (or sends nothing at all) must not hold the session or the port.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3's are all so).
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+
+
+def server_context(tls: Tls) -> ssl.SSLContext:
+    """A new server context for one control session and its data connections.
+
+    Error handling: raises OSError or ssl.SSLError if the files became
+    unreadable or mismatched since the configuration was checked.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[tls.min_version]
+    context.set_ciphers(CIPHERS)
+    # Renegotiation lets a client make the server work on demand and has a
+    # history of attacks (CVE-2009-3555); FTPS never needs it.
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(tls.certificate, tls.key)
+    return context
+
+
+def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:
+    """The negotiated version and cipher, for the log."""
+    cipher = stream.cipher()
+    return stream.version() or "?", cipher[0] if cipher else "?"

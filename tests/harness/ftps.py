@@ -1,0 +1,66 @@
+"""FTPS test parts: certificates made at test time, and ftplib clients that do
+or do not resume the control connection's TLS session on data connections."""
+
+from __future__ import annotations
+
+import ftplib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+
+@dataclass(frozen=True)
+class Certificates:
+    certificate: Path  # the server's chain, PEM
+    key: Path
+    ca: Path  # what clients trust
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.check_hostname = False  # the tests dial 127.0.0.1 by address
+        return context
+
+
+def make_certificates(folder: Path, name: str = "ftpfix.test") -> Certificates:
+    """A throwaway CA and a server certificate for ``name`` and 127.0.0.1; never committed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    server = ca.issue_cert(name, "127.0.0.1")
+    certificate, key, trusted = folder / "fullchain.pem", folder / "privkey.pem", folder / "ca.pem"
+    server.private_key_pem.write_to_path(str(key))
+    with certificate.open("wb") as out:
+        for blob in server.cert_chain_pems:
+            out.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(trusted))
+    return Certificates(certificate, key, trusted)
+
+
+def tls_section(certs: Certificates, *, mode: str = "optional", reuse: bool = True) -> str:
+    return f"""
+[tls]
+mode = "{mode}"
+certificate = "{certs.certificate}"
+key = "{certs.key}"
+require_session_reuse = {"true" if reuse else "false"}
+"""
+
+
+class ReusingFTP_TLS(ftplib.FTP_TLS):
+    """ftplib's FTP_TLS, but each data connection resumes the control
+    connection's TLS session, as curl, FileZilla and lftp do (ftplib does not)."""
+
+    #: When set, data connections resume this session instead: another
+    #: control connection's, as a thief's client would present.
+    foreign_session: ssl.SSLSession | None = None
+
+    #: False: behave as stock ftplib, which never resumes.
+    reuse = True
+
+    def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            session = self.foreign_session or (self.sock.session if self.reuse else None)
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=session)
+        return conn, size
