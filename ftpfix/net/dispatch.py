@@ -313,10 +313,10 @@ class ControlChannel:
                     followups.append(self._open_passive(command))
                 case OpenActive():
                     followups.append(self._open_active(command))
-                case TransferStarted(download=download):
+                case TransferStarted(download=download, protected=protected):
                     self._transfer_started = trio.current_time()
                     transfer = self._transfer
-                    if transfer is not None and transfer.expect(download=download):
+                    if transfer is not None and transfer.expect(download=download, protected=protected):
                         assert self._nursery is not None
                         self._nursery.start_soon(transfer.knock)
                 case AbortTransfer():
@@ -603,7 +603,7 @@ class ControlChannel:
                 log=self.log,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,
-                tls=self.tls_context if self.core.protected else None,
+                tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
             )
         )
@@ -639,7 +639,7 @@ class ControlChannel:
                 source_port=self.config.active.source_port,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,
-                tls=self.tls_context if self.core.protected else None,
+                tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
             )
         )

@@ -135,6 +135,8 @@ class Transfer:
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
         self._expected = False  # the transfer command went to the backend
+        self._told = trio.Event()  # ... and ``expect`` said how to relay
+        self._protected = False  # TLS on the client's side (PROT P at the transfer command)
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
         self._strangers: list[str] = []  # refused peers, for the log
@@ -165,14 +167,18 @@ class Transfer:
         time, the other end refused, or ftpfix ran out of descriptors."""
         return self._finished.is_set() and not self.connected and not self._answered and not self._aborted
 
-    def expect(self, *, download: bool) -> bool:
-        """A transfer command went to the backend; ``download`` says which way the data flows.
+    def expect(self, *, download: bool, protected: bool = False) -> bool:
+        """A transfer command went to the backend; ``download`` says which way
+        the data flows, and ``protected`` whether the client's side is TLS
+        (the PROT level now, RFC 4217 section 9). The relay starts only then.
 
         True if the transfer had already ended unmade: the backend will wait
         for a data connection nobody makes, so the caller must run ``knock``.
         """
         self._download = download
+        self._protected = protected
         self._expected = True
+        self._told.set()
         if self._settled.is_set() and self.unmade and not self.active:
             self._settled = trio.Event()  # settled again once knocked
             return True
@@ -274,7 +280,13 @@ class Transfer:
                 self._dialed = True
                 client, backend = (dialed, accepted) if self.active else (accepted, dialed)
                 upload, download = self._limits
-                if self._tls is not None:
+                # Nothing moves before the transfer command (a server sends
+                # nothing before it either), and only the PROT level then
+                # says whether the client's side is TLS: relaying by the
+                # level the port was opened with moved files in the clear
+                # after PROT C, PASV, PROT P (red team).
+                await self._told.wait()
+                if self._protected:
                     # The backend has its data connection already (it may
                     # answer 150 only then, and the client may handshake
                     # only after the 150); the client's TLS comes now.
@@ -439,7 +451,10 @@ class Transfer:
         is not required. None, with ``failure`` set, if not: the transfer
         command then gets a 425 that says why.
         """
-        assert self._tls is not None
+        if self._tls is None:
+            # PROT P is refused before AUTH, so this is a bug; fail closed.
+            self._fail("TLS is not set up for this session")
+            return None
         stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):

@@ -85,9 +85,14 @@ class TransferStarted:
     backend too, so a server that lingers for its peer's FIN before it
     answers (ProFTPD, for ten seconds) answers at once, whatever the client
     does with its socket.
+
+    ``protected`` is the PROT level in force now (RFC 4217 section 9: the one
+    at the transfer command applies): the client's data connection is TLS
+    if it is True, plaintext if not, whatever it was when the port opened.
     """
 
     download: bool
+    protected: bool = False
 
 
 @dataclass(frozen=True, slots=True)

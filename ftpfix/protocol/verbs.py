@@ -295,7 +295,7 @@ def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]
         session.answer(out, cant_open(session.data_lost))
         return
     session.forward(verb, argument, out)
-    out.append(TransferStarted(download=verb in DOWNLOAD_VERBS))
+    out.append(TransferStarted(download=verb in DOWNLOAD_VERBS, protected=session.protected))
 
 
 def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
