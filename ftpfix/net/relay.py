@@ -405,10 +405,10 @@ async def relay_tls(
         except trio.BrokenResourceError as error:
             if download_done:
                 return  # the client hung up after its download: nothing was lost
-            fail(f"upload: the TLS stream ended without close_notify ({error.__cause__ or error})", nursery)
+            fail(f"the client's TLS stream broke off without close_notify ({error.__cause__ or error})", nursery)
             return
         except OSError as error:
-            fail(f"upload: {error.strerror or error}", nursery)
+            fail(f"client to server: {error.strerror or error}", nursery)
             return
         _shutdown_write(backend)
 
@@ -425,7 +425,7 @@ async def relay_tls(
             await client.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             cause = error.__cause__ or error
-            fail(f"download: {getattr(cause, 'strerror', None) or cause}", nursery)
+            fail(f"server to client: {getattr(cause, 'strerror', None) or cause}", nursery)
             return
         if delivered is not None:
             delivered.set()
