@@ -510,6 +510,8 @@ class ControlChannel:
         the transfer command is answered)."""
         transfer = self._transfer if replied.relayed else None
         mode = "passthrough" if transfer is None else "active" if transfer.active else "passive"
+        if transfer is not None and transfer.protected:
+            mode += "_tls"
         stats = transfer.stats if transfer is not None else None
         log_transfer(
             self.log,

@@ -48,7 +48,7 @@ REWRITE_KINDS = ("227", "229", "alias", "epsv_translated")
 
 #: ftpfix_transfers_total labels.
 TRANSFER_DIRECTIONS = ("download", "upload")
-TRANSFER_MODES = ("passive", "active", "passthrough")
+TRANSFER_MODES = ("passive", "active", "passthrough", "passive_tls", "active_tls")
 TRANSFER_RESULTS = ("ok", "no_data_connection", "aborted", "refused")
 
 #: Transfers last from milliseconds (a listing on a LAN) to hours (an image

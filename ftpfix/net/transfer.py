@@ -161,6 +161,11 @@ class Transfer:
         return not self._accepted.is_set() or self._answered
 
     @property
+    def protected(self) -> bool:
+        """True if the client's side of the data connection is TLS (PROT P at the transfer command)."""
+        return self._protected
+
+    @property
     def unmade(self) -> bool:
         """True once the data connection will never be made, for a reason
         the core does not know yet: nobody (or only strangers) connected in

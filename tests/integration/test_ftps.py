@@ -84,6 +84,10 @@ def test_ftplib_retr_and_stor_protected(proxy, backend, certs, big_file: Path, t
     assert closed[0]["tls_version"] in ("TLSv1.2", "TLSv1.3")
     assert closed[0]["bytes_down"] >= big_file.stat().st_size
     assert closed[0]["bytes_up"] >= big_file.stat().st_size
+    assert [(event["verb"], event["mode"], event["code"]) for event in proxy.events("transfer")] == [
+        ("RETR", "passive_tls", 226),
+        ("STOR", "passive_tls", 226),
+    ]
     assert backend.password not in proxy.log.read_text()
 
 
