@@ -23,7 +23,7 @@ from functools import partial
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import AcceptDataFrom, Config
+from ..config import AcceptDataFrom, BackendTls, Config
 from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
@@ -68,7 +68,7 @@ from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
 from .streams import ControlStream
-from .tls import HANDSHAKE_TIMEOUT, describe, server_context
+from .tls import HandshakeFailed, accept_tls, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -159,6 +159,7 @@ def _build_policy(config: Config) -> Policy:
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         tls=config.tls.mode,
+        backend_tls=config.backend.tls is not BackendTls.OFF,
     )
 
 
@@ -180,7 +181,11 @@ class ControlChannel:
         endpoints: Endpoints,
         log: FilteringBoundLogger,
         shutdown: trio.Event | None = None,
+        *,
+        implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None,
     ) -> None:
+        """``implicit_tls`` is the context and the (version, cipher) of a
+        client that came in on the implicit FTPS port, its handshake done."""
         self.config = config
         self.pool = pool
         self.public = public
@@ -189,7 +194,7 @@ class ControlChannel:
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
-        self.core = Session(policy_of(config), client=client_address)
+        self.core = Session(policy_of(config), client=client_address, implicit_tls=implicit_tls is not None)
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
@@ -205,6 +210,8 @@ class ControlChannel:
         self.tls_context: ssl.SSLContext | None = None
         #: The negotiated TLS version and cipher, for the summary line.
         self.tls_summary: tuple[str, str] | None = None
+        if implicit_tls is not None:
+            self.tls_context, self.tls_summary = implicit_tls
         self._last_backend_data = trio.current_time()
         self._transfer_started = self._last_backend_data  # when the last transfer command went out
         # Set while the core wants more from a side; read before each receive.
@@ -482,15 +489,11 @@ class ControlChannel:
             self.close_reason = "TLS certificate unavailable"
             return None
         await self._send(Side.CLIENT, reply)
-        raw = self.streams[Side.CLIENT].stream
-        stream = trio.SSLStream(raw, self.tls_context, server_side=True)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
-            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
-            self.log.warning("TLS handshake failed", side="client", error=why)
-            self.close_reason = f"TLS handshake failed: {why}"
+            stream = await accept_tls(self.streams[Side.CLIENT].stream, self.tls_context)
+        except HandshakeFailed as error:
+            self.log.warning("TLS handshake failed", side="client", error=str(error))
+            self.close_reason = f"TLS handshake failed: {error}"
             return None
         self.streams[Side.CLIENT] = ControlStream(stream)
         self.tls_summary = describe(stream)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 
 import structlog
 import trio
@@ -19,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from ..config import Config
 from ..ports import PortPool
-from ..protocol import FtpfixError, ProtocolError
+from ..protocol import FtpfixError, ProtocolError, Side
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
 from .addresses import Endpoints, is_address, normalize_host
 from .dial import connect
@@ -27,6 +28,7 @@ from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
 from .public import PublicAddress
 from .streams import say_last
+from .tls import HandshakeFailed, accept_tls, describe, server_context
 
 _session_ids = itertools.count(1)
 
@@ -38,10 +40,15 @@ async def handle_client(
     pool: PortPool,
     public: PublicAddress,
     shutdown: trio.Event | None = None,
+    *,
+    implicit: bool = False,
 ) -> None:
     """Serve one client connection from accept to close.
 
     ``client`` is the peer's address and port, read once at accept.
+    ``implicit``: it came in on the implicit FTPS port, so TLS comes first,
+    before the greeting (the port-990 convention; RFC 4217 itself only
+    describes AUTH TLS), and data connections are protected from the start.
     """
     session_id = next(_session_ids)
     structlog.contextvars.bind_contextvars(session=session_id, client=f"{client[0]}:{client[1]}")
@@ -49,6 +56,8 @@ async def handle_client(
     started = trio.current_time()
     log.info("session opened")
     channel: ControlChannel | None = None
+    control: trio.abc.Stream = stream  # the client's stream, TLS once it is
+    implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None
     end = "other"  # the ftpfix_sessions_ended_total reason, unless the channel says better
     ended = False  # the session ran to its own end, not cut off
     try:
@@ -57,7 +66,13 @@ async def handle_client(
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         local = normalize_host(stream.socket.getsockname()[0])
-        backend = await _connect_backend(stream, config, log)
+        if implicit:
+            secured = await _accept_implicit(stream, config, log)
+            if secured is None:
+                end = "tls_handshake"
+                return
+            control, implicit_tls = secured
+        backend = await _connect_backend(control, config, log)
         if backend is None:
             end = "backend_down"
             return
@@ -68,14 +83,16 @@ async def handle_client(
                 backend=normalize_host(backend.socket.getpeername()[0]),
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
             )
-            channel = ControlChannel(config, pool, public, stream, backend, endpoints, log, shutdown)
+            channel = ControlChannel(
+                config, pool, public, control, backend, endpoints, log, shutdown, implicit_tls=implicit_tls
+            )
             try:
                 await channel.run()
                 ended = True
             except ProtocolError as error:
                 log.warning("protocol error", error=str(error))
                 channel.close_reason = str(error)
-                await say_last(stream, error.reply)
+                await say_last(channel.streams[Side.CLIENT].stream, error.reply)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
         log.info("connection lost", error=str(error))
         end = "client_hung_up"
@@ -88,7 +105,7 @@ async def handle_client(
     finally:
         if shutdown is not None and shutdown.is_set() and not ended:
             # Cut off by the end of the shutdown grace: say so, briefly.
-            await say_last(stream, SHUTTING_DOWN, timeout=0.5)
+            await say_last(channel.streams[Side.CLIENT].stream if channel else control, SHUTTING_DOWN, timeout=0.5)
         await trio.aclose_forcefully(stream)
         fields = {}
         if channel is not None:
@@ -99,6 +116,8 @@ async def handle_client(
                 "mappings": channel.totals.transfers,
                 "reason": channel.close_reason,
             }
+            if implicit:
+                fields["implicit_tls"] = True
             if channel.tls_summary is not None:
                 fields["tls_version"], fields["tls_cipher"] = channel.tls_summary
         if channel is not None and end == "other":
@@ -110,8 +129,34 @@ async def handle_client(
         structlog.contextvars.clear_contextvars()
 
 
+async def _accept_implicit(
+    stream: trio.SocketStream, config: Config, log: FilteringBoundLogger
+) -> tuple[trio.SSLStream[trio.abc.Stream], tuple[ssl.SSLContext, tuple[str, str]]] | None:
+    """The implicit FTPS client's stream with its handshake done, and the
+    session's TLS context (``tls.py``: one per session binds the data
+    connections to it); None after logging why not.
+
+    A client that sends something else than a ClientHello (a plain FTP
+    client on port 990, a scanner), stalls, or leaves mid-handshake is only
+    logged: there is no channel to tell it anything on.
+    """
+    try:
+        context = server_context(config.tls)
+    except (OSError, ssl.SSLError) as error:
+        log.error("cannot load the TLS certificate", error=str(error))
+        return None
+    try:
+        tls = await accept_tls(stream, context)
+    except HandshakeFailed as error:
+        log.warning("TLS handshake failed", side="client", implicit=True, error=str(error))
+        return None
+    summary = describe(tls)
+    log.info("tls started", implicit=True, version=summary[0], cipher=summary[1])
+    return tls, (context, summary)
+
+
 async def _connect_backend(
-    client: trio.SocketStream, config: Config, log: FilteringBoundLogger
+    client: trio.abc.Stream, config: Config, log: FilteringBoundLogger
 ) -> trio.SocketStream | None:
     """The backend's control connection, or None after telling the client why not."""
     backend = config.backend

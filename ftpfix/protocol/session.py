@@ -223,7 +223,13 @@ class Session:
     order. While ``can_advance`` is True after that, send ``ReadOn``.
     """
 
-    def __init__(self, policy: Policy | None = None, client: IPv4Address | IPv6Address | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        client: IPv4Address | IPv6Address | None = None,
+        *,
+        implicit_tls: bool = False,
+    ) -> None:
         self.policy = policy if policy is not None else Policy()
         #: The client's address, as its control connection comes from; None
         #: when unknown, and then every PORT and EPRT is refused.
@@ -246,12 +252,16 @@ class Session:
         self.data_lost: str | None = None
         #: True once a QUIT was answered: the session ends as the client asked.
         self.quit = False
-        #: True once the client's control connection is TLS (AUTH TLS, RFC 4217).
-        self.tls_active = False
+        #: True once the client's control connection is TLS (AUTH TLS, RFC 4217),
+        #: or from the start on the implicit FTPS port.
+        self.tls_active = implicit_tls
         #: True after PBSZ (RFC 4217 section 8: PROT needs it first).
-        self.pbsz = False
-        #: True after PROT P: data connections are TLS too.
-        self.protected = False
+        self.pbsz = implicit_tls
+        #: True after PROT P: data connections are TLS too. Implicit FTPS
+        #: protects them from the start, as its clients expect (curl, lftp,
+        #: FileZilla assume PROT P on port 990; they may still send PBSZ and
+        #: PROT, and PROT C is honoured).
+        self.protected = implicit_tls
         self._state = Waiting.NOTHING
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
