@@ -559,9 +559,9 @@ def _check_tls(tls: Tls, listen: Listen, where: str) -> None:
 def _check_backend_tls(backend: Backend, active: Active, where: str) -> None:
     """Refuse at start a CA file that cannot verify anything, and a mode that
     cannot work with TLS to the backend."""
-    if backend.tls is BackendTls.OFF:
+    if backend.tls == BackendTls.OFF:
         return
-    if active.mode is ActiveMode.PASSTHROUGH:
+    if active.mode == ActiveMode.PASSTHROUGH:
         raise ConfigError(
             f'{where}: [active] mode: "passthrough" cannot work with [backend] tls = "{backend.tls}": the '
             "backend's data connections are TLS with ftpfix's session, which a client cannot resume; "

@@ -62,6 +62,7 @@ from ..protocol import (
 from ..protocol.grammar import SHUTTING_DOWN
 from ..protocol.grammar import reply as reply_line
 from .addresses import Endpoints, advertised_address
+from .backend_tls import data_session
 from .deadlines import Deadlines, Expired
 from .dial import open_active_listener, open_passive_listener
 from .metrics import METRICS
@@ -159,7 +160,7 @@ def _build_policy(config: Config) -> Policy:
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         tls=config.tls.mode,
-        backend_tls=config.backend.tls is not BackendTls.OFF,
+        backend_tls=config.backend.tls != BackendTls.OFF,
     )
 
 
@@ -183,9 +184,13 @@ class ControlChannel:
         shutdown: trio.Event | None = None,
         *,
         implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None,
+        backend_tls: trio.SSLStream[trio.abc.Stream] | None = None,
     ) -> None:
         """``implicit_tls`` is the context and the (version, cipher) of a
-        client that came in on the implicit FTPS port, its handshake done."""
+        client that came in on the implicit FTPS port, its handshake done.
+        ``backend_tls`` is the backend's control connection when ftpfix
+        speaks TLS to it (``backend_tls.py``): its data connections resume
+        that session."""
         self.config = config
         self.pool = pool
         self.public = public
@@ -212,6 +217,9 @@ class ControlChannel:
         self.tls_summary: tuple[str, str] | None = None
         if implicit_tls is not None:
             self.tls_context, self.tls_summary = implicit_tls
+        self._backend_data_tls = (
+            partial(data_session, config=config, control=backend_tls) if backend_tls is not None else None
+        )
         self._last_backend_data = trio.current_time()
         self._transfer_started = self._last_backend_data  # when the last transfer command went out
         # Set while the core wants more from a side; read before each receive.
@@ -610,6 +618,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                backend_tls=self._backend_data_tls,
             )
         )
         self.log.info(
@@ -646,6 +655,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                backend_tls=self._backend_data_tls,
             )
         )
         self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{listen_host}:{port}")

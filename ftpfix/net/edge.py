@@ -18,11 +18,12 @@ import structlog
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import Config
+from ..config import BackendTls, Config
 from ..ports import PortPool
 from ..protocol import FtpfixError, ProtocolError, Side
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
 from .addresses import Endpoints, is_address, normalize_host
+from .backend_tls import BackendTlsFailed, Prefixed, secure_backend
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
@@ -83,8 +84,33 @@ async def handle_client(
                 backend=normalize_host(backend.socket.getpeername()[0]),
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
             )
+            backend_side: trio.abc.Stream = backend
+            backend_tls = None
+            if config.backend.tls != BackendTls.OFF:
+                try:
+                    backend_tls, greeting = await secure_backend(backend, config, log)
+                except BackendTlsFailed as error:
+                    log.warning(
+                        "backend TLS failed",
+                        backend=f"{config.backend.address}:{config.backend.port}",
+                        tls=str(config.backend.tls),
+                        error=str(error),
+                    )
+                    await say_last(control, error.reply)
+                    end = "backend_down"
+                    return
+                backend_side = Prefixed(backend_tls, greeting)
             channel = ControlChannel(
-                config, pool, public, control, backend, endpoints, log, shutdown, implicit_tls=implicit_tls
+                config,
+                pool,
+                public,
+                control,
+                backend_side,
+                endpoints,
+                log,
+                shutdown,
+                implicit_tls=implicit_tls,
+                backend_tls=backend_tls,
             )
             try:
                 await channel.run()

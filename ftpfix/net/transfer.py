@@ -47,6 +47,7 @@ from structlog.typing import FilteringBoundLogger
 from ..config import AcceptDataFrom
 from ..ports import PortPool
 from .addresses import normalize_host
+from .backend_tls import BackendTlsFailed
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
@@ -107,6 +108,7 @@ class Transfer:
         download_limit: TokenBucket | None = None,
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
+        backend_tls: Callable[[trio.SocketStream], Awaitable[trio.SSLStream[trio.SocketStream]]] | None = None,
     ) -> None:
         self.port = port
         self.peers = peers
@@ -126,6 +128,7 @@ class Transfer:
         self._limits = (upload_limit, download_limit)
         self._tls = tls
         self._require_session_reuse = require_session_reuse
+        self._backend_tls = backend_tls  # secures the backend's side, resuming its control session
         self._scope = trio.CancelScope()
         self._accepted = trio.Event()
         self._delivered = trio.Event()
@@ -291,24 +294,7 @@ class Transfer:
                 # level the port was opened with moved files in the clear
                 # after PROT C, PASV, PROT P (red team).
                 await self._told.wait()
-                if self._protected:
-                    # The backend has its data connection already (it may
-                    # answer 150 only then, and the client may handshake
-                    # only after the 150); the client's TLS comes now.
-                    secured = await self._secure(client)
-                    if secured is None:
-                        return
-                    self.connected = True
-                    await relay_tls(
-                        secured,
-                        backend,
-                        self.stats,
-                        upload,
-                        download,
-                        stall_timeout=self._timeouts.stall,
-                        delivered=self._delivered,
-                    )
-                else:
+                if not self._protected and self._backend_tls is None:
                     self.connected = True
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._end_after_download, backend)
@@ -322,6 +308,27 @@ class Transfer:
                             delivered=self._delivered,
                         )
                         nursery.cancel_scope.cancel()
+                else:
+                    # The backend's TLS first: a server may answer 150 only
+                    # once its data connection is secured, and the client
+                    # may handshake only after the 150.
+                    backend_side = await self._secure_backend(backend)
+                    if backend_side is None:
+                        return
+                    client_side = await self._secure(client) if self._protected else _stream(client)
+                    if client_side is None:
+                        return
+                    self.connected = True
+                    await relay_tls(
+                        client_side,
+                        backend_side,
+                        self.stats,
+                        upload,
+                        download,
+                        stall_timeout=self._timeouts.stall,
+                        delivered=self._delivered,
+                        download=self._download,
+                    )
                 if self.stats.error is not None:
                     self._fail(self.stats.error)
         except OSError as error:
@@ -449,6 +456,19 @@ class Transfer:
             self._fail(f"cannot connect to the {who}")
             return None
 
+    async def _secure_backend(self, backend: socket.socket) -> socket.socket | trio.SSLStream[trio.SocketStream] | None:
+        """The backend's data connection, TLS done if ftpfix speaks TLS to the
+        backend (``backend_tls.data_session``); None, with ``failure`` set, if
+        that failed."""
+        if self._backend_tls is None:
+            return backend
+        try:
+            return await self._backend_tls(_stream(backend))
+        except BackendTlsFailed as error:
+            self._log.warning("backend TLS failed", side="backend data", port=self.port, error=str(error))
+            self._fail("the TLS handshake with the server's data connection failed")
+            return None
+
     async def _secure(self, client: socket.socket) -> trio.SSLStream[trio.SocketStream] | None:
         """The client's data connection with TLS done, ftpfix as the TLS server
         (RFC 4217: the FTP server is the TLS server on data connections,
@@ -460,7 +480,7 @@ class Transfer:
             # PROT P is refused before AUTH, so this is a bug; fail closed.
             self._fail("TLS is not set up for this session")
             return None
-        stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
+        stream = trio.SSLStream(_stream(client), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
@@ -517,6 +537,11 @@ class Transfer:
         self._close_listener()
         if self._pooled:
             self._pool.release(self.port)
+
+
+def _stream(sock: socket.socket) -> trio.SocketStream:
+    """``sock`` as a trio stream; closing either closes the same descriptor."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
