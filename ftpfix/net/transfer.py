@@ -60,6 +60,11 @@ KNOCK_TIMEOUT = 1.0
 #: Refused strangers a transfer remembers for its log line.
 STRANGERS_LOGGED = 4
 
+#: Connections from outside ``accept_data_from`` a TLS-bound transfer holds
+#: until its TLS session decides (``Transfer._accept_peer_or_held``); more
+#: are refused at once, so nobody can pile up descriptors on a data port.
+MAX_HELD = 2
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -143,6 +148,9 @@ class Transfer:
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
         self._strangers: list[str] = []  # refused peers, for the log
+        self._held: list[socket.socket] = []  # strangers that may yet prove their TLS session
+        self._more_held = trio.Event()
+        self._tentative = False  # the accepted peer is a held stranger: its TLS session decides
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -337,6 +345,10 @@ class Transfer:
             self._log.warning("data connection failed: out of resources", port=self.port, error=error.strerror)
             self._fail("ftpfix is out of resources, try again later")
         finally:
+            for sock in self._held:  # strangers that never proved anything
+                reset_on_close(sock)
+                sock.close()
+            self._held.clear()
             for sock in (accepted, dialed):
                 if sock is not None:
                     if self.failure is not None:
@@ -364,7 +376,7 @@ class Transfer:
     async def _accept(self) -> socket.socket | None:
         with trio.move_on_after(self._timeouts.accept) as waiting:
             try:
-                accepted = await self._accept_peer()
+                accepted = await self._accept_peer_or_held()
             except trio.ClosedResourceError:
                 self._fail("the data port was closed")
                 return None
@@ -407,6 +419,51 @@ class Transfer:
             )
         return f"a stranger, outside {self.peers}: port stealing (RFC 2577 section 5)?"
 
+    @property
+    def _binds_sessions(self) -> bool:
+        """True if a protected data connection must resume this control
+        session's TLS session: then that binding, stronger than any address
+        check, may admit a data connection from outside ``peers``."""
+        return self._tls is not None and self._require_session_reuse and not self.active
+
+    async def _accept_peer_or_held(self) -> socket.socket:
+        """The first connection from ``peers``; or, once the transfer command
+        went out protected and none came, the first held stranger.
+
+        A stranger is held, not refused, where sessions are bound
+        (``_binds_sessions``; issue 10 left this to TLS): a client behind
+        carrier-grade NAT may open its data connection from another address
+        than its control connection. Whether it may stay is decided by its
+        handshake (``_secure`` requires it to resume this control session's
+        TLS session), which can only come after the backend's 150, so after
+        the accept. A thief's connection fails that check and is reset; an
+        unprotected transfer (PROT C) never takes a held stranger, so the
+        address check stands as before for it.
+        """
+        if not self._binds_sessions:
+            return await self._accept_peer()
+        chosen: list[socket.socket] = []
+        async with trio.open_nursery() as nursery:
+
+            async def welcome() -> None:
+                chosen.append(await self._accept_peer())
+                nursery.cancel_scope.cancel()
+
+            async def held() -> None:
+                await self._told.wait()
+                if not self._protected:
+                    return  # the address check alone decides, as without TLS
+                while not self._held:
+                    await self._more_held.wait()
+                    self._more_held = trio.Event()
+                chosen.append(self._held.pop(0))
+                self._tentative = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(welcome)
+            nursery.start_soon(held)
+        return chosen[0]
+
     async def _accept_peer(self) -> socket.socket:
         """The first connection on the listener from an address in ``peers``.
 
@@ -429,6 +486,18 @@ class Transfer:
                 if error.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the data port was closed") from None
                 raise
+            if not self._welcome(peer[0]) and self._binds_sessions and len(self._held) < MAX_HELD:
+                self._log.info(
+                    "data connection from outside accept_data_from held: it must resume this session's TLS session",
+                    peer=str(peer[0]),
+                    port=self.port,
+                )
+                if len(self._strangers) < STRANGERS_LOGGED:
+                    self._strangers.append(str(peer[0]))
+                sock.setblocking(False)
+                self._held.append(sock)
+                self._more_held.set()
+                continue
             if not self._welcome(peer[0]):
                 self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
                 METRICS.refusals.labels("stranger").inc()
@@ -489,12 +558,21 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._require_session_reuse and not stream.session_reused:
+        if self._tentative and stream.session_reused:
+            self._log.info(
+                "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
+                port=self.port,
+            )
+        if (self._require_session_reuse or self._tentative) and not stream.session_reused:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
-                "data connection refused: it did not resume the control session's TLS session", port=self.port
+                "data connection refused: it did not resume the control session's TLS session",
+                port=self.port,
+                **({"from_outside": str(self.peers)} if self._tentative else {}),
             )
+            if self._tentative:
+                METRICS.refusals.labels("stranger").inc()
             self._fail("the data connection must resume the TLS session of its control connection")
             return None
         return stream
