@@ -299,3 +299,33 @@ def test_backend_certificate_for_another_name_is_refused(server_dir: Path, certs
             ftpfix.stop()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("client_tls", [False, True], ids=["plain-client", "tls-client"])
+def test_abor_with_a_tls_backend(proxy, tls_backend, certs, big_file: Path, client_tls: bool) -> None:
+    """ABOR mid-download: ftpfix resets both data connections; the backend
+    (whose data connection is TLS) answers at once, and the session goes on
+    with a whole transfer."""
+    legacy.put_file(tls_backend, "download.bin", big_file.read_bytes())
+    if client_tls:
+        ftp: ftplib.FTP = ReusingFTP_TLS(context=certs.client_context(), timeout=30)
+        ftp.connect(proxy.host, proxy.port)
+        ftp.auth()  # type: ignore[attr-defined]
+        ftp.login(tls_backend.user, tls_backend.password)
+        ftp.prot_p()  # type: ignore[attr-defined]
+    else:
+        ftp = ftplib.FTP(timeout=30)
+        ftp.connect(proxy.host, proxy.port)
+        ftp.login(tls_backend.user, tls_backend.password)
+    ftp.trust_server_pasv_ipv4_address = True
+    ftp.voidcmd("TYPE I")
+    conn = ftp.transfercmd("RETR download.bin")
+    assert conn.recv(65536)
+    assert ftp.abort()[:3] in ("426", "226")
+    conn.close()
+    assert ftp.getresp()[:3] in ("225", "226")
+    got = io.BytesIO()
+    ftp.retrbinary("RETR download.bin", got.write)
+    assert got.getvalue() == big_file.read_bytes()
+    ftp.quit()
+    assert_backend_protected(proxy)
