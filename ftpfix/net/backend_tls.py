@@ -32,7 +32,7 @@ import ssl
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import BackendTls, Config
+from ..config import Backend, BackendTls, Config
 from ..protocol.errors import BackendError
 from ..protocol.grammar import CRLF, ReplyFramer, reply
 from .tls import HANDSHAKE_TIMEOUT, failure_reason
@@ -58,27 +58,28 @@ def _refused(why: str) -> bytes:
     return reply(f"421 Service not available: TLS to the FTP server failed ({why}).")
 
 
-_contexts: dict[int, tuple[Config, ssl.SSLContext]] = {}
+_contexts: dict[int, tuple[Backend, ssl.SSLContext]] = {}
 
 
-def backend_context(config: Config) -> ssl.SSLContext:
-    """The client context for ``config``'s backend, built once per config
-    (loading the system's CA store costs milliseconds a session would pay).
+def backend_context(backend: Backend) -> ssl.SSLContext:
+    """The client context for ``backend``, built once per configuration
+    (loading the system's CA store costs milliseconds a session would pay;
+    a reload builds a new ``Backend``, so a replaced CA file is read again).
 
     Verification is on unless ``tls_verify`` is false: the certificate must
     chain to ``tls_ca`` (or the system's store) and name ``[backend]
     address``, a host name or an IP address.
     """
-    cached = _contexts.get(id(config))
-    if cached is not None and cached[0] is config:
+    cached = _contexts.get(id(backend))
+    if cached is not None and cached[0] is backend:
         return cached[1]
-    backend = config.backend
     context = ssl.create_default_context(cafile=backend.tls_ca or None)
     if not backend.tls_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    _contexts.clear()  # one config at a time; a reload replaces it
-    _contexts[id(config)] = (config, context)
+    if len(_contexts) > 4:
+        _contexts.clear()  # old generations; sessions that hold them keep their own reference
+    _contexts[id(backend)] = (backend, context)
     return context
 
 
@@ -126,7 +127,7 @@ async def _expect(replies: _Replies, command: bytes, wanted: int) -> None:
 
 
 async def _handshake(stream: trio.abc.Stream, config: Config) -> trio.SSLStream[trio.abc.Stream]:
-    tls = trio.SSLStream(stream, backend_context(config), server_hostname=config.backend.address)
+    tls = trio.SSLStream(stream, backend_context(config.backend), server_hostname=config.backend.address)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
@@ -203,7 +204,7 @@ async def data_session(
     Error handling: raises BackendTlsFailed as ``secure_backend``; the
     transfer then fails with its reason.
     """
-    tls = trio.SSLStream(sock, backend_context(config), server_hostname=config.backend.address)
+    tls = trio.SSLStream(sock, backend_context(config.backend), server_hostname=config.backend.address)
     session = control.session
     if session is not None:
         tls.session = session

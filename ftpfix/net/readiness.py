@@ -14,7 +14,8 @@ from collections.abc import Callable
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import Backend, Config
+from ..config import Backend, BackendTls, Config
+from .backend_tls import backend_context
 
 #: Bytes of the greeting read: the reply code and the start of its text.
 #: A multi-line 220 (RFC 959 section 4.2, "220-") is told by its first line.
@@ -34,7 +35,11 @@ async def greets(backend: Backend) -> str | None:
     """
     try:
         with trio.fail_after(backend.connect_timeout):
-            stream = await trio.open_tcp_stream(backend.address, backend.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(backend.address, backend.port)
+            if backend.tls == BackendTls.IMPLICIT:
+                # The greeting comes inside TLS; a certificate that fails
+                # verification fails every session, so it fails this too.
+                stream = trio.SSLStream(stream, backend_context(backend), server_hostname=backend.address)
             try:
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < GREETING_PREFIX:

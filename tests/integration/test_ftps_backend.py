@@ -329,3 +329,29 @@ def test_abor_with_a_tls_backend(proxy, tls_backend, certs, big_file: Path, clie
     assert got.getvalue() == big_file.read_bytes()
     ftp.quit()
     assert_backend_protected(proxy)
+
+
+def test_readiness_reads_an_implicit_backends_greeting_inside_tls(server_dir: Path, certs: Certificates) -> None:
+    """/readyz's backend check greets an implicit FTPS backend through TLS,
+    and fails, saying why, when its certificate would fail every session."""
+    import trio
+
+    from ftpfix.config import parse_config
+    from ftpfix.net.readiness import greets
+
+    require_servers("vsftpd")
+    server = legacy.start(
+        "vsftpd", server_dir / "implicit", tls=legacy.ServerTls(certs.certificate, certs.key, implicit=True)
+    )
+    try:
+        verdicts = []
+        for ca in (str(certs.ca), ""):
+            document = {
+                "backend": {"address": server.host, "port": server.port, "tls": "implicit", "tls_ca": ca},
+                "passive": {"public_address": "127.0.0.1"},
+            }
+            verdicts.append(trio.run(greets, parse_config(document).backend))
+        assert verdicts[0] is None
+        assert "certificate verify failed" in verdicts[1]
+    finally:
+        server.stop()
