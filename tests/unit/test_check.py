@@ -290,3 +290,27 @@ def test_a_bad_backend_tls_ca_is_reported(tmp_path: Path) -> None:
     result = check(tmp_path, missing)
     assert result.returncode == 2
     assert "[backend] tls_ca: /nonexistent/ca.pem does not exist" in result.stderr
+
+
+def test_run_refuses_an_implicit_port_it_cannot_bind(tmp_path: Path) -> None:
+    """run: a taken [tls] implicit_port stops ftpfix at start, naming the key,
+    instead of serving without the listener clients were promised."""
+    import socket
+
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "ftpfix.toml"
+        path.write_text(
+            CLEAN.replace("port = 2100", "port = 0")
+            + f'\n[tls]\nmode = "optional"\ncertificate = "{certs.certificate}"\nkey = "{certs.key}"\n'
+            f"implicit_port = {port}\n"
+        )
+        result = ftpfix("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen on [127.0.0.1]:{port} ([tls] implicit_port): Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
