@@ -59,6 +59,8 @@ async def handle_client(
     channel: ControlChannel | None = None
     control: trio.abc.Stream = stream  # the client's stream, TLS once it is
     implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None
+    backend_tls: trio.SSLStream[trio.abc.Stream] | None = None
+    backend_tls_version: str | None = None  # read while the stream is up: after its close it is gone
     end = "other"  # the ftpfix_sessions_ended_total reason, unless the channel says better
     ended = False  # the session ran to its own end, not cut off
     try:
@@ -85,7 +87,6 @@ async def handle_client(
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
             )
             backend_side: trio.abc.Stream = backend
-            backend_tls = None
             if config.backend.tls != BackendTls.OFF:
                 try:
                     backend_tls, greeting = await secure_backend(backend, config, log)
@@ -100,6 +101,7 @@ async def handle_client(
                     end = "backend_down"
                     return
                 backend_side = Prefixed(backend_tls, greeting)
+                backend_tls_version = backend_tls.version()
             channel = ControlChannel(
                 config,
                 pool,
@@ -146,6 +148,8 @@ async def handle_client(
                 fields["implicit_tls"] = True
             if channel.tls_summary is not None:
                 fields["tls_version"], fields["tls_cipher"] = channel.tls_summary
+            if backend_tls_version is not None:
+                fields["backend_tls_version"] = backend_tls_version
         if channel is not None and end == "other":
             end = session_end(channel.close_reason)
         if shutdown is not None and shutdown.is_set() and not ended:

@@ -114,6 +114,9 @@ def assert_backend_protected(proxy: Ftpfix) -> None:
     assert proxy.events("backend tls started")
     assert not proxy.events("backend TLS failed")
     assert not proxy.events("TLS handshake failed")
+    for closed in proxy.events("session closed"):
+        if "user" in closed:  # a session that reached the relay
+            assert closed["backend_tls_version"] in ("TLSv1.2", "TLSv1.3")
 
 
 @pytest.mark.parametrize(("client", "mode"), PLAIN_CELLS, ids=[f"{c}-{m}" for c, m in PLAIN_CELLS])
