@@ -476,6 +476,13 @@ async def relay_tls(
                     stats.last_progress = trio.current_time()
                     await pace(download_limit, len(data))
                 download_done = True
+                if backend_tls and download:
+                    # The backend's close_notify ended the file. It waits for
+                    # ours (or the close) before it sends 226 (vsftpd's
+                    # SSL_shutdown), so it gets both now, not when the client
+                    # gets round to closing its end.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await backend_stream.aclose()
                 await send_end_to_client()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 cause = error.__cause__ or error
@@ -496,8 +503,16 @@ async def relay_tls(
                 return
             await trio.sleep_until(min(deadline, now + STALL_SAMPLE))
 
+    async def both(nursery: trio.Nursery) -> None:
+        # Once both directions are over, the relay is: the stall watch sleeps
+        # up to STALL_SAMPLE and must not hold the sockets open meanwhile (a
+        # TLS backend sends its 226 only once its data connection closed).
+        async with trio.open_nursery() as directions:
+            directions.start_soon(upload, nursery)
+            directions.start_soon(download_task, nursery)
+        nursery.cancel_scope.cancel()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(upload, nursery)
-        nursery.start_soon(download_task, nursery)
+        nursery.start_soon(both, nursery)
         if stall_timeout < float("inf"):
             nursery.start_soon(watch_for_stall, nursery)

@@ -358,3 +358,19 @@ def test_readiness_reads_an_implicit_backends_greeting_inside_tls(server_dir: Pa
         assert "certificate verify failed" in verdicts[1]
     finally:
         server.stop()
+
+
+def test_many_data_connections_in_one_session_all_resume(proxy, tls_backend) -> None:
+    """25 listings in one session, passive and active in turn: every backend
+    data connection resumes the same control session (vsftpd with
+    require_ssl_reuse refuses the first one that does not)."""
+    ftp = ftplib.FTP(timeout=20)
+    ftp.connect(proxy.host, proxy.port)
+    ftp.login(tls_backend.user, tls_backend.password)
+    ftp.trust_server_pasv_ipv4_address = True
+    for turn in range(25):
+        ftp.set_pasv(turn % 2 == 0)
+        ftp.retrlines("LIST", lambda _: None)
+    ftp.quit()
+    assert_backend_protected(proxy)
+    assert [event["code"] for event in proxy.events("transfer")] == [226] * 25
