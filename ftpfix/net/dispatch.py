@@ -159,6 +159,7 @@ def _build_policy(config: Config) -> Policy:
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         tls=config.tls.mode,
+        passive_ports=range(config.passive.ports.first, config.passive.ports.last + 1),
     )
 
 

@@ -252,6 +252,10 @@ class Session:
         self.pbsz = False
         #: True after PROT P: data connections are TLS too.
         self.protected = False
+        #: The verb the client's last PASV arrived as: b"PASV", or the alias
+        #: it was repaired from (b"P@SW", the SMC Barricade's mangling); None
+        #: before the first. ``SITE FTPFIX`` tells a diagnosing client.
+        self.pasv_received: bytes | None = None
         self._state = Waiting.NOTHING
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
@@ -607,12 +611,15 @@ class Session:
                 )
                 self.answer(out, rejected.reply)
                 continue
+            received = verb
             alias = self.policy.aliases.get(verb)
             if alias is not None:
                 fields = {"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}
                 out.append(Note("command alias", level=Level.DEBUG, fields=fields))
                 out.append(Count(Tally.ALIAS))
                 verb = alias
+            if verb == b"PASV":
+                self.pasv_received = received
             if self._held_back(verb) is not None:
                 self._deferred = (verb, argument)
                 continue
