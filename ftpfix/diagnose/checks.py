@@ -234,7 +234,7 @@ def connect(
 
 
 def greeting(code: int | None, text: str) -> Check:
-    shown = text[:200]
+    shown = text[:200].rstrip(".")
     if code is None:
         return Check(
             Stage.GREETING,

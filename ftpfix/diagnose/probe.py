@@ -172,7 +172,9 @@ def _session(run: _Run, connected: Check) -> None:
     # 3. greeting
     try:
         code, lines = control.reply()
-        greeted = run.report(checks.greeting(code, text(lines)))
+        # A multi-line banner (pure-ftpd's is 5 lines) is summed up by its first.
+        shown = lines[0].strip() + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
+        greeted = run.report(checks.greeting(code, shown))
     except (WireError, OSError) as error:
         greeted = run.report(checks.greeting(None, str(error)))
     if greeted.status is Status.FAIL:
