@@ -90,7 +90,11 @@ class Options:
 
 
 class _Lost(Exception):
-    """The control connection is gone: every later stage is skipped."""
+    """The control connection is gone: the stage under way fails, every later one is skipped."""
+
+
+class _Stop(_Lost):
+    """A stage failed and said so; every later stage is skipped."""
 
 
 @dataclass
@@ -106,6 +110,10 @@ class _Run:
     address_ok: bool = False
     retr_bytes: int = 0
     retr_seconds: float = 0.0
+    current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
+
+    def begin(self, stage: Stage) -> None:
+        self.current = stage
 
     def report(self, check: Check) -> Check:
         self.results.append(check)
@@ -119,7 +127,7 @@ class _Run:
                 continue
             if stage is Stage.ACTIVE and not self.options.active:
                 continue
-            if stage is Stage.SAMPLE:
+            if stage is Stage.SAMPLE or any(check.stage == stage for check in self.results):
                 continue
             self.report(checks.skipped(stage, why))
 
@@ -161,8 +169,18 @@ def _stages(run: _Run) -> None:
             sock = _tls_context(options, verify=False).wrap_socket(sock, server_hostname=_sni(target.host))
         run.control = Control(sock, options.timeout)
         _session(run, check)
+    except _Stop as stop:
+        run.skip_rest(run.current, str(stop))
     except _Lost as lost:
-        run.skip_rest(run.results[-1].stage, str(lost))
+        run.report(
+            Check(
+                run.current,
+                Status.FAIL,
+                f"the control connection failed: {lost}",
+                "see the server's log; a proxy, firewall or NAT helper on the way may cut it",
+            )
+        )
+        run.skip_rest(run.current, "the control connection failed")
 
 
 def _session(run: _Run, connected: Check) -> None:
@@ -170,6 +188,7 @@ def _session(run: _Run, connected: Check) -> None:
     control = run.control
     assert control is not None
     # 3. greeting
+    run.begin(Stage.GREETING)
     try:
         code, lines = control.reply()
         # A multi-line banner (pure-ftpd's is 5 lines) is summed up by its first.
@@ -178,29 +197,32 @@ def _session(run: _Run, connected: Check) -> None:
     except (WireError, OSError) as error:
         greeted = run.report(checks.greeting(None, str(error)))
     if greeted.status is Status.FAIL:
-        raise _Lost("no usable greeting")
+        raise _Stop("no usable greeting")
     # 4. TLS: asked for (ftps://, --implicit), or offered in FEAT
+    if target.tls != "off":
+        run.begin(Stage.TLS)
     if target.tls == "explicit":
         code, lines = _ask(control, "AUTH TLS")
         if code != 234:
             run.report(checks.tls(None, f"AUTH TLS answered {text(lines)}", asked=True))
-            raise _Lost("TLS was asked for and refused")
+            raise _Stop("TLS was asked for and refused")
         try:
             control.sock = _tls_context(options, verify=False).wrap_socket(
                 control.sock, server_hostname=_sni(target.host)
             )
         except (ssl.SSLError, OSError) as error:
             run.report(checks.tls(None, str(error), asked=True))
-            raise _Lost("the TLS handshake failed") from None
+            raise _Stop("the TLS handshake failed") from None
     if target.tls != "off":
         seen, error = inspect_tls(target, run.dialed, options)
         run.report(checks.tls(seen, error, asked=True))
     # 5. login
+    run.begin(Stage.LOGIN)
     code, lines = _ask(control, f"USER {target.user}")
     if code == 331:
         code, lines = _ask(control, f"PASS {target.password}")
     if run.report(checks.login(target.user, code, text(lines))).status is Status.FAIL:
-        raise _Lost("not logged in")
+        raise _Stop("not logged in")
     if target.tls != "off":
         _ask(control, "PBSZ 0")
         _ask(control, "PROT P")
@@ -212,41 +234,50 @@ def _session(run: _Run, connected: Check) -> None:
     _ask(control, "TYPE I")
     run.ftpfix = _site(control)
     # 6. PASV integrity, 7. the 227 address
+    run.begin(Stage.PASV)
     code, lines = _ask(control, "PASV")
     pasv_text = text(lines)
     if run.ftpfix is not None:
         run.ftpfix = _site(control) or run.ftpfix
     run.pasv_ok = run.report(checks.pasv_integrity(code, pasv_text, run.ftpfix)).status is not Status.FAIL
     if run.pasv_ok:
+        run.begin(Stage.ADDRESS)
         match = _227.search(pasv_text)
-        if match is None:
-            run.report(Check(Stage.ADDRESS, Status.FAIL, f"227 without an address: {pasv_text}"))
+        numbers = [int(match.group(n)) for n in range(1, 7)] if match else []
+        if not numbers or max(numbers) > 255:
+            run.report(Check(Stage.ADDRESS, Status.FAIL, f"227 without a valid address: {pasv_text[:120]}"))
         else:
-            advertised = ipaddress.ip_address(".".join(match.group(n) for n in range(1, 5)))
+            advertised = ipaddress.ip_address(".".join(map(str, numbers[:4])))
             dialed = ipaddress.ip_address(run.dialed)
             check = checks.address_227(dialed, advertised, run.ftpfix, options.private)
             run.address_ok = run.report(check).status is Status.OK
         # 8. every passive port
+        run.begin(Stage.PORTS)
         run.report(checks.passive_ports(_ports(run), run.ftpfix))
     else:
         run.report(checks.skipped(Stage.ADDRESS, "PASV failed"))
         run.report(checks.skipped(Stage.PORTS, "PASV failed"))
     # 9. EPSV, and real round trips
+    run.begin(Stage.EPSV)
     code, lines = _ask(control, "EPSV")
     epsv_ok = run.report(checks.epsv(code, text(lines))).status is not Status.FAIL and code == 229
     name = target.path or None
+    run.begin(Stage.DATA_PASSIVE)
     if run.pasv_ok:
         trip = _round_trip(run, "PASV", name)
         name = name or trip.retr_name
         run.report(checks.data(Stage.DATA_PASSIVE, trip))
     else:
         run.report(checks.skipped(Stage.DATA_PASSIVE, "PASV failed"))
+    run.begin(Stage.DATA_EPSV)
     if epsv_ok:
         run.report(checks.data(Stage.DATA_EPSV, _round_trip(run, "EPSV", name)))
     else:
         run.report(checks.skipped(Stage.DATA_EPSV, "EPSV failed"))
     if options.active:
+        run.begin(Stage.ACTIVE)
         run.report(_active(run))
+    run.begin(Stage.SAMPLE)
     # 10. latency and throughput
     latencies = []
     for _ in range(LATENCY_SAMPLES):
@@ -332,7 +363,7 @@ def _ports(run: _Run) -> PortsSeen:
         # Use the mapping, so ftpfix lets it go before the next PASV.
         try:
             control.send("LIST")
-            read_all(sock, run.options.timeout)
+            read_all(sock, run.options.timeout, LIST_LIMIT)
         except (WireError, OSError):
             pass
         finally:
