@@ -319,7 +319,8 @@ def tls(seen: TlsSeen | None, error: str | None, asked: bool) -> Check:
         return Check(
             Stage.TLS, Status.WARN, ", ".join(facts), "renew the certificate soon, and reload ftpfix", data=data
         )
-    return Check(Stage.TLS, Status.OK, ", ".join(facts) + ", trusted, name matches", data=data)
+    named = "name matches" if seen.name_matches else "name not checked"
+    return Check(Stage.TLS, Status.OK, ", ".join(facts) + f", trusted, {named}", data=data)
 
 
 def pasv_integrity(code: int | None, text: str, ftpfix: FtpfixInfo | None) -> Check:

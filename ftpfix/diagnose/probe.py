@@ -111,6 +111,11 @@ class _Run:
     retr_bytes: int = 0
     retr_seconds: float = 0.0
     current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
+    #: One context for the control connection and every data connection: a
+    #: data connection resumes the control connection's session (RFC 4217
+    #: section 10 leaves it open; ftpfix requires it by default), and Python
+    #: resumes a session only in the context that made it.
+    tls_context: ssl.SSLContext = field(default_factory=lambda: _tls_context(Options(), verify=False))
 
     def begin(self, stage: Stage) -> None:
         self.current = stage
@@ -166,7 +171,7 @@ def _stages(run: _Run) -> None:
         return
     try:
         if target.tls == "implicit":
-            sock = _tls_context(options, verify=False).wrap_socket(sock, server_hostname=_sni(target.host))
+            sock = run.tls_context.wrap_socket(sock, server_hostname=_sni(target.host))
         run.control = Control(sock, options.timeout)
         _session(run, check)
     except _Stop as stop:
@@ -207,9 +212,7 @@ def _session(run: _Run, connected: Check) -> None:
             run.report(checks.tls(None, f"AUTH TLS answered {text(lines)}", asked=True))
             raise _Stop("TLS was asked for and refused")
         try:
-            control.sock = _tls_context(options, verify=False).wrap_socket(
-                control.sock, server_hostname=_sni(target.host)
-            )
+            control.sock = run.tls_context.wrap_socket(control.sock, server_hostname=_sni(target.host))
         except (ssl.SSLError, OSError) as error:
             run.report(checks.tls(None, str(error), asked=True))
             raise _Stop("the TLS handshake failed") from None
@@ -362,14 +365,19 @@ def _ports(run: _Run) -> PortsSeen:
             continue
         # Use the mapping, so ftpfix lets it go before the next PASV.
         try:
-            control.send("LIST")
-            read_all(sock, run.options.timeout, LIST_LIMIT)
+            code, _ = control.command("LIST")
+        except (WireError, OSError) as error:
+            sock.close()
+            raise _Lost(f"LIST: {error}") from None
+        try:
+            if code < 300:
+                sock = _secure(run, sock)
+                read_all(sock, run.options.timeout, LIST_LIMIT)
         except (WireError, OSError):
-            pass
+            pass  # the port was reached; the LIST only closes the mapping
         finally:
             sock.close()
         try:
-            code, _ = control.reply()
             while code < 200:
                 code, _ = control.reply()
         except (WireError, OSError) as error:
@@ -399,20 +407,25 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
     outcome, sock, _, _ = dial(host, port, run.options.port_timeout)
     if sock is None:
         return f"the data connection to {host}:{port} {outcome}"
-    if run.target.tls != "off":
-        try:
-            tls_sock = _tls_context(run.options, verify=False).wrap_socket(
-                sock, server_hostname=_sni(run.target.host), session=_session_of(control)
-            )
-        except (ssl.SSLError, OSError) as failure:
-            sock.close()
-            return f"TLS on the data connection failed: {failure}"
-        return tls_sock, via
     return sock, via
 
 
-def _session_of(control: Control) -> ssl.SSLSession | None:
-    return control.sock.session if isinstance(control.sock, ssl.SSLSocket) else None
+def _secure(run: _Run, sock: socket.socket) -> socket.socket:
+    """The data connection as TLS when the session is (PROT P), after the transfer
+    command's 1xx, as ftplib and curl do: ftpfix starts its side only then."""
+    if run.target.tls == "off":
+        return sock
+    try:
+        return run.tls_context.wrap_socket(
+            sock, server_hostname=_sni(run.target.host), session=_session_of(run.control)
+        )
+    except (ssl.SSLError, OSError, ValueError) as failure:
+        sock.close()
+        raise WireError(f"TLS on the data connection failed: {failure}") from None
+
+
+def _session_of(control: Control | None) -> ssl.SSLSession | None:
+    return control.sock.session if control is not None and isinstance(control.sock, ssl.SSLSocket) else None
 
 
 def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, str] | str:
@@ -423,22 +436,28 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
     if isinstance(made, str):
         return made
     sock, via = made
+    verb = command.split(" ")[0]
     try:
-        control.send(command)
-        code, lines = control.reply()
+        code, lines = control.command(command)
+    except (WireError, OSError) as error:
+        sock.close()
+        raise _Lost(f"{verb}: {error}") from None
+    try:
         if code >= 300:
-            return f"{command.split(' ')[0]} answered {text(lines)}"
+            return f"{verb} answered {text(lines)}"
+        sock = _secure(run, sock)
         payload = read_all(sock, run.options.timeout, limit)
     except (WireError, OSError) as error:
-        return f"{command.split(' ')[0]}: {error}"
+        return f"{verb}: {error}"
     finally:
         sock.close()
     try:
-        code, lines = control.reply()
+        while code < 200:  # the 1xx came first; now the final reply
+            code, lines = control.reply()
     except (WireError, OSError) as error:
-        raise _Lost(f"{command.split(' ')[0]}: {error}") from None
+        raise _Lost(f"{verb}: {error}") from None
     if code != 226 and code != 250:
-        return f"{command.split(' ')[0]} ended with {text(lines)}"
+        return f"{verb} ended with {text(lines)}"
     return payload, via
 
 
@@ -546,7 +565,9 @@ def inspect_tls(target: Target, dialed: str, options: Options) -> tuple[TlsSeen 
             certificate = sock.getpeercert() or {}
         days = _days_left(certificate.get("notAfter"))
         self_signed = certificate.get("subject") == certificate.get("issuer")
-        return TlsSeen(version, days, True, None if by_address else True, self_signed), None
+        # By address, ssl checks no name: the certificate's IP entries are compared here.
+        name_matches = _names(certificate, target.host) if by_address else True
+        return TlsSeen(version, days, True, name_matches, self_signed), None
     # Not trusted: look again without verifying, for the facts.
     try:
         sock = _tls_connect(target, dialed, options, _tls_context(options, verify=False))
@@ -557,7 +578,7 @@ def inspect_tls(target: Target, dialed: str, options: Options) -> tuple[TlsSeen 
         der = sock.getpeercert(binary_form=True)
     decoded = _decode(der) if der else {}
     self_signed = code in (18, 19) or (bool(decoded) and decoded.get("subject") == decoded.get("issuer"))
-    name_matches = None if by_address else (code != 62 and _names(decoded, target.host))
+    name_matches = (code != 62 and _names(decoded, target.host)) if decoded else None
     seen = TlsSeen(version, _days_left(decoded.get("notAfter")), False, name_matches, self_signed, verify_error)
     return seen, None
 
@@ -605,6 +626,15 @@ def _decode(der: bytes) -> dict:
 
 
 def _names(certificate: dict, host: str) -> bool:
+    if _sni(host) is None:  # an address: only an IP entry names it
+        try:
+            wanted = ipaddress.ip_address(host)
+            return any(
+                kind == "IP Address" and ipaddress.ip_address(value.strip()) == wanted
+                for kind, value in certificate.get("subjectAltName", ())
+            )
+        except ValueError:
+            return False
     names = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
     host = host.lower().rstrip(".")
     for name in names:
