@@ -82,7 +82,8 @@ def print_run(checks: Sequence[Check], header: str, *, as_json: bool, out: TextI
     return result.exit_status
 
 
-def run_url(arguments: Any, out: TextIO = sys.stdout) -> int:
+def run_url(arguments: Any, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         target = parse_target(
             arguments.url, user=arguments.user, password_file=arguments.password_file, implicit=arguments.implicit
@@ -112,7 +113,8 @@ def run_url(arguments: Any, out: TextIO = sys.stdout) -> int:
     return print_run(results, header, as_json=arguments.json, out=out)
 
 
-def run_host(arguments: Any, out: TextIO = sys.stdout) -> int:
+def run_host(arguments: Any, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     from ..config import ConfigError, load_config
     from .host import check_host
 

@@ -402,7 +402,7 @@ class PortsSeen:
     def missing(self) -> list[int]:
         """Ports that are not forwarded, as far as can be told."""
         bad = {port for port, outcome in self.leased.items() if outcome is not Outcome.OPEN}
-        bad |= {port for port, outcome in self.scanned.items() if outcome is Outcome.TIMEOUT}
+        bad |= {port for port, outcome in self.scanned.items() if outcome in (Outcome.TIMEOUT, Outcome.UNREACHABLE)}
         return sorted(bad)
 
     def untested(self) -> list[int]:
@@ -412,9 +412,7 @@ class PortsSeen:
         return sorted(
             port
             for port in self.known_range
-            if port not in self.leased
-            and self.scanned.get(port, Outcome.REFUSED) is not Outcome.OPEN
-            and self.scanned.get(port) is not Outcome.TIMEOUT
+            if port not in self.leased and self.scanned.get(port, Outcome.REFUSED) is Outcome.REFUSED
         )
 
 

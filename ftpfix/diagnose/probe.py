@@ -28,17 +28,18 @@ the ports that a handful of PASVs name can be tested.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ipaddress
 import re
 import socket
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import checks
 from .checks import Check, FtpfixInfo, Network, Outcome, PortsSeen, RoundTrip, Stage, Status, TlsSeen
@@ -305,15 +306,24 @@ def _site(control: Control) -> FtpfixInfo | None:
 
 
 def _resolve(host: str, port: int, timeout: float) -> tuple[list[str], str | None]:
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        infos = pool.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(timeout)
-    except concurrent.futures.TimeoutError:
+    """getaddrinfo with a deadline: it has none of its own. The lookup runs in a
+    daemon thread, so one that never returns cannot hold the process at exit."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except OSError as error:
+            answer.append(error)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answer:
         return [], f"no answer in {timeout:g} s"
-    except OSError as error:
-        return [], error.strerror or str(error)
-    finally:
-        pool.shutdown(wait=False)
+    if isinstance(answer[0], OSError):
+        return [], answer[0].strerror or str(answer[0])
+    infos = answer[0]
     addresses: list[str] = []
     for info in infos:
         address = str(info[4][0])
@@ -341,6 +351,7 @@ def _ports(run: _Run) -> PortsSeen:
     known = run.ftpfix.ports if run.ftpfix else None
     scanned = scan(run.dialed, known, run.options.port_timeout) if known else {}
     leased: dict[int, Outcome] = {}
+    # Refused unleased says nothing yet (see the module): those are leased and dialed again.
     wanted = {port for port, outcome in scanned.items() if outcome is Outcome.REFUSED} if known else set()
     asks = min(len(known), MAX_LEASES) if known else SAMPLE_PASVS
     failures = 0
@@ -353,8 +364,8 @@ def _ports(run: _Run) -> PortsSeen:
         port = mapping[1]
         if port in leased:
             continue
-        if scanned.get(port) is Outcome.TIMEOUT:
-            leased[port] = Outcome.TIMEOUT
+        if scanned.get(port) in (Outcome.TIMEOUT, Outcome.UNREACHABLE):
+            leased[port] = scanned[port]  # dropped on the way: a second dial would only wait again
             continue
         outcome, sock, _, _ = dial(run.dialed, port, run.options.port_timeout)
         leased[port] = outcome
