@@ -186,6 +186,11 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # no answer: dropped by a router or a firewall
     UNREACHABLE = "unreachable"  # ICMP unreachable, no route
 
+    @property
+    def said(self) -> str:
+        """As a sentence has it: "refused", "timed out"."""
+        return "timed out" if self is Outcome.TIMEOUT else self.value
+
 
 def connect(
     target: Address, port: int, outcome: Outcome, seconds: float, own: Address | None, private: Iterable[Network] = ()
@@ -200,7 +205,7 @@ def connect(
         return Check(
             Stage.CONNECT,
             Status.FAIL,
-            f"{where} {outcome}, dialed from {own}, a private address: this host is inside a LAN and dials a"
+            f"{where} {outcome.said}, dialed from {own}, a private address: this host is inside a LAN and dials a"
             " public address, which most routers do not loop back (no hairpin NAT): this says nothing about"
             " the server",
             "run ftpfix diagnose from outside the LAN (a phone's hotspot, a VPS), or dial the server's LAN"
@@ -416,7 +421,7 @@ class PortsSeen:
         )
 
 
-def passive_ports(seen: PortsSeen, ftpfix: FtpfixInfo | None) -> Check:
+def passive_ports(seen: PortsSeen, ftpfix: FtpfixInfo | None, seconds: float | None = None) -> Check:
     missing = seen.missing()
     untested = seen.untested()
     tested = (set(seen.leased) | set(seen.scanned)) - set(untested)
@@ -425,6 +430,7 @@ def passive_ports(seen: PortsSeen, ftpfix: FtpfixInfo | None) -> Check:
         "not_forwarded": missing,
         "untested": untested,
         "tested": len(tested),
+        **({"seconds": round(seconds, 2)} if seconds is not None else {}),
     }
     if not tested:
         return Check(Stage.PORTS, Status.FAIL, "no passive port could be tested", data=data)

@@ -83,7 +83,7 @@ def backend_greeting(config: Config, timeout: float) -> Check:
         return Check(
             "backend",
             Status.FAIL,
-            f"{where} {outcome}: every session would get 421",
+            f"{where} {outcome.said}: every session would get 421",
             "start the FTP server, or fix [backend] address and port",
         )
     control = Control(sock, seconds)

@@ -139,7 +139,17 @@ class _Run:
 
 
 def diagnose(target: Target, options: Options, emit: Callable[[Check], None]) -> list[Check]:
-    """Run every stage against ``target``; each ``Check`` goes to ``emit`` as it is made."""
+    """Run every stage against ``target``; each ``Check`` goes to ``emit`` as it is made.
+
+    Resource handling: the control connection is closed (after a QUIT) in a
+    ``finally``; each data connection and each scan socket is closed by the
+    step that opened it.
+
+    Error handling: every failure the far end can cause (refusal, silence,
+    a reset, a protocol breach, a bound exceeded, a TLS failure) becomes a
+    failed ``Check``, and the stages after it are reported as skipped;
+    nothing the server does escapes as an exception.
+    """
     run = _Run(target, options, emit)
     try:
         _stages(run)
@@ -257,7 +267,9 @@ def _session(run: _Run, connected: Check) -> None:
             run.address_ok = run.report(check).status is Status.OK
         # 8. every passive port
         run.begin(Stage.PORTS)
-        run.report(checks.passive_ports(_ports(run), run.ftpfix))
+        started = time.monotonic()
+        seen = _ports(run)
+        run.report(checks.passive_ports(seen, run.ftpfix, time.monotonic() - started))
     else:
         run.report(checks.skipped(Stage.ADDRESS, "PASV failed"))
         run.report(checks.skipped(Stage.PORTS, "PASV failed"))
@@ -417,7 +429,7 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
         host, port, via = run.dialed, int(match.group(2)), ""
     outcome, sock, _, _ = dial(host, port, run.options.port_timeout)
     if sock is None:
-        return f"the data connection to {host}:{port} {outcome}"
+        return f"the data connection to {host}:{port} {outcome.said}"
     return sock, via
 
 
@@ -597,7 +609,7 @@ def inspect_tls(target: Target, dialed: str, options: Options) -> tuple[TlsSeen 
 def _tls_connect(target: Target, dialed: str, options: Options, context: ssl.SSLContext) -> ssl.SSLSocket:
     outcome, sock, _, _ = dial(dialed, target.port, options.timeout)
     if sock is None:
-        raise OSError(f"connect {outcome}")
+        raise OSError(f"connect {outcome.said}")
     try:
         if target.tls == "implicit":
             return context.wrap_socket(sock, server_hostname=_sni(target.host))

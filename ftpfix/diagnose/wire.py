@@ -169,6 +169,9 @@ def scan(host: str, ports: Iterable[int], timeout: float) -> dict[int, Outcome]:
 
     An open connection is closed at once. Twenty ports take one timeout at
     worst, not twenty.
+
+    Resource handling: at most ``SCAN_PARALLEL`` sockets are open at once,
+    and every one is closed before the next batch, answered or not.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     results: dict[int, Outcome] = {}

@@ -138,14 +138,17 @@ class NatLab:
         forward_control: bool = True,
         passive_ports: Iterable[int] | None = None,
         smc: bool = True,
+        drop_unforwarded: bool = False,
     ) -> None:
         """Port-forward 21 and the passive range to ``lan_host``, nothing else.
 
         ``control_port`` is the port on ``lan_host`` that public port 21 reaches;
         ``forward_control=False`` leaves port 21 unforwarded. ``passive_ports``
         forwards only those ports of the range (default: all of it). ``smc``
-        keeps the SMC Barricade's P@SW rule on. The defaults are the lab as
-        the other tests know it.
+        keeps the SMC Barricade's P@SW rule on. ``drop_unforwarded`` makes
+        the router drop new connections to its own address (ports it does not
+        forward) instead of answering them with a reset, as many consumer
+        routers do. The defaults are the lab as the other tests know it.
         """
         first, last = (int(port) for port in PASSIVE_PORTS.split("-"))
         ports = sorted(set(range(first, last + 1) if passive_ports is None else passive_ports))
@@ -156,6 +159,7 @@ class NatLab:
             f'iifname "rw0" ip daddr {PUBLIC} tcp dport {{ {_spans(ports)} }} dnat to {lan_host}' if ports else ""
         )
         smc_table = SMC_TABLE if smc else ""
+        drop_rule = 'iifname "rw0" ct state new drop' if drop_unforwarded else ""
         ruleset = f"""\
 flush ruleset
 table ip nat {{
@@ -170,6 +174,10 @@ table ip nat {{
     }}
 }}
 table inet filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        {drop_rule}
+    }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
