@@ -112,6 +112,7 @@ class _Run:
     retr_bytes: int = 0
     retr_seconds: float = 0.0
     current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
+    protected: bool = False  # PROT P was accepted: data connections are TLS
     #: One context for the control connection and every data connection: a
     #: data connection resumes the control connection's session (RFC 4217
     #: section 10 leaves it open; ftpfix requires it by default), and Python
@@ -180,9 +181,19 @@ def _stages(run: _Run) -> None:
     if sock is None:
         run.skip_rest(Stage.CONNECT, "no control connection")
         return
-    try:
-        if target.tls == "implicit":
+    if target.tls == "implicit":
+        # Implicit FTPS: TLS from the first byte, before any greeting.
+        run.begin(Stage.TLS)
+        sock.settimeout(options.timeout)
+        try:
             sock = run.tls_context.wrap_socket(sock, server_hostname=_sni(target.host))
+        except (ssl.SSLError, OSError, ValueError) as error:
+            sock.close()
+            run.report(checks.tls(None, str(error) or type(error).__name__, asked=True))
+            run.report(checks.skipped(Stage.GREETING, "no TLS"))
+            run.skip_rest(Stage.TLS, "no TLS")
+            return
+    try:
         run.control = Control(sock, options.timeout)
         _session(run, check)
     except _Stop as stop:
@@ -238,17 +249,20 @@ def _session(run: _Run, connected: Check) -> None:
     if run.report(checks.login(target.user, code, text(lines))).status is Status.FAIL:
         raise _Stop("not logged in")
     if target.tls != "off":
+        # RFC 4217 sections 8 and 9: data connections are TLS only after PROT P.
         _ask(control, "PBSZ 0")
-        _ask(control, "PROT P")
+        code, _ = _ask(control, "PROT P")
+        run.protected = code == 200
     else:
+        run.begin(Stage.TLS)
         code, lines = _ask(control, "FEAT")
         if code == 211 and any(line.strip().upper().startswith("AUTH") and "TLS" in line.upper() for line in lines):
             seen, error = inspect_tls(target, run.dialed, options)
             run.report(checks.tls(seen, error, asked=False))
-    _ask(control, "TYPE I")
-    run.ftpfix = _site(control)
     # 6. PASV integrity, 7. the 227 address
     run.begin(Stage.PASV)
+    _ask(control, "TYPE I")
+    run.ftpfix = _site(control)
     code, lines = _ask(control, "PASV")
     pasv_text = text(lines)
     if run.ftpfix is not None:
@@ -436,7 +450,7 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
 def _secure(run: _Run, sock: socket.socket) -> socket.socket:
     """The data connection as TLS when the session is (PROT P), after the transfer
     command's 1xx, as ftplib and curl do: ftpfix starts its side only then."""
-    if run.target.tls == "off":
+    if not run.protected:
         return sock
     try:
         return run.tls_context.wrap_socket(

@@ -178,3 +178,11 @@ def test_a_server_that_hangs_up_mid_session(hostile) -> None:
     checks = run(hostile(lambda conn: logged_in(conn, answer)))
     assert verdict(checks).status is Status.FAIL
     assert any(check.status is Status.SKIP for check in checks)
+
+
+def test_implicit_tls_against_a_plain_server(hostile) -> None:
+    port = hostile(lambda conn: (conn.sendall(b"220 plain text, no TLS\r\n"), time.sleep(2)))
+    target = Target("127.0.0.1", port, "anonymous", "x@", tls="implicit")
+    checks = diagnose(target, Options(timeout=1.0, port_timeout=0.5), lambda check: None)
+    assert failed_at(checks, "tls").startswith("FAIL at tls: TLS handshake failed")
+    assert {check.stage: check.status for check in checks}["greeting"] is Status.SKIP
