@@ -459,7 +459,7 @@ def passive_ports(seen: PortsSeen, ftpfix: FtpfixInfo | None, seconds: float | N
         return Check(
             Stage.PORTS,
             Status.WARN,
-            f"{summary}; {spans(untested)} could not be tested (in use by other sessions)",
+            f"{summary}; {spans(untested)} untested (held by other sessions, or past what one run tests)",
             data=data,
         )
     return Check(Stage.PORTS, Status.OK, summary, data=data)

@@ -58,6 +58,16 @@ SAMPLE_PASVS = 5
 #: only by the concurrent dial beyond that.
 MAX_LEASES = 256
 
+#: Most ports of a range dialed at once (step 1): ftpfix's ranges are tens
+#: to hundreds of ports; the rest of a bigger one is reported untested.
+MAX_SCAN = 1024
+
+#: Seconds the lease loop may take in all, whatever the server's pace.
+PORTS_DEADLINE = 120.0
+
+#: Seconds a data connection may take to deliver everything it sends.
+DATA_DEADLINE = 60.0
+
 #: Largest file the data round trip fetches, and the bytes it reads at most.
 RETR_LIMIT = 4 * 1024 * 1024
 
@@ -375,7 +385,10 @@ def _ports(run: _Run) -> PortsSeen:
     control = run.control
     assert control is not None
     known = run.ftpfix.ports if run.ftpfix else None
-    scanned = scan(run.dialed, known, run.options.port_timeout) if known else {}
+    # A range past MAX_SCAN (or one a hostile server claims: 1-65535) is tested in part; the rest is "untested".
+    tested = known[:MAX_SCAN] if known else None
+    scanned = scan(run.dialed, tested, run.options.port_timeout) if tested else {}
+    deadline = time.monotonic() + PORTS_DEADLINE
     leased: dict[int, Outcome] = {}
     # Refused unleased says nothing yet (see the module): those are leased and dialed again.
     wanted = {port for port, outcome in scanned.items() if outcome is Outcome.REFUSED} if known else set()
@@ -384,6 +397,8 @@ def _ports(run: _Run) -> PortsSeen:
     for _ in range(asks):
         if known is not None and not wanted - set(leased):
             break
+        if time.monotonic() > deadline:
+            break  # what was not leased by now is reported untested
         mapping = _passive(control)
         if mapping is None:
             break
@@ -409,7 +424,7 @@ def _ports(run: _Run) -> PortsSeen:
         try:
             if code < 300:
                 sock = _secure(run, sock)
-                read_all(sock, run.options.timeout, LIST_LIMIT)
+                read_all(sock, run.options.timeout, LIST_LIMIT, DATA_DEADLINE)
         except (WireError, OSError):
             pass  # the port was reached; the LIST only closes the mapping
         finally:
@@ -483,7 +498,7 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
         if code >= 300:
             return f"{verb} answered {text(lines)}"
         sock = _secure(run, sock)
-        payload = read_all(sock, run.options.timeout, limit)
+        payload = read_all(sock, run.options.timeout, limit, DATA_DEADLINE)
     except (WireError, OSError) as error:
         return f"{verb}: {error}"
     finally:
@@ -553,7 +568,7 @@ def _active(run: _Run) -> Check:
             except TimeoutError:
                 return checks.active(None, f"the server never connected to {local}:{port}")
             with sock:
-                payload = read_all(sock, run.options.timeout)
+                payload = read_all(sock, run.options.timeout, LIST_LIMIT, DATA_DEADLINE)
             code, lines = control.reply()
         except (WireError, OSError) as error:
             raise _Lost(f"LIST: {error}") from None

@@ -146,15 +146,24 @@ def own_address(target: str, port: int) -> str | None:
         return None
 
 
-def read_all(sock: socket.socket | ssl.SSLSocket, timeout: float, limit: int = MAX_DATA) -> bytes:
-    """A data connection's bytes to its end; WireError past ``timeout`` of silence or ``limit`` bytes."""
+def read_all(
+    sock: socket.socket | ssl.SSLSocket, timeout: float, limit: int = MAX_DATA, total: float | None = None
+) -> bytes:
+    """A data connection's bytes to its end. WireError after ``timeout`` seconds of
+    silence, past ``limit`` bytes, or when it is still sending after ``total`` seconds."""
     chunks: list[bytes] = []
     size = 0
-    sock.settimeout(timeout)
+    deadline = None if total is None else time.monotonic() + total
     while True:
+        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if left <= 0:
+            raise WireError(f"the data connection was still sending after {total:g} s ({size} bytes)")
+        sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WireError(f"the data connection was still sending after {total:g} s ({size} bytes)") from None
             raise WireError(f"the data connection went quiet for {timeout:g} s") from None
         if not chunk:
             return b"".join(chunks)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ftpfix.diagnose import probe
 from ftpfix.diagnose.checks import Check, Status, verdict
 from ftpfix.diagnose.probe import Options, Target, diagnose
 
@@ -186,3 +187,60 @@ def test_implicit_tls_against_a_plain_server(hostile) -> None:
     checks = diagnose(target, Options(timeout=1.0, port_timeout=0.5), lambda check: None)
     assert failed_at(checks, "tls").startswith("FAIL at tls: TLS handshake failed")
     assert {check.stage: check.status for check in checks}["greeting"] is Status.SKIP
+
+
+def test_a_listing_that_trickles_is_held_to_the_data_deadline(hostile, monkeypatch) -> None:
+    monkeypatch.setattr(probe, "DATA_DEADLINE", 2.0)
+    data_listener = socket.create_server(("127.0.0.1", 0))
+    data_port = data_listener.getsockname()[1]
+
+    def trickle() -> None:
+        try:
+            conn, _ = data_listener.accept()
+            with conn:
+                for _ in range(1000):
+                    conn.sendall(b"x")
+                    time.sleep(0.3)  # always inside the 1 s silence timeout
+        except OSError:
+            pass
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb == "PASV":
+            threading.Thread(target=trickle, daemon=True).start()
+            conn.sendall(f"227 ok (127,0,0,1,{data_port >> 8},{data_port & 255})\r\n".encode())
+        elif verb == "LIST":
+            conn.sendall(b"150 here it comes, slowly\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    try:
+        checks = run(hostile(lambda conn: logged_in(conn, answer)))
+    finally:
+        data_listener.close()
+    assert verdict(checks).status is Status.FAIL
+
+
+def test_a_fake_ftpfix_claiming_every_port(hostile, monkeypatch) -> None:
+    """A server may claim to be ftpfix with a range of thousands of ports: only MAX_SCAN are dialed."""
+    monkeypatch.setattr(probe, "MAX_SCAN", 10)
+    dialed: list[int] = []
+    real_scan = probe.scan
+
+    def counting_scan(host, ports, timeout):
+        dialed.extend(ports)
+        return real_scan(host, ports, timeout)
+
+    monkeypatch.setattr(probe, "scan", counting_scan)
+
+    def answer(conn: socket.socket, line: str) -> None:
+        if line.upper().startswith("SITE FTPFIX"):
+            conn.sendall(b"211-ftpfix 9.9\r\n passive-ports: 60100-65535\r\n last-pasv: none\r\n211 End\r\n")
+        elif line.upper().startswith("PASV"):
+            conn.sendall(b"227 Entering Passive Mode (127,0,0,1,234,196)\r\n")  # 60100: nobody there
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    checks = run(hostile(lambda conn: logged_in(conn, answer)))
+    assert len(dialed) == 10
+    assert verdict(checks).status is Status.FAIL  # and the run ended
