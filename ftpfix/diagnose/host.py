@@ -17,7 +17,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..config import Config
 from ..net.addresses import is_address
 from ..net.preflight import Severity, preflight
 from ..protocol.policy import TlsMode
+from .certificates import decode_pem
 from .checks import Check, Status, spans
 from .wire import Control, WireError, dial, text
 
@@ -225,18 +225,9 @@ def certificate_expiry(path: Path, now: datetime | None = None) -> Check:
     except OSError as error:
         return Check("tls certificate", Status.FAIL, f"{path}: {error}", "fix [tls] certificate")
     first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
-    decoder = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
-    if first is None or decoder is None:
-        return Check("tls certificate", Status.WARN, f"{path}: cannot read its expiry")
-    with tempfile.NamedTemporaryFile("w", suffix=".pem") as file:
-        file.write(first.group(0) + "\n")
-        file.flush()
-        try:
-            decoded = decoder(file.name)
-        except (ssl.SSLError, ValueError) as error:
-            return Check(
-                "tls certificate", Status.FAIL, f"{path}: not a certificate ({error})", "fix [tls] certificate"
-            )
+    decoded = decode_pem(first.group(0) + "\n") if first else {}
+    if "notAfter" not in decoded:
+        return Check("tls certificate", Status.FAIL, f"{path}: no certificate to read", "fix [tls] certificate")
     expires = datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), UTC)
     days = (expires - (now or datetime.now(UTC))).days
     names = ", ".join(value for _, value in decoded.get("subjectAltName", ()))

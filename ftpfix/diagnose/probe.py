@@ -32,17 +32,16 @@ import ipaddress
 import re
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import checks
-from .checks import Check, FtpfixInfo, Network, Outcome, PortsSeen, RoundTrip, Stage, Status, TlsSeen
+from .certificates import inspect_tls, sni, tls_context
+from .checks import Check, FtpfixInfo, Network, Outcome, PortsSeen, RoundTrip, Stage, Status
 from .wire import Control, WireError, dial, own_address, read_all, scan, text
 
 #: Seconds each control step may take (connect, a reply).
@@ -127,7 +126,7 @@ class _Run:
     #: data connection resumes the control connection's session (RFC 4217
     #: section 10 leaves it open; ftpfix requires it by default), and Python
     #: resumes a session only in the context that made it.
-    tls_context: ssl.SSLContext = field(default_factory=lambda: _tls_context(Options(), verify=False))
+    tls_context: ssl.SSLContext = field(default_factory=lambda: tls_context(verify=False))
 
     def begin(self, stage: Stage) -> None:
         self.current = stage
@@ -196,7 +195,7 @@ def _stages(run: _Run) -> None:
         run.begin(Stage.TLS)
         sock.settimeout(options.timeout)
         try:
-            sock = run.tls_context.wrap_socket(sock, server_hostname=_sni(target.host))
+            sock = run.tls_context.wrap_socket(sock, server_hostname=sni(target.host))
         except (ssl.SSLError, OSError, ValueError) as error:
             sock.close()
             run.report(checks.tls(None, str(error) or type(error).__name__, asked=True))
@@ -244,12 +243,19 @@ def _session(run: _Run, connected: Check) -> None:
             run.report(checks.tls(None, f"AUTH TLS answered {text(lines)}", asked=True))
             raise _Stop("TLS was asked for and refused")
         try:
-            control.sock = run.tls_context.wrap_socket(control.sock, server_hostname=_sni(target.host))
+            control.sock = run.tls_context.wrap_socket(control.sock, server_hostname=sni(target.host))
         except (ssl.SSLError, OSError) as error:
             run.report(checks.tls(None, str(error), asked=True))
             raise _Stop("the TLS handshake failed") from None
     if target.tls != "off":
-        seen, error = inspect_tls(target, run.dialed, options)
+        seen, error = inspect_tls(
+            target.host,
+            run.dialed,
+            target.port,
+            implicit=target.tls == "implicit",
+            timeout=options.timeout,
+            ca=options.ca,
+        )
         run.report(checks.tls(seen, error, asked=True))
     # 5. login
     run.begin(Stage.LOGIN)
@@ -267,7 +273,14 @@ def _session(run: _Run, connected: Check) -> None:
         run.begin(Stage.TLS)
         code, lines = _ask(control, "FEAT")
         if code == 211 and any(line.strip().upper().startswith("AUTH") and "TLS" in line.upper() for line in lines):
-            seen, error = inspect_tls(target, run.dialed, options)
+            seen, error = inspect_tls(
+                target.host,
+                run.dialed,
+                target.port,
+                implicit=target.tls == "implicit",
+                timeout=options.timeout,
+                ca=options.ca,
+            )
             run.report(checks.tls(seen, error, asked=False))
     # 6. PASV integrity, 7. the 227 address
     run.begin(Stage.PASV)
@@ -468,9 +481,7 @@ def _secure(run: _Run, sock: socket.socket) -> socket.socket:
     if not run.protected:
         return sock
     try:
-        return run.tls_context.wrap_socket(
-            sock, server_hostname=_sni(run.target.host), session=_session_of(run.control)
-        )
+        return run.tls_context.wrap_socket(sock, server_hostname=sni(run.target.host), session=_session_of(run.control))
     except (ssl.SSLError, OSError, ValueError) as failure:
         sock.close()
         raise WireError(f"TLS on the data connection failed: {failure}") from None
@@ -575,127 +586,6 @@ def _active(run: _Run) -> Check:
     if code != 226 and code != 250:
         return checks.active(None, f"LIST ended with {text(lines)}")
     return checks.active(f"the server connected from {peer[0]}, LIST {len(payload)} bytes", None)
-
-
-# -- TLS -------------------------------------------------------------------
-
-
-def _sni(host: str) -> str | None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    return None
-
-
-def _tls_context(options: Options, *, verify: bool) -> ssl.SSLContext:
-    if verify:
-        context = ssl.create_default_context(cafile=options.ca)
-    else:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def inspect_tls(target: Target, dialed: str, options: Options) -> tuple[TlsSeen | None, str | None]:
-    """Handshake on a connection of its own: the version, and the certificate's
-    expiry, trust, name and whether it signed itself (Python's ssl)."""
-    by_address = _sni(target.host) is None
-    verifying = _tls_context(options, verify=True)
-    verifying.check_hostname = not by_address
-    try:
-        sock = _tls_connect(target, dialed, options, verifying)
-    except ssl.SSLCertVerificationError as error:
-        verify_error = str(error.verify_message or error.reason or error)
-        code = error.verify_code
-    except (ssl.SSLError, OSError, WireError) as error:
-        return None, str(error)
-    else:
-        with sock:
-            version = sock.version() or "?"
-            certificate = sock.getpeercert() or {}
-        days = _days_left(certificate.get("notAfter"))
-        self_signed = certificate.get("subject") == certificate.get("issuer")
-        # By address, ssl checks no name: the certificate's IP entries are compared here.
-        name_matches = _names(certificate, target.host) if by_address else True
-        return TlsSeen(version, days, True, name_matches, self_signed), None
-    # Not trusted: look again without verifying, for the facts.
-    try:
-        sock = _tls_connect(target, dialed, options, _tls_context(options, verify=False))
-    except (ssl.SSLError, OSError, WireError) as error:
-        return None, str(error)
-    with sock:
-        version = sock.version() or "?"
-        der = sock.getpeercert(binary_form=True)
-    decoded = _decode(der) if der else {}
-    self_signed = code in (18, 19) or (bool(decoded) and decoded.get("subject") == decoded.get("issuer"))
-    name_matches = (code != 62 and _names(decoded, target.host)) if decoded else None
-    seen = TlsSeen(version, _days_left(decoded.get("notAfter")), False, name_matches, self_signed, verify_error)
-    return seen, None
-
-
-def _tls_connect(target: Target, dialed: str, options: Options, context: ssl.SSLContext) -> ssl.SSLSocket:
-    outcome, sock, _, _ = dial(dialed, target.port, options.timeout)
-    if sock is None:
-        raise OSError(f"connect {outcome.said}")
-    try:
-        if target.tls == "implicit":
-            return context.wrap_socket(sock, server_hostname=_sni(target.host))
-        control = Control(sock, options.timeout)
-        control.reply()
-        code, lines = control.command("AUTH TLS")
-        if code != 234:
-            raise WireError(f"AUTH TLS answered {text(lines)}")
-        return context.wrap_socket(sock, server_hostname=_sni(target.host))
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _days_left(not_after: object) -> int | None:
-    if not isinstance(not_after, str):
-        return None
-    try:
-        expires = datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC)
-    except ValueError:
-        return None
-    return (expires - datetime.now(UTC)).days
-
-
-def _decode(der: bytes) -> dict:
-    """A DER certificate as ``getpeercert()`` would give it, through CPython's own decoder."""
-    decoder = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
-    if decoder is None:
-        return {}
-    with tempfile.NamedTemporaryFile("w", suffix=".pem") as file:
-        file.write(ssl.DER_cert_to_PEM_cert(der))
-        file.flush()
-        try:
-            return decoder(file.name)
-        except (ssl.SSLError, ValueError):
-            return {}
-
-
-def _names(certificate: dict, host: str) -> bool:
-    if _sni(host) is None:  # an address: only an IP entry names it
-        try:
-            wanted = ipaddress.ip_address(host)
-            return any(
-                kind == "IP Address" and ipaddress.ip_address(value.strip()) == wanted
-                for kind, value in certificate.get("subjectAltName", ())
-            )
-        except ValueError:
-            return False
-    names = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
-    host = host.lower().rstrip(".")
-    for name in names:
-        name = name.lower()
-        if name == host:
-            return True
-        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
-            return True
-    return False
 
 
 def read_password(path: Path) -> str:
