@@ -198,10 +198,22 @@ def connect(
     """The control connection; from inside the LAN to the public address, the hairpin trap."""
     where = f"{target}:{port}" if target.version == 4 else f"[{target}]:{port}"
     data = {"outcome": str(outcome), "seconds": round(seconds, 3), "own_address": str(own) if own else None}
+    private = tuple(private)
+    inside = own is not None and is_private(own, private) and not is_private(target, private)
+    if outcome is Outcome.OPEN and inside:
+        # The router looped the connection back (hairpin NAT): what follows is
+        # what this LAN sees through that loop, not what clients outside see.
+        return Check(
+            Stage.CONNECT,
+            Status.WARN,
+            f"{where} open ({seconds * 1000:.0f} ms), dialed from {own}, a private address: the router loops"
+            " this back into the LAN (hairpin NAT), so the stages below show that path, not the outside one",
+            "run ftpfix diagnose from outside the LAN too",
+            data={**data, "hairpin": True},
+        )
     if outcome is Outcome.OPEN:
         return Check(Stage.CONNECT, Status.OK, f"{where} open ({seconds * 1000:.0f} ms)", data=data)
-    private = tuple(private)
-    if own is not None and is_private(own, private) and not is_private(target, private):
+    if inside:
         return Check(
             Stage.CONNECT,
             Status.FAIL,
@@ -567,6 +579,8 @@ def verdict(checks: Sequence[Check]) -> Verdict:
                 text = f"HAIRPIN at {check.stage}: this host is inside the LAN and the router does not loop back{fix}"
             else:
                 text = f"FAIL at {check.stage}: {check.summary}{fix}"
+                if any(earlier.data.get("hairpin") for earlier in checks):
+                    text += " (seen from inside the LAN through the router's loopback: run from outside to be sure)"
             return Verdict(Status.FAIL, check.stage, text, 1)
     for check in checks:
         if check.status is Status.WARN:

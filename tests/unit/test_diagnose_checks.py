@@ -72,6 +72,14 @@ def test_from_a_private_address_to_a_public_one_is_the_hairpin_trap(outcome: Out
     assert c.verdict([check]).text.startswith("HAIRPIN at connect")
 
 
+def test_a_router_that_loops_back_is_reached_but_said_to_be_a_detour() -> None:
+    check = c.connect(ip("203.0.113.1"), 21, Outcome.OPEN, 0.001, ip("192.168.1.30"))
+    assert check.status is Status.WARN and "hairpin NAT" in check.summary
+    assert c.verdict([check]).text.startswith("WORKS, but connect")
+    later = c.Check(Stage.PORTS, Status.FAIL, "50010 not forwarded", "forward 50010")
+    assert c.verdict([check, later]).text.endswith("run from outside to be sure)")
+
+
 def test_from_the_lan_to_the_lan_address_is_no_hairpin() -> None:
     check = c.connect(ip("192.168.1.10"), 21, Outcome.REFUSED, 0, ip("192.168.1.30"))
     assert not check.data.get("hairpin")
