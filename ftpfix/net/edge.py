@@ -26,6 +26,7 @@ from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
 from .public import PublicAddress
+from .stopping import Stopping
 from .streams import say_last
 
 _session_ids = itertools.count(1)
@@ -37,7 +38,7 @@ async def handle_client(
     config: Config,
     pool: PortPool,
     public: PublicAddress,
-    shutdown: trio.Event | None = None,
+    shutdown: Stopping | None = None,
 ) -> None:
     """Serve one client connection from accept to close.
 

@@ -24,6 +24,7 @@ from .metrics import METRICS, config_hash
 from .preflight import StartupError, refuse_or_warn
 from .public import PublicAddress
 from .readiness import Readiness, keep_checking
+from .stopping import Stopping
 from .streams import say_last
 from .transferlog import XFERLOG
 
@@ -50,7 +51,7 @@ class Server:
         self.log = structlog.get_logger("ftpfix")
         self.admission = Admission(descriptors, open_descriptors() if descriptors is not None else 0)
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
-        self.stopping = trio.Event()
+        self.stopping = Stopping()
         self._pools: dict[PortRange, PortPool] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
