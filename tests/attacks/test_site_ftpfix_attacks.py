@@ -22,6 +22,10 @@ pytestmark = [pytest.mark.servers, pytest.mark.root]
 
 PORTS = "21480-21483"
 
+#: The smuggling attempts never reach a backend, so one server shows it;
+#: the reply itself is checked in front of all three.
+ONE_SERVER = pytest.mark.parametrize("server_kind", ["vsftpd"])
+
 
 @pytest.fixture
 def proxy(backend, tmp_path, proxies):
@@ -47,6 +51,7 @@ def test_it_answers_with_the_range_and_how_pasv_arrived(backend, proxy) -> None:
     assert " last-pasv: P@SW (repaired)" in attacker.command("site ftpfix")
 
 
+@ONE_SERVER
 @pytest.mark.parametrize(
     "smuggled",
     [
@@ -76,11 +81,13 @@ def test_nothing_rides_along_to_the_backend(smuggled: bytes, backend, proxy) -> 
     assert_healthy(proxy)
 
 
+@ONE_SERVER
 def test_before_login_it_says_nothing(backend, proxy) -> None:
     attacker = Attacker(proxy)
     assert attacker.command("SITE FTPFIX") == "530 Log in first (SITE FTPFIX)."
 
 
+@ONE_SERVER
 def test_a_flood_is_answered_in_order(backend, proxy) -> None:
     attacker = Attacker(proxy)
     attacker.login(backend.user, backend.password)
