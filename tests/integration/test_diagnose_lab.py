@@ -108,11 +108,11 @@ def setup(lab: natlab.NatLab, workdir: Path) -> Iterator[Setup]:
         made.stop()
 
 
-def diagnose(setup: Setup, *extra: str, netns: str | None = None) -> tuple[int, Any, str]:
+def diagnose(setup: Setup, *extra: str, netns: str | None = None, host: str = natlab.PUBLIC) -> tuple[int, Any, str]:
     """Run ``ftpfix diagnose`` on the WAN client, JSON and then plain: exit status, document, text."""
     lab, server = setup.lab, setup.server
     user, password = (server.user, server.password) if server else (legacy.USER, legacy.PASSWORD)
-    url = f"ftp://{user}:{password}@{natlab.PUBLIC}/hello.txt"
+    url = f"ftp://{user}:{password}@{host}/hello.txt"
     argv = [sys.executable, "-m", "ftpfix", "diagnose", url, "--private", "192.0.2.0/24", "--port-timeout", "2"]
     namespace = netns or lab.wan
     done = subprocess.run(
@@ -252,3 +252,7 @@ def test_from_the_lan_against_the_public_address_is_the_hairpin_trap(lab: natlab
     assert document["verdict"]["text"].startswith("HAIRPIN at connect")
     assert "dialed from 192.0.2.30" in stages(document)["connect"]["summary"]
     assert "run ftpfix diagnose from outside" in document["verdict"]["text"]
+    # Its other advice: the LAN address, from inside, works (ftpfix's split horizon names it).
+    status, document, text = diagnose(setup, netns=lab.lanclient, host=natlab.FTPFIX_HOST)
+    assert status == 0, text
+    assert stages(document)["227 address"]["summary"] == f"227 names {natlab.FTPFIX_HOST}, the address dialed"
