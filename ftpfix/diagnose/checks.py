@@ -372,9 +372,18 @@ def pasv_integrity(code: int | None, text: str, ftpfix: FtpfixInfo | None) -> Ch
 
 
 def address_227(
-    dialed: Address, advertised: Address, ftpfix: FtpfixInfo | None, private: Iterable[Network] = ()
+    dialed: Address,
+    advertised: Address,
+    ftpfix: FtpfixInfo | None,
+    private: Iterable[Network] = (),
+    own: Address | None = None,
 ) -> Check:
-    """The address the 227 names: the dialed one, a private one, or another."""
+    """The address the 227 names: the dialed one, a private one, or another.
+
+    Dialed from inside the LAN (``own`` private) through a router that loops
+    back, a LAN address is what ftpfix's split horizon (``internal_networks``)
+    tells LAN clients, and right for them: only the outside run can judge.
+    """
     data = {"dialed": str(dialed), "advertised": str(advertised)}
     if advertised == dialed:
         return Check(Stage.ADDRESS, Status.OK, f"227 names {advertised}, the address dialed", data=data)
@@ -383,6 +392,16 @@ def address_227(
         hint = f'set [passive] public_address = "{dialed}" in ftpfix\'s config (or a DNS name that resolves to it)'
     else:
         hint = f"put ftpfix in front of the server, or set its public address to {dialed} ({SERVER_SETTINGS})"
+    inside = own is not None and is_private(own, private)
+    if is_private(advertised, private) and not is_private(dialed, private) and inside and ftpfix is not None:
+        return Check(
+            Stage.ADDRESS,
+            Status.WARN,
+            f"227 names {advertised}, a LAN address, as ftpfix tells LAN clients (internal_networks): right for"
+            " this host, which dials from inside; clients outside must get the public one",
+            "run ftpfix diagnose from outside the LAN to see what they get",
+            data=data,
+        )
     if is_private(advertised, private) and not is_private(dialed, private):
         return Check(
             Stage.ADDRESS,

@@ -122,6 +122,7 @@ class _Run:
     retr_seconds: float = 0.0
     current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
     protected: bool = False  # PROT P was accepted: data connections are TLS
+    own: checks.Address | None = None  # this host's address towards the server
     #: One context for the control connection and every data connection: a
     #: data connection resumes the control connection's session (RFC 4217
     #: section 10 leaves it open; ftpfix requires it by default), and Python
@@ -186,6 +187,7 @@ def _stages(run: _Run) -> None:
     outcome, sock, seconds, _ = dial(run.dialed, target.port, options.timeout)
     own = sock.getsockname()[0] if sock else own_address(run.dialed, target.port)
     own_ip = ipaddress.ip_address(own.split("%")[0]) if own else None
+    run.own = own_ip
     check = run.report(checks.connect(dialed, target.port, outcome, seconds, own_ip, options.private))
     if sock is None:
         run.skip_rest(Stage.CONNECT, "no control connection")
@@ -300,7 +302,7 @@ def _session(run: _Run, connected: Check) -> None:
         else:
             advertised = ipaddress.ip_address(".".join(map(str, numbers[:4])))
             dialed = ipaddress.ip_address(run.dialed)
-            check = checks.address_227(dialed, advertised, run.ftpfix, options.private)
+            check = checks.address_227(dialed, advertised, run.ftpfix, options.private, run.own)
             run.address_ok = run.report(check).status is Status.OK
         # 8. every passive port
         run.begin(Stage.PORTS)

@@ -139,6 +139,7 @@ class NatLab:
         passive_ports: Iterable[int] | None = None,
         smc: bool = True,
         drop_unforwarded: bool = False,
+        loopback: bool = False,
     ) -> None:
         """Port-forward 21 and the passive range to ``lan_host``, nothing else.
 
@@ -148,16 +149,23 @@ class NatLab:
         keeps the SMC Barricade's P@SW rule on. ``drop_unforwarded`` makes
         the router drop new connections to its own address (ports it does not
         forward) instead of answering them with a reset, as many consumer
-        routers do. The defaults are the lab as the other tests know it.
+        routers do. ``loopback`` makes it loop LAN connections to the public
+        address back into the LAN (hairpin NAT), masquerading their source as
+        its own LAN address, as routers with "NAT loopback" do. The defaults
+        are the lab as the other tests know it.
         """
         first, last = (int(port) for port in PASSIVE_PORTS.split("-"))
         ports = sorted(set(range(first, last + 1) if passive_ports is None else passive_ports))
+        inside = '{ "rw0", "br0" }' if loopback else '"rw0"'
         control_rule = (
-            f'iifname "rw0" ip daddr {PUBLIC} tcp dport 21 dnat to {lan_host}:{control_port}' if forward_control else ""
+            f"iifname {inside} ip daddr {PUBLIC} tcp dport 21 dnat to {lan_host}:{control_port}"
+            if forward_control
+            else ""
         )
         passive_rule = (
-            f'iifname "rw0" ip daddr {PUBLIC} tcp dport {{ {_spans(ports)} }} dnat to {lan_host}' if ports else ""
+            f"iifname {inside} ip daddr {PUBLIC} tcp dport {{ {_spans(ports)} }} dnat to {lan_host}" if ports else ""
         )
+        loopback_rule = 'oifname "br0" ip saddr 192.0.2.0/24 ct status dnat masquerade' if loopback else ""
         smc_table = SMC_TABLE if smc else ""
         drop_rule = 'iifname "rw0" ct state new drop' if drop_unforwarded else ""
         ruleset = f"""\
@@ -171,6 +179,7 @@ table ip nat {{
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "rw0" ip saddr 192.0.2.0/24 masquerade
+        {loopback_rule}
     }}
 }}
 table inet filter {{

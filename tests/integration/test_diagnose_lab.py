@@ -256,3 +256,18 @@ def test_from_the_lan_against_the_public_address_is_the_hairpin_trap(lab: natlab
     status, document, text = diagnose(setup, netns=lab.lanclient, host=natlab.FTPFIX_HOST)
     assert status == 0, text
     assert stages(document)["227 address"]["summary"] == f"227 names {natlab.FTPFIX_HOST}, the address dialed"
+
+
+def test_from_the_lan_through_a_router_that_loops_back(lab: natlab.NatLab, setup: Setup) -> None:
+    """A router with NAT loopback reaches ftpfix from inside: diagnose says the path is the loop,
+    and that the LAN address ftpfix names to this (masqueraded, internal) client is right for it."""
+    setup.legacy("vsftpd")
+    setup.ftpfix()
+    lab.forward_control_to(natlab.FTPFIX_HOST, smc=False, loopback=True)
+    status, document, text = diagnose(setup, netns=lab.lanclient)
+    assert status == 0, text
+    seen = stages(document)
+    assert seen["connect"]["status"] == "warn" and "hairpin NAT" in seen["connect"]["summary"]
+    assert seen["227 address"]["status"] == "warn" and "as ftpfix tells LAN clients" in seen["227 address"]["summary"]
+    assert seen["data (passive)"]["status"] == "ok"
+    assert document["verdict"]["text"].startswith("WORKS, but connect")

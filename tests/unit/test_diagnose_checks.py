@@ -113,6 +113,15 @@ def test_address_227() -> None:
     assert 'set [passive] public_address = "203.0.113.1"' in wrong.hint
 
 
+def test_a_lan_address_told_to_a_lan_client_through_a_looping_router_is_only_a_warning() -> None:
+    through_loop = c.address_227(ip("203.0.113.1"), ip("192.168.1.10"), FTPFIX, own=ip("192.168.1.30"))
+    assert through_loop.status is Status.WARN and "split horizon" not in through_loop.summary
+    assert "as ftpfix tells LAN clients" in through_loop.summary
+    # Without ftpfix nothing tells LAN clients apart: the server names its private address to everyone.
+    legacy = c.address_227(ip("203.0.113.1"), ip("192.168.1.10"), None, own=ip("192.168.1.30"))
+    assert legacy.status is Status.FAIL
+
+
 def test_ports_missing_from_a_known_range() -> None:
     scanned = dict.fromkeys(range(50000, 50020), Outcome.REFUSED)
     leased = {port: Outcome.OPEN if port < 50010 else Outcome.REFUSED for port in range(50000, 50020)}
