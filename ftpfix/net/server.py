@@ -107,13 +107,14 @@ class Server:
             XFERLOG.configure(self.generation.config.log.xferlog)
             return
         old = self.generation.config
-        if (config.listen, config.active.source_port, config.metrics.listen) != (
-            old.listen,
+        if (config.listen.address, config.listen.port, config.active.source_port, config.metrics.listen) != (
+            old.listen.address,
+            old.listen.port,
             old.active.source_port,
             old.metrics.listen,
         ):
             self.log.warning(
-                "[listen], [active] source_port and [metrics] listen changes take effect only after a restart"
+                "[listen] address and port, [active] source_port and [metrics] listen changes take effect only after a restart"
             )
         self.generation = self._build(config)
         METRICS.config_reloads.labels("ok").inc()
