@@ -180,6 +180,8 @@ class ControlChannel:
         endpoints: Endpoints,
         log: FilteringBoundLogger,
         shutdown: trio.Event | None = None,
+        *,
+        greeted: bool = False,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -189,7 +191,7 @@ class ControlChannel:
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
-        self.core = Session(policy_of(config), client=client_address)
+        self.core = Session(policy_of(config), client=client_address, greeted=greeted)
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"

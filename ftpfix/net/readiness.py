@@ -15,6 +15,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Backend, Config
+from .proxied import backend_header
 
 #: Bytes of the greeting read: the reply code and the start of its text.
 #: A multi-line 220 (RFC 959 section 4.2, "220-") is told by its first line.
@@ -36,6 +37,10 @@ async def greets(backend: Backend) -> str | None:
         with trio.fail_after(backend.connect_timeout):
             stream = await trio.open_tcp_stream(backend.address, backend.port)
             try:
+                if header := backend_header(backend.proxy_protocol, None, None):
+                    # A backend that expects a PROXY header waits for it
+                    # before it greets: this check is ftpfix's own connection.
+                    await stream.send_all(header)
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < GREETING_PREFIX:
                     chunk = await stream.receive_some(GREETING_PREFIX - len(greeting))

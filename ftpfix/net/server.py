@@ -22,6 +22,7 @@ from .edge import handle_client
 from .health import Response, open_health_listeners, probe_routes, serve_health
 from .metrics import METRICS, config_hash
 from .preflight import StartupError, refuse_or_warn
+from .proxied import receive_proxy_header, trusted
 from .public import PublicAddress
 from .readiness import Readiness, keep_checking
 from .streams import say_last
@@ -114,7 +115,8 @@ class Server:
             old.metrics.listen,
         ):
             self.log.warning(
-                "[listen] address and port, [active] source_port and [metrics] listen changes take effect only after a restart"
+                "[listen] address and port, [active] source_port and [metrics] listen changes take effect "
+                "only after a restart"
             )
         self.generation = self._build(config)
         METRICS.config_reloads.labels("ok").inc()
@@ -139,6 +141,17 @@ class Server:
             return
         try:
             generation = self.generation
+            arrival = None
+            if trusted(generation.config, host):
+                arrival = await receive_proxy_header(
+                    stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
+                )
+                if arrival is None:
+                    METRICS.refusals.labels("proxy_header").inc()
+                    await trio.aclose_forcefully(stream)
+                    return
+                host = arrival.client[0]
+                peer = arrival.client
             refusal = self.admission.admit(host, generation.config)
             if refusal is not None:
                 METRICS.refusals.labels("access" if refusal.startswith(b"421 Access") else "limit").inc()
@@ -148,7 +161,13 @@ class Server:
                 return
             try:
                 await handle_client(
-                    stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping
+                    stream,
+                    (host, peer[1]),
+                    generation.config,
+                    generation.pool,
+                    generation.public,
+                    self.stopping,
+                    arrival,
                 )
             finally:
                 self.admission.leave(host)

@@ -717,7 +717,11 @@ class Session:
                 self._complete(out, line.code)
             elif line.last:
                 fields = {"reply": line.raw[:200].decode("latin-1")}
-                why = "ftpfix greeted the client itself" if self._answering is not None and self._answering.verb == GREETING else "the transfer was aborted or failed"
+                why = (
+                    "ftpfix greeted the client itself"
+                    if self._answering is not None and self._answering.verb == GREETING
+                    else "the transfer was aborted or failed"
+                )
                 out.append(Note(f"preliminary reply dropped: {why}", fields=fields))
             return
         if self._action is Action.RELAY:

@@ -143,9 +143,7 @@ def test_truncated_headers_need_more() -> None:
 def test_v2_tcp4_and_tcp6() -> None:
     data = v2_inet("10.1.2.3", "203.0.113.7", 40000, 21)
     assert len(data) == 16 + 12
-    assert parse_bytewise(data + AFTER) == Header(
-        2, Command.PROXY, ("10.1.2.3", 40000), ("203.0.113.7", 21), len(data)
-    )
+    assert parse_bytewise(data + AFTER) == Header(2, Command.PROXY, ("10.1.2.3", 40000), ("203.0.113.7", 21), len(data))
     data = v2_inet("2001:db8::5", "2001:db8::21", 1, 2121)
     assert len(data) == 16 + 36
     assert parse_bytewise(data + AFTER) == Header(2, Command.PROXY, ("2001:db8::5", 1), ("2001:db8::21", 2121), 52)
@@ -201,7 +199,9 @@ def test_v2_oversized_length_is_refused_before_its_body() -> None:
 
 
 def test_v2_largest_accepted() -> None:
-    data = v2_inet("10.0.0.1", "10.0.0.2", 1, 2, tlvs=b"\xee" + struct.pack("!H", MAX_V2_LENGTH - 15) + b"x" * (MAX_V2_LENGTH - 15))
+    data = v2_inet(
+        "10.0.0.1", "10.0.0.2", 1, 2, tlvs=b"\xee" + struct.pack("!H", MAX_V2_LENGTH - 15) + b"x" * (MAX_V2_LENGTH - 15)
+    )
     assert len(data) == 16 + MAX_V2_LENGTH
     assert parse(data).length == len(data)
 
