@@ -609,6 +609,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                proxies=self.config.listen.trusted_proxies if self.config.listen.proxy_protocol else (),
             )
         )
         self.log.info(

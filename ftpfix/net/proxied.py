@@ -51,6 +51,7 @@ is raised but cancellation.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -182,6 +183,55 @@ async def receive_proxy_header(
         )
         return Arrival(client=peer, via=peer[0], rest=rest, greeted=greeted)
     return Arrival(client=header.client, dialed=header.dialed, via=peer[0], rest=rest, greeted=greeted)
+
+
+#: Seconds between looks at a data connection's header while it is
+#: incomplete (``receive_data_header`` peeks, so readiness stays set).
+DATA_HEADER_POLL = 0.01
+
+
+async def receive_data_header(sock: socket.socket, peer: str, log: FilteringBoundLogger) -> str | None:
+    """The real client behind a data connection a trusted balancer forwarded:
+    its address, from the PROXY header at the front of ``sock``; the
+    balancer's own for LOCAL or UNKNOWN; None (logged) when the connection must close.
+
+    For ``[passive]`` ports the balancer forwards too (HAProxy ``send-proxy``
+    on them). The header is consumed exactly, by peeking first, so the bytes
+    behind it (an upload's first) stay in the socket for the relay, which
+    splices from the socket itself. A balancer that sends its header only with
+    the client's first bytes (AWS NLB) cannot serve passive downloads this
+    way: the client sends nothing on them, so the header never comes and the
+    connection closes after ``PROXY_HEADER_TIMEOUT``.
+
+    Error handling: every failure is logged and returned as None.
+    """
+    seen = b""
+    with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    peeked = sock.recv(HEADER_READ_SIZE, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                if not peeked:
+                    log.warning("data connection closed before its PROXY header", proxy=peer, received=len(seen))
+                    return None
+                header = parse(peeked)
+                if header is not None:
+                    sock.recv(header.length)  # exactly the header: what follows is the client's
+                    return header.client[0] if header.client is not None else peer
+                if peeked == seen:
+                    await trio.sleep(DATA_HEADER_POLL)  # nothing new: readiness stays set while peeking
+                seen = peeked
+        except ProxyHeaderError as error:
+            log.warning("bad PROXY header on a data connection; closing", proxy=peer, error=str(error))
+            return None
+        except OSError as error:
+            log.info("data connection lost before its PROXY header", proxy=peer, error=str(error))
+            return None
+    log.warning("no complete PROXY header on a data connection in time; closing", proxy=peer, received=len(seen))
+    return None
 
 
 def backend_header(mode: BackendProxyProtocol, client: tuple[str, int] | None, dialed: tuple[str, int] | None) -> bytes:

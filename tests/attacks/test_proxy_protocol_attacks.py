@@ -217,3 +217,25 @@ def test_a_bad_header_opens_no_session(proxy, bystander) -> None:
     # No session opened for them, so the backend was never dialed: only the bystander's.
     assert len(proxy.events("session opened")) == 1
     still_fine(proxy, bystander)
+
+
+def test_a_passive_port_forwarded_by_the_balancer(proxy, bystander) -> None:
+    """On a data port, the balancer's header names the peer the check judges:
+    garbage, and a header naming someone else, are refused; the client's own gets the listing."""
+    host, port = bystander.pasv()
+
+    def from_balancer(data: bytes) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=15, source_address=(BALANCER, 0))
+        sock.sendall(data)
+        return sock
+
+    assert closed_after(from_balancer(b"garbage\r\n")) == b""
+    assert "not a PROXY protocol header" in logged(proxy, "bad PROXY header on a data connection; closing")["error"]
+    assert closed_after(from_balancer(format_v1(("127.0.0.66", 1), ("127.0.0.1", port)))) == b""
+    assert logged(proxy, "data connection from a stranger refused")["peer"] == "127.0.0.66"
+    data = from_balancer(format_v2(("127.0.0.50", 2), ("127.0.0.1", port)))
+    bystander.line("LIST")
+    bystander.expect("150")
+    closed_after(data)  # the listing, then the end
+    bystander.expect("226")
+    still_fine(proxy, bystander)

@@ -248,3 +248,38 @@ def test_proxy_protocol_out_to_haproxy_accept_proxy(version: str, vsftpd, tmp_pa
     # tcplog: "127.0.0.7:40522 [25/Nov/2026:08:00:00.000] ftp servers/s1 ..." once the session ends.
     line = consumer.wait_for(" ftp servers/s1 ")
     assert line.startswith("127.0.0.7:"), line
+
+
+def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> None:
+    """Control and passive ports both through HAProxy with send-proxy-v2: the
+    data connection's header names the client, so the peer check passes; an
+    upload's first bytes behind the header are kept."""
+    require_haproxy()
+    legacy.put_file(vsftpd, "payload.bin", PAYLOAD)
+    inside = "127.0.0.200"  # ftpfix's own address; HAProxy holds the public ports on 127.0.0.1
+    passive = "20920-20929"
+    proxy = start_ftpfix(
+        tmp_path / "ftpfix",
+        config_text(
+            listen=(inside, 0),
+            backend=(vsftpd.host, vsftpd.port),
+            public_address="127.0.0.1",
+            ports=passive,
+        ).replace("[listen]\n", f'[listen]\nproxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]\n', 1),
+    )
+    started.append(proxy)
+    port = haproxy.free_port()
+    text = haproxy.config(port, (inside, proxy.port), server_options=f"send-proxy-v2 source {BALANCER}") + (
+        f"\nfrontend passive\n    bind 127.0.0.1:{passive}\n    default_backend passive_ports\n\n"
+        f"backend passive_ports\n    server p1 {inside} send-proxy-v2 source {BALANCER}\n"
+    )
+    started.append(haproxy.start(tmp_path / "haproxy", text, port))
+    ftp = login(port, "127.0.0.8", vsftpd)
+    assert download(ftp, "payload.bin") == hashlib.sha256(PAYLOAD).hexdigest()
+    ftp.storbinary("STOR back.bin", io.BytesIO(PAYLOAD))
+    assert (vsftpd.files / "back.bin").read_bytes() == PAYLOAD
+    ftp.quit()
+    proxy.wait_for("session closed", 2)
+    assert not proxy.events("data connection from a stranger refused")
+    mappings = proxy.events("passive mapping")
+    assert mappings and all(event["client"].startswith("127.0.0.8:") for event in mappings)
