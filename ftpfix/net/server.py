@@ -50,6 +50,9 @@ class Server:
     def __init__(self, config: Config, descriptors: int | None = None) -> None:
         self.log = structlog.get_logger("ftpfix")
         self.admission = Admission(descriptors, open_descriptors() if descriptors is not None else 0)
+        #: Connections from trusted balancers whose PROXY header is not read
+        #: yet (at most ``[limits] max_sessions``; see ``proxied.py``).
+        self.awaiting_headers = 0
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
         self.stopping = trio.Event()
         self._pools: dict[PortRange, PortPool] = {}
@@ -143,9 +146,23 @@ class Server:
             generation = self.generation
             arrival = None
             if trusted(generation.config, host):
-                arrival = await receive_proxy_header(
-                    stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
-                )
+                if self.awaiting_headers >= generation.config.limits.max_sessions:
+                    # Not admitted yet, so not counted by max_sessions: bound them too.
+                    METRICS.refusals.labels("limit").inc()
+                    self.log.warning(
+                        "too many connections waiting for a PROXY header; closing",
+                        proxy=host,
+                        waiting=self.awaiting_headers,
+                    )
+                    await trio.aclose_forcefully(stream)
+                    return
+                self.awaiting_headers += 1
+                try:
+                    arrival = await receive_proxy_header(
+                        stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
+                    )
+                finally:
+                    self.awaiting_headers -= 1
                 if arrival is None:
                     METRICS.refusals.labels("proxy_header").inc()
                     await trio.aclose_forcefully(stream)

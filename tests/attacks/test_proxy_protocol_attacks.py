@@ -239,3 +239,31 @@ def test_a_passive_port_forwarded_by_the_balancer(proxy, bystander) -> None:
     closed_after(data)  # the listing, then the end
     bystander.expect("226")
     still_fine(proxy, bystander)
+
+
+def test_connections_waiting_for_a_header_are_bounded(vsftpd, tmp_path, proxies) -> None:
+    """Not admitted yet, so max_sessions does not count them: a separate bound
+    of max_sessions keeps a silent flood through the balancer from holding
+    descriptors without end."""
+    text = config_text(
+        listen=("127.0.0.1", 0),
+        backend=(vsftpd.host, vsftpd.port),
+        public_address="127.0.0.1",
+        ports=PORTS,
+        extra="[limits]\nmax_sessions = 2\nlogin_timeout = 30\n",
+    ).replace("[listen]\n", f'[listen]\nproxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]\n', 1)
+    proxy = start_ftpfix(tmp_path / "ftpfix", text)
+    proxies.append(proxy)
+    silent = [balancer(proxy) for _ in range(2)]
+    for sock in silent:
+        assert sock.makefile("rb").readline() == OWN_GREETING  # waiting for the header, greeted
+    assert closed_after(balancer(proxy), 5) == b""
+    assert logged(proxy, "too many connections waiting for a PROXY header; closing")["waiting"] == 2
+    # One of them sends its header: it is served, and a newcomer may wait again.
+    silent[0].sendall(format_v1(("127.0.0.70", 1), ("127.0.0.1", proxy.port)) + b"NOOP\r\n")
+    assert silent[0].makefile("rb").readline().startswith((b"200", b"530"))  # vsftpd: 530 before login
+    late = balancer(proxy)
+    assert late.makefile("rb").readline() == OWN_GREETING
+    for sock in [*silent, late]:
+        sock.close()
+    assert_healthy(proxy)

@@ -23,6 +23,7 @@ from ftpfix.net.proxied import OWN_GREETING
 from ftpfix.protocol.proxyheader import format_v2
 from tests.conftest import require, require_servers
 from tests.harness import haproxy, legacy
+from tests.harness.ftps import ReusingFTP_TLS, make_certificates, tls_section
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
@@ -79,6 +80,15 @@ def download(ftp: ftplib.FTP, name: str) -> str:
 def first_reply(port: int, source: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
         return sock.makefile("rb").readline().decode()
+
+
+def closed_for(proxy: Ftpfix, client: str, timeout: float = 15.0) -> dict:
+    """The "session closed" line of the session from ``client``, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while not (found := [e for e in proxy.events("session closed") if e["client"].startswith(client)]):
+        assert time.monotonic() < deadline, proxy.log.read_text()
+        time.sleep(0.05)
+    return found[-1]
 
 
 def clients_seen(proxy: Ftpfix) -> set[str]:
@@ -283,3 +293,36 @@ def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> No
     assert not proxy.events("data connection from a stranger refused")
     mappings = proxy.events("passive mapping")
     assert mappings and all(event["client"].startswith("127.0.0.8:") for event in mappings)
+
+
+@pytest.mark.parametrize("balancer_kind", ["haproxy", "first-bytes"])
+def test_ftps_through_a_balancer(balancer_kind: str, vsftpd, tmp_path, started) -> None:
+    """AUTH TLS after a PROXY header (at connect, or in front of the first
+    command): the bytes after the header are the client's, TLS included."""
+    require_haproxy()
+    legacy.put_file(vsftpd, "payload.bin", PAYLOAD)
+    certs = make_certificates(tmp_path / "certs")
+    proxy = start_proxy(
+        tmp_path,
+        (vsftpd.host, vsftpd.port),
+        listen=f'proxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]',
+        extra=tls_section(certs),
+    )
+    started.append(proxy)
+    if balancer_kind == "haproxy":
+        port = haproxy.free_port()
+        text = haproxy.config(port, ("127.0.0.1", proxy.port), server_options=f"send-proxy-v2 source {BALANCER}")
+        started.append(haproxy.start(tmp_path / "haproxy", text, port))
+    else:
+        nlb = HeaderWithFirstBytes(proxy.port)
+        started.append(nlb)
+        port = nlb.port
+    ftp = ReusingFTP_TLS(context=certs.client_context(), timeout=30, source_address=("127.0.0.9", 0))
+    ftp.trust_server_pasv_ipv4_address = True
+    ftp.connect("127.0.0.1", port)
+    ftp.auth()
+    ftp.login(vsftpd.user, vsftpd.password)
+    ftp.prot_p()
+    assert download(ftp, "payload.bin") == hashlib.sha256(PAYLOAD).hexdigest()
+    ftp.quit()
+    assert closed_for(proxy, "127.0.0.9:")["tls_version"].startswith("TLSv1.")
