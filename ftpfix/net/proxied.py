@@ -61,13 +61,13 @@ from ..config import BackendProxyProtocol, Config
 from ..protocol.proxyheader import (
     MAX_V2_LENGTH,
     V2_FIXED,
+    V2_LOCAL,
     Command,
     ProxyHeaderError,
     format_v1,
     format_v2,
     parse,
 )
-from ..protocol.proxyheader import V2_SIGNATURE as _V2_SIGNATURE
 from .streams import say_last
 
 #: Seconds a trusted balancer has, from accept, to send its header before
@@ -245,7 +245,7 @@ def backend_header(mode: BackendProxyProtocol, client: tuple[str, int] | None, d
             return format_v1(client, dialed)
         case BackendProxyProtocol.V2:
             if client is None:
-                return _V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, AF_UNSPEC (section 2.2)
+                return V2_LOCAL
             return format_v2(client, dialed)
     raise ValueError(mode)
 

@@ -66,6 +66,10 @@ MAX_V2_LENGTH = 4096
 #: protocol, length.
 V2_FIXED = 16
 
+#: A complete v2 LOCAL header (section 2.2): a connection the sender makes
+#: on its own behalf, such as a health check, with no addresses (AF_UNSPEC).
+V2_LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
+
 #: Address block length by v2 family (section 2.2).
 _V2_ADDRESS_LENGTH = {0x1: 12, 0x2: 36, 0x3: 216}
 

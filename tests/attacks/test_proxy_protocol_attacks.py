@@ -8,13 +8,12 @@ line, while a bystander session that came through the balancer goes on."""
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest
 
 from ftpfix.net.proxied import NO_HEADER, OWN_GREETING, PROXY_HEADER_TIMEOUT
-from ftpfix.protocol.proxyheader import V2_SIGNATURE, format_v1, format_v2
+from ftpfix.protocol.proxyheader import V2_LOCAL, V2_SIGNATURE, format_v1, format_v2
 from tests.attacks.transcript import Attacker, assert_healthy
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
@@ -198,7 +197,7 @@ def test_a_balancer_that_hangs_up_at_once_is_a_tcp_health_check(proxy, bystander
 
 def test_local_is_served_as_the_balancers_own_connection(proxy, bystander, vsftpd) -> None:
     session = Attacker(proxy, source=BALANCER, greet=False)
-    session.send(V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0))
+    session.send(V2_LOCAL)
     session.expect("220")
     session.login(vsftpd.user, vsftpd.password)
     assert logged(proxy, "PROXY header without a client: served as the balancer's own connection")["command"] == "local"

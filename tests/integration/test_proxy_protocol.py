@@ -18,8 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from ftpfix.config import Backend, BackendProxyProtocol
 from ftpfix.net.proxied import OWN_GREETING
+from ftpfix.net.readiness import greets
 from ftpfix.protocol.proxyheader import format_v2
 from tests.conftest import require, require_servers
 from tests.harness import haproxy, legacy
@@ -258,6 +261,11 @@ def test_proxy_protocol_out_to_haproxy_accept_proxy(version: str, vsftpd, tmp_pa
     # tcplog: "127.0.0.7:40522 [25/Nov/2026:08:00:00.000] ftp servers/s1 ..." once the session ends.
     line = consumer.wait_for(" ftp servers/s1 ")
     assert line.startswith("127.0.0.7:"), line
+    # /readyz's backend check opens with a header too (v1 UNKNOWN, v2 LOCAL);
+    # without one, a backend that expects it never greets.
+    mode = BackendProxyProtocol(version)
+    assert trio.run(greets, Backend(address="127.0.0.1", port=port, proxy_protocol=mode)) is None
+    assert trio.run(greets, Backend(address="127.0.0.1", port=port, connect_timeout=2.0)) == "no greeting within 2 s"
 
 
 def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> None:

@@ -277,3 +277,9 @@ def test_v1_exactly_107_bytes_fits() -> None:
     line = b"PROXY UNKNOWN " + b"x" * (MAX_V1_LENGTH - 16) + b"\r\n"
     assert len(line) == MAX_V1_LENGTH
     assert parse_bytewise(line).command is Command.UNKNOWN
+
+
+def test_v2_local_constant() -> None:
+    from ftpfix.protocol.proxyheader import V2_LOCAL
+
+    assert parse(V2_LOCAL) == Header(2, Command.LOCAL, None, None, 16)
