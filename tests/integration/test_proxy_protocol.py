@@ -271,7 +271,8 @@ def test_proxy_protocol_out_to_haproxy_accept_proxy(version: str, vsftpd, tmp_pa
 def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> None:
     """Control and passive ports both through HAProxy with send-proxy-v2: the
     data connection's header names the client, so the peer check passes; an
-    upload's first bytes behind the header are kept."""
+    upload's first bytes behind the header are kept. Split horizon judges the
+    real client and answers with the address it dialed (the balancer's)."""
     require_haproxy()
     legacy.put_file(vsftpd, "payload.bin", PAYLOAD)
     inside = "127.0.0.200"  # ftpfix's own address; HAProxy holds the public ports on 127.0.0.1
@@ -281,8 +282,9 @@ def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> No
         config_text(
             listen=(inside, 0),
             backend=(vsftpd.host, vsftpd.port),
-            public_address="127.0.0.1",
+            public_address="203.0.113.1",
             ports=passive,
+            passive_extra='internal_networks = ["127.0.0.8/32"]\n',
         ).replace("[listen]\n", f'[listen]\nproxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]\n', 1),
     )
     started.append(proxy)
@@ -297,10 +299,14 @@ def test_haproxy_forwards_the_passive_ports_too(vsftpd, tmp_path, started) -> No
     ftp.storbinary("STOR back.bin", io.BytesIO(PAYLOAD))
     assert (vsftpd.files / "back.bin").read_bytes() == PAYLOAD
     ftp.quit()
+    # Not in internal_networks: the public address.
+    outsider = login(port, "127.0.0.9", vsftpd)
+    assert outsider.sendcmd("PASV").startswith("227 Entering Passive Mode (203,0,113,1,")
+    outsider.close()
     proxy.wait_for("session closed", 2)
     assert not proxy.events("data connection from a stranger refused")
-    mappings = proxy.events("passive mapping")
-    assert mappings and all(event["client"].startswith("127.0.0.8:") for event in mappings)
+    mappings = [event for event in proxy.events("passive mapping") if event["client"].startswith("127.0.0.8:")]
+    assert mappings and all(event["public"].startswith("127.0.0.1:") for event in mappings)
 
 
 @pytest.mark.parametrize("balancer_kind", ["haproxy", "first-bytes"])
