@@ -24,8 +24,9 @@ from ftpfix.config import Backend, BackendProxyProtocol
 from ftpfix.net.proxied import OWN_GREETING
 from ftpfix.net.readiness import greets
 from ftpfix.protocol.proxyheader import format_v2
-from tests.conftest import require, require_servers
+from tests.conftest import require, require_programs, require_servers
 from tests.harness import haproxy, legacy
+from tests.harness.clients import Endpoint, transfer
 from tests.harness.ftps import ReusingFTP_TLS, make_certificates, tls_section
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
@@ -340,3 +341,39 @@ def test_ftps_through_a_balancer(balancer_kind: str, vsftpd, tmp_path, started) 
     assert download(ftp, "payload.bin") == hashlib.sha256(PAYLOAD).hexdigest()
     ftp.quit()
     assert closed_for(proxy, "127.0.0.9:")["tls_version"].startswith("TLSv1.")
+
+
+@pytest.mark.parametrize("client", ["curl", "lftp"])
+@pytest.mark.parametrize("balancer_kind", ["haproxy", "first-bytes"])
+def test_real_clients_through_either_balancer(client: str, balancer_kind: str, vsftpd, tmp_path, started) -> None:
+    """curl and lftp download and upload through HAProxy (header at connect)
+    and through a balancer that sends it with the client's first bytes."""
+    require_haproxy()
+    require_programs(client)
+    legacy.put_file(vsftpd, "payload.bin", PAYLOAD)
+    proxy = start_proxy(
+        tmp_path,
+        (vsftpd.host, vsftpd.port),
+        listen=f'proxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]',
+    )
+    started.append(proxy)
+    if balancer_kind == "haproxy":
+        port = haproxy.free_port()
+        text = haproxy.config(port, ("127.0.0.1", proxy.port), server_options=f"send-proxy-v2 source {BALANCER}")
+        started.append(haproxy.start(tmp_path / "haproxy", text, port))
+    else:
+        nlb = HeaderWithFirstBytes(proxy.port)
+        started.append(nlb)
+        port = nlb.port
+    endpoint = Endpoint("127.0.0.1", port, vsftpd.user, vsftpd.password)
+    got = tmp_path / "got.bin"
+    result = transfer(client, "get", endpoint, "payload.bin", got)
+    assert result.returncode == 0, result.stderr
+    assert got.read_bytes() == PAYLOAD
+    sent = tmp_path / "sent.bin"
+    sent.write_bytes(PAYLOAD[::-1])
+    result = transfer(client, "put", endpoint, f"{client}-{balancer_kind}.bin", sent)
+    assert result.returncode == 0, result.stderr
+    assert (vsftpd.files / f"{client}-{balancer_kind}.bin").read_bytes() == PAYLOAD[::-1]
+    opened = proxy.wait_for("session opened", 2)
+    assert all(event["proxy"] == BALANCER and event["client"].startswith("127.0.0.1:") for event in opened[-2:])
