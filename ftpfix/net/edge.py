@@ -27,6 +27,7 @@ from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
 from .proxied import Arrival, PrefixedStream, backend_header
 from .public import PublicAddress
+from .stopping import Stopping
 from .streams import say_last
 
 _session_ids = itertools.count(1)
@@ -38,7 +39,7 @@ async def handle_client(
     config: Config,
     pool: PortPool,
     public: PublicAddress,
-    shutdown: trio.Event | None = None,
+    shutdown: Stopping | None = None,
     arrival: Arrival | None = None,
 ) -> None:
     """Serve one client connection from accept to close.

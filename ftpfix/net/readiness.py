@@ -16,6 +16,7 @@ from structlog.typing import FilteringBoundLogger
 
 from ..config import Backend, Config
 from .proxied import backend_header
+from .stopping import Stopping
 
 #: Bytes of the greeting read: the reply code and the start of its text.
 #: A multi-line 220 (RFC 959 section 4.2, "220-") is told by its first line.
@@ -78,7 +79,7 @@ def _describe(error: BaseException) -> str:
 class Readiness:
     """The last backend check and whether ftpfix is draining; read by /readyz."""
 
-    def __init__(self, stopping: trio.Event) -> None:
+    def __init__(self, stopping: Stopping) -> None:
         self.stopping = stopping
         #: trio.current_time() of the last 220, and the failure of the last check (None if it got one).
         self.greeted_at: float | None = None

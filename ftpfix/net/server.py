@@ -25,6 +25,7 @@ from .preflight import StartupError, refuse_or_warn
 from .proxied import receive_proxy_header, trusted
 from .public import PublicAddress
 from .readiness import Readiness, keep_checking
+from .stopping import Stopping
 from .streams import say_last
 from .transferlog import XFERLOG
 
@@ -54,7 +55,7 @@ class Server:
         #: yet (at most ``[limits] max_sessions``; see ``proxied.py``).
         self.awaiting_headers = 0
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
-        self.stopping = trio.Event()
+        self.stopping = Stopping()
         self._pools: dict[PortRange, PortPool] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
