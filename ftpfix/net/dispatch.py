@@ -184,6 +184,8 @@ class ControlChannel:
         endpoints: Endpoints,
         log: FilteringBoundLogger,
         shutdown: Stopping | None = None,
+        *,
+        greeted: bool = False,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -193,7 +195,7 @@ class ControlChannel:
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
-        self.core = Session(policy_of(config), client=client_address)
+        self.core = Session(policy_of(config), client=client_address, greeted=greeted)
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
@@ -632,6 +634,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                proxies=self.config.listen.trusted_proxies if self.config.listen.proxy_protocol else (),
             )
         )
         self.log.info(

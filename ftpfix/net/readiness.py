@@ -15,6 +15,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Backend, Config
+from .proxied import backend_header
 from .stopping import Stopping
 
 #: Bytes of the greeting read: the reply code and the start of its text.
@@ -37,6 +38,10 @@ async def greets(backend: Backend) -> str | None:
         with trio.fail_after(backend.connect_timeout):
             stream = await trio.open_tcp_stream(backend.address, backend.port)
             try:
+                if header := backend_header(backend.proxy_protocol, None, None):
+                    # A backend that expects a PROXY header waits for it
+                    # before it greets: this check is ftpfix's own connection.
+                    await stream.send_all(header)
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < GREETING_PREFIX:
                     chunk = await stream.receive_some(GREETING_PREFIX - len(greeting))
