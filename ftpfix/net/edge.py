@@ -27,7 +27,9 @@ from .backend_tls import BackendTlsFailed, Prefixed, secure_backend
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
+from .proxied import Arrival, PrefixedStream, backend_header
 from .public import PublicAddress
+from .stopping import Stopping
 from .streams import say_last
 from .tls import HandshakeFailed, accept_tls, describe, server_context
 
@@ -40,19 +42,26 @@ async def handle_client(
     config: Config,
     pool: PortPool,
     public: PublicAddress,
-    shutdown: trio.Event | None = None,
+    shutdown: Stopping | None = None,
+    arrival: Arrival | None = None,
     *,
     implicit: bool = False,
 ) -> None:
     """Serve one client connection from accept to close.
 
-    ``client`` is the peer's address and port, read once at accept.
+    ``client`` is the client's address and port: the peer's, read once at
+    accept, or the one a trusted balancer's PROXY header named (``arrival``,
+    which also says what came after the header and whether ftpfix greeted).
     ``implicit``: it came in on the implicit FTPS port, so TLS comes first,
     before the greeting (the port-990 convention; RFC 4217 itself only
     describes AUTH TLS), and data connections are protected from the start.
     """
     session_id = next(_session_ids)
-    structlog.contextvars.bind_contextvars(session=session_id, client=f"{client[0]}:{client[1]}")
+    arrival = arrival if arrival is not None else Arrival(client=client)
+    bound = {"session": session_id, "client": f"{client[0]}:{client[1]}"}
+    if arrival.via is not None:
+        bound["proxy"] = arrival.via
+    structlog.contextvars.bind_contextvars(**bound)
     log: FilteringBoundLogger = structlog.get_logger("ftpfix.session")
     started = trio.current_time()
     log.info("session opened")
@@ -68,14 +77,21 @@ async def handle_client(
         # order, instead of losing it to the out-of-band byte (RFC 1123 4.1.3.1).
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        local = normalize_host(stream.socket.getsockname()[0])
+        local_address = stream.socket.getsockname()
+        local = normalize_host(local_address[0])
+        if arrival.rest:
+            # What followed a PROXY header: the client's first bytes (its
+            # ClientHello, on the implicit port).
+            control = PrefixedStream(stream, arrival.rest)
         if implicit:
-            secured = await _accept_implicit(stream, config, log)
+            secured = await _accept_implicit(control, config, log)
             if secured is None:
                 end = "tls_handshake"
                 return
             control, implicit_tls = secured
-        backend = await _connect_backend(control, config, log)
+        dialed = arrival.dialed or (local, local_address[1])
+        header = backend_header(config.backend.proxy_protocol, client, dialed)
+        backend = await _connect_backend(control, config, log, header)
         if backend is None:
             end = "backend_down"
             return
@@ -85,6 +101,7 @@ async def handle_client(
                 local=local,
                 backend=normalize_host(backend.socket.getpeername()[0]),
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
+                dialed=arrival.dialed[0] if arrival.dialed is not None else None,
             )
             backend_side: trio.abc.Stream = backend
             if config.backend.tls != BackendTls.OFF:
@@ -111,6 +128,7 @@ async def handle_client(
                 endpoints,
                 log,
                 shutdown,
+                greeted=arrival.greeted,
                 implicit_tls=implicit_tls,
                 backend_tls=backend_tls,
             )
@@ -186,16 +204,26 @@ async def _accept_implicit(
 
 
 async def _connect_backend(
-    client: trio.abc.Stream, config: Config, log: FilteringBoundLogger
+    client: trio.abc.Stream, config: Config, log: FilteringBoundLogger, header: bytes = b""
 ) -> trio.SocketStream | None:
-    """The backend's control connection, or None after telling the client why not."""
+    """The backend's control connection, or None after telling the client why not.
+
+    ``header`` (a PROXY protocol header, ``[backend] proxy_protocol``) goes
+    out before anything else on it.
+    """
     backend = config.backend
     dialed = trio.current_time()
     try:
         with trio.fail_after(backend.connect_timeout):
             stream = await _dial(backend.address, backend.port, backend.connect_timeout)
+            if header:
+                try:
+                    await stream.send_all(header)
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
         METRICS.backend_connect_seconds.observe(trio.current_time() - dialed)
-    except (OSError, trio.TooSlowError) as error:
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
         METRICS.backend_connect_failures.inc()
         log.warning("backend unreachable", backend=f"{backend.address}:{backend.port}", error=str(error) or "timed out")
         await say_last(client, BACKEND_UNREACHABLE)

@@ -50,6 +50,7 @@ from .addresses import normalize_host
 from .backend_tls import BackendTlsFailed
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
+from .proxied import receive_data_header
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
 
@@ -114,6 +115,7 @@ class Transfer:
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
         backend_tls: Callable[[trio.SocketStream], Awaitable[trio.SSLStream[trio.SocketStream]]] | None = None,
+        proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     ) -> None:
         self.port = port
         self.peers = peers
@@ -151,6 +153,9 @@ class Transfer:
         self._held: list[socket.socket] = []  # strangers that may yet prove their TLS session
         self._more_held = trio.Event()
         self._tentative = False  # the accepted peer is a held stranger: its TLS session decides
+        #: Balancers whose data connections start with a PROXY header naming
+        #: the real peer (``[listen] trusted_proxies``, with proxy_protocol on).
+        self._proxies = proxies
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -486,23 +491,37 @@ class Transfer:
                 if error.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the data port was closed") from None
                 raise
-            if not self._welcome(peer[0]) and self._binds_sessions and len(self._held) < MAX_HELD:
+            host = str(peer[0])
+            if (
+                self._proxies
+                and (address := _address(host)) is not None
+                and any(address in network for network in self._proxies)
+            ):
+                sock.setblocking(False)
+                real = await receive_data_header(sock, host, self._log)
+                if real is None:
+                    METRICS.refusals.labels("proxy_header").inc()
+                    reset_on_close(sock)
+                    sock.close()
+                    continue
+                host = real
+            if not self._welcome(host) and self._binds_sessions and len(self._held) < MAX_HELD:
                 self._log.info(
                     "data connection from outside accept_data_from held: it must resume this session's TLS session",
-                    peer=str(peer[0]),
+                    peer=host,
                     port=self.port,
                 )
                 if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(str(peer[0]))
+                    self._strangers.append(host)
                 sock.setblocking(False)
                 self._held.append(sock)
                 self._more_held.set()
                 continue
-            if not self._welcome(peer[0]):
-                self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
+            if not self._welcome(host):
+                self._log.warning("data connection from a stranger refused", peer=host, port=self.port)
                 METRICS.refusals.labels("stranger").inc()
                 if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(str(peer[0]))
+                    self._strangers.append(host)
                 reset_on_close(sock)
                 sock.close()
                 continue

@@ -65,6 +65,9 @@ class Policy:
     (``TlsMode``); the backend never sees them. Nor does it when
     ``backend_tls`` is on: then ftpfix speaks TLS to the backend itself, and
     a client's PBSZ or PROT must not change the backend's protection level.
+
+    ``passive_ports`` is ftpfix's own public passive range, the ports a 227
+    from ftpfix names; ``SITE FTPFIX`` reports it to a diagnosing client.
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=lambda: DEFAULT_ALIASES)
@@ -78,3 +81,4 @@ class Policy:
     backend_passive_ports: range | None = None
     tls: TlsMode = TlsMode.OFF
     backend_tls: bool = False
+    passive_ports: range | None = None
