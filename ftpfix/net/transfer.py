@@ -52,7 +52,7 @@ from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .proxied import receive_data_header
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
-from .tls import HANDSHAKE_TIMEOUT
+from .tls import HANDSHAKE_TIMEOUT, resumes_control
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -577,12 +577,13 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._tentative and stream.session_reused:
+        resumed = resumes_control(self._tls, stream)
+        if self._tentative and resumed:
             self._log.info(
                 "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
                 port=self.port,
             )
-        if (self._require_session_reuse or self._tentative) and not stream.session_reused:
+        if (self._require_session_reuse or self._tentative) and not resumed:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
