@@ -56,6 +56,9 @@ class Server:
         #: Connections from trusted balancers whose PROXY header is not read
         #: yet (at most ``[limits] max_sessions``; see ``proxied.py``).
         self.awaiting_headers = 0
+        #: Refused implicit FTPS connections in their refusal handshake (at
+        #: most ``REFUSAL_HANDSHAKES``; see ``_refusal_channel``).
+        self.refusing_tls = 0
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
         self.stopping = Stopping()
         self._pools: dict[PortRange, PortPool] = {}
@@ -188,7 +191,17 @@ class Server:
             if refusal is not None:
                 METRICS.refusals.labels("access" if refusal.startswith(b"421 Access") else "limit").inc()
                 self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
-                await say_last(await self._refusal_channel(stream, generation.config) if implicit else stream, refusal)
+                if implicit and self.refusing_tls >= REFUSAL_HANDSHAKES:
+                    # A flood past the per-address limit: no TLS context, no
+                    # handshake, no descriptor held for it (red team).
+                    await trio.aclose_forcefully(stream)
+                    return
+                self.refusing_tls += implicit
+                try:
+                    channel = await self._refusal_channel(stream, generation.config) if implicit else stream
+                    await say_last(channel, refusal)
+                finally:
+                    self.refusing_tls -= implicit
                 await trio.aclose_forcefully(stream)
                 return
             try:
@@ -222,6 +235,15 @@ class Server:
 #: Seconds a refused implicit FTPS client has to finish its handshake and
 #: be told why (a 421) over TLS.
 REFUSAL_HANDSHAKE_TIMEOUT = 2.0
+
+#: Refused implicit FTPS clients told why over TLS at once; more are closed
+#: unanswered. Each costs a TLS context (its certificate and key read and
+#: parsed) and a descriptor for up to ``REFUSAL_HANDSHAKE_TIMEOUT``: without
+#: a bound, one address past its ``max_sessions_per_ip`` made ftpfix do that
+#: for every connect it opened (3,000 silent connects held 937
+#: descriptors at once and kept port 990 busy for seconds), where port 21 answers a
+#: refusal with one write.
+REFUSAL_HANDSHAKES = 64
 
 
 async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
