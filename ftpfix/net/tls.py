@@ -13,13 +13,14 @@ connection is refused. vsftpd's ``require_ssl_reuse`` makes the same demand.
 
 A separate context is not enough on its own: a data connection that does
 *not* resume (a thief who won the race to a passive port) still completes a
-full handshake on this context, and would be handed a session of its own
-(a TLS 1.2 session id or ticket, TLS 1.3 tickets) that resumes on the
-next transfer. So once the control connection's handshake is done
-(``accept_tls``), the context issues no more tickets, speaks only the
-control connection's version, and keeps TLS 1.2 sessions by id, not in
-tickets, so a resumed TLS 1.2 data connection can be checked against the
-control connection's own session id (``resumes_control``).
+full handshake on this context, and was handed TLS 1.3 tickets of its own
+that resume on the next transfer. So once the control connection's
+handshake is done (``accept_tls``), the context issues no more TLS 1.3
+tickets, and speaks only TLS 1.3 when the control connection does. A TLS
+1.2 full handshake still gets a ticket (OpenSSL issues them per context,
+and a session cache by id instead would lose the session whenever a data
+connection ends without close_notify, as a failed transfer must): session
+binding against a thief is complete only with TLS 1.3.
 
 Each context reads the certificate and key from their files, so new sessions
 pick up a renewed certificate (a reload or not) without a restart.
@@ -42,28 +43,18 @@ HANDSHAKE_TIMEOUT = 10.0
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
-class SessionContext(ssl.SSLContext):
-    """A server context for one control session; knows that session's id."""
-
-    #: The control connection's TLS session id, once its handshake is done.
-    control_session_id: bytes | None = None
-
-
-def server_context(tls: Tls) -> SessionContext:
+def server_context(tls: Tls) -> ssl.SSLContext:
     """A new server context for one control session and its data connections.
 
     Error handling: raises OSError or ssl.SSLError if the files became
     unreadable or mismatched since the configuration was checked.
     """
-    context = SessionContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[tls.min_version]
     context.set_ciphers(CIPHERS)
     # Renegotiation lets a client make the server work on demand and has a
     # history of attacks (CVE-2009-3555); FTPS never needs it.
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    # TLS 1.2 sessions in this context's cache, by id, not in tickets: the id
-    # tells which session a data connection resumed (resumes_control).
-    context.options |= ssl.OP_NO_TICKET
     context.load_cert_chain(tls.certificate, tls.key)
     return context
 
@@ -103,35 +94,13 @@ async def accept_tls(
 
 def _seal(context: ssl.SSLContext, control: trio.SSLStream[trio.abc.Stream]) -> None:
     """After the control connection's handshake: data connections made on
-    ``context`` from now on may resume its session but get none of their own
-    (no TLS 1.3 tickets), and speak its version (no TLS 1.2 session of their
-    own either, when the control connection is TLS 1.3). Settings are
-    copied into each connection as it is made, so the control connection
-    keeps the tickets it was sent."""
-    if not isinstance(context, SessionContext):
-        return
-    session = control.session
-    context.control_session_id = session.id if session is not None else None
+    ``context`` from now on may resume its session but get no TLS 1.3 tickets
+    of their own, and speak TLS 1.3 when it does (no TLS 1.2 ticket either).
+    Settings are copied into each connection as it is made, so the control
+    connection keeps the tickets it was sent."""
     context.num_tickets = 0
     if control.version() == "TLSv1.3":
         context.minimum_version = ssl.TLSVersion.TLSv1_3
-
-
-def resumes_control(context: ssl.SSLContext, data: trio.SSLStream[trio.abc.Stream]) -> bool:
-    """True if the data connection resumed the control connection's session.
-
-    TLS 1.3: any resumption does, as only the control connection got tickets
-    (``_seal``). TLS 1.2: the resumed session must be the control
-    connection's by id; a thief who completed a full handshake on a data
-    connection has a session of its own in the cache.
-    """
-    if not data.session_reused:
-        return False
-    if data.version() == "TLSv1.3":
-        return True
-    session = data.session
-    expected = getattr(context, "control_session_id", None)
-    return session is not None and expected is not None and session.id == expected
 
 
 def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:

@@ -52,7 +52,7 @@ from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .proxied import receive_data_header
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
-from .tls import HANDSHAKE_TIMEOUT, resumes_control
+from .tls import HANDSHAKE_TIMEOUT
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -577,7 +577,7 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        resumed = resumes_control(self._tls, stream)
+        resumed = stream.session_reused
         if self._tentative and resumed:
             self._log.info(
                 "data connection from outside accept_data_from accepted: it resumed this session's TLS session",

@@ -28,8 +28,12 @@ Observed before the fix (vsftpd behind ftpfix, victim and thief TLS 1.2)::
     the thief reads all 1 MiB of secret.bin
 
 Now, once the control connection's handshake is done, its context issues no
-tickets and (TLS 1.3) speaks only TLS 1.3, TLS 1.2 sessions are kept by id,
-and a resumed TLS 1.2 data connection must carry the control session's id.
+TLS 1.3 tickets and speaks only TLS 1.3 when the control connection does: a
+TLS 1.3 victim is safe. A TLS 1.2 victim is not yet (strict xfail below):
+OpenSSL issues TLS 1.2 tickets per context, not per connection, and a
+session cache by id instead (tried first) loses the control session as soon
+as any data connection ends without close_notify, as a failed transfer
+must. Until that is solved, ``min_version = "TLSv1.3"`` closes it.
 """
 
 from __future__ import annotations
@@ -86,7 +90,18 @@ THIEVES = {"same-address": "127.0.0.1", "held-stranger": "127.0.0.2"}
 
 
 @pytest.mark.parametrize("thief_address", list(THIEVES))
-@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize(
+    "version",
+    [
+        pytest.param(
+            "TLSv1.2",
+            marks=pytest.mark.xfail(
+                strict=True, reason="open: a TLS 1.2 data connection's full handshake still gets a ticket"
+            ),
+        ),
+        "TLSv1.3",
+    ],
+)
 def test_refused_data_connection_gets_no_session_to_steal_the_next_transfer(
     vsftpd, tmp_path, certs, proxies, version, thief_address
 ):

@@ -1,6 +1,6 @@
 """Unit test: a session's server context, once its control handshake is done,
-gives data connections no session of their own (tls.py ``_seal``), and
-``resumes_control`` accepts only the control connection's session.
+gives data connections no TLS 1.3 ticket of their own (tls.py ``_seal``),
+while the control connection's session keeps resuming.
 
 Over in-memory streams, trustme certificates: the attack this pins is
 ``tests/attacks/test_redteam_tls_stolen_ticket.py`` (a data connection refused
@@ -9,6 +9,7 @@ for a full handshake kept the session it was given and resumed it later).
 
 from __future__ import annotations
 
+import gc
 import ssl
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import trio.testing
 import trustme
 
 from ftpfix.config import Tls
-from ftpfix.net.tls import accept_tls, resumes_control, server_context
+from ftpfix.net.tls import accept_tls, server_context
 
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -61,23 +62,41 @@ async def connect(
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_a_data_connections_own_session_never_passes_for_the_control_ones(tls_setup, version) -> None:
-    trio.run(check_binding, *tls_setup, version)
+def test_the_control_session_resumes_even_after_a_data_connection_ended_uncleanly(tls_setup, version) -> None:
+    """A failed transfer resets its data connection without close_notify; OpenSSL
+    then drops that session from a context's id cache, so binding must not rest
+    on that cache (it did in a first version of this fix)."""
+    trio.run(check_resumes, *tls_setup, version)
 
 
-async def check_binding(tls: Tls, client: ssl.SSLContext, version: str) -> None:
+async def check_resumes(tls: Tls, client: ssl.SSLContext, version: str) -> None:
     client.maximum_version = VERSIONS[version]
     server = server_context(tls)
-    control, _ = await connect(server, client, None, control=True)
-    own = control.session
-    # A thief's full handshake on a data connection: not a resumption.
-    thief, thief_server = await connect(server, client, None)
-    assert not resumes_control(server, thief_server)
-    # What that handshake gave the thief does not pass for the control session.
+    control, _control_server = await connect(server, client, None, control=True)
+    for _ in range(3):
+        data, data_server = await connect(server, client, control.session)
+        assert data_server.session_reused
+        del data, data_server  # freed without close_notify, as a reset transfer
+        gc.collect()
+
+
+def test_a_data_connections_full_handshake_gets_no_tls13_ticket(tls_setup) -> None:
+    trio.run(check_no_ticket, *tls_setup)
+
+
+async def check_no_ticket(tls: Tls, client: ssl.SSLContext) -> None:
+    server = server_context(tls)
+    control, _control_server = await connect(server, client, None, control=True)
+    assert control.session is not None and control.session.has_ticket
+    thief, thief_server = await connect(server, client, None)  # a full handshake
+    assert not thief_server.session_reused
+    assert thief.session is None or not thief.session.has_ticket
     if thief.session is not None:
         _, again = await connect(server, client, thief.session)
-        assert not resumes_control(server, again)
-    # The control connection's own session does, time after time.
-    for _ in range(3):
-        _, data = await connect(server, client, own)
-        assert resumes_control(server, data)
+        assert not again.session_reused
+    # A thief cannot fall back to TLS 1.2 either once the control speaks TLS 1.3.
+    old = ssl.create_default_context()
+    old.load_verify_locations(cadata=client.get_ca_certs(binary_form=True)[0])
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError, ExceptionGroup)):
+        await connect(server, old, None)
