@@ -31,7 +31,7 @@ from .proxied import Arrival, PrefixedStream, backend_header
 from .public import PublicAddress
 from .stopping import Stopping
 from .streams import say_last
-from .tls import HandshakeFailed, accept_tls, describe, server_context
+from .tls import HandshakeFailed, accept_tls, describe, send_close_notify, server_context
 
 _session_ids = itertools.count(1)
 
@@ -152,6 +152,7 @@ async def handle_client(
         if shutdown is not None and shutdown.is_set() and not ended:
             # Cut off by the end of the shutdown grace: say so, briefly.
             await say_last(channel.streams[Side.CLIENT].stream if channel else control, SHUTTING_DOWN, timeout=0.5)
+        await send_close_notify(channel.streams[Side.CLIENT].stream if channel else control)
         await trio.aclose_forcefully(stream)
         fields = {}
         if channel is not None:

@@ -103,6 +103,26 @@ def _seal(context: ssl.SSLContext, control: trio.SSLStream[trio.abc.Stream]) -> 
         context.minimum_version = ssl.TLSVersion.TLSv1_3
 
 
+#: Seconds a closing session may spend sending its close_notify.
+CLOSE_NOTIFY_TIMEOUT = 0.5
+
+
+async def send_close_notify(stream: trio.abc.Stream) -> None:
+    """End a TLS control connection with close_notify, best effort, without
+    waiting for the peer's: a client can then tell ftpfix's own close (after
+    221 or 421) from a connection cut by someone on the path, and clients
+    that check (GnuTLS: "the TLS connection was non-properly terminated")
+    do not complain. Does nothing for a stream that is not TLS."""
+    if not isinstance(stream, trio.SSLStream):
+        await trio.lowlevel.checkpoint()
+        return
+    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
+            pass
+
+
 def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:
     """The negotiated version and cipher, for the log."""
     cipher = stream.cipher()
