@@ -24,7 +24,6 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import AcceptDataFrom, Config
-from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
     ActiveFailed,
@@ -62,8 +61,9 @@ from ..protocol import (
 from ..protocol.grammar import SHUTTING_DOWN
 from ..protocol.grammar import reply as reply_line
 from .addresses import Endpoints, advertised_address
+from .dataports import DataPorts, private_claim
 from .deadlines import Deadlines, Expired
-from .dial import open_active_listener, open_passive_listener
+from .dial import open_active_listener
 from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
@@ -173,7 +173,7 @@ class ControlChannel:
     def __init__(
         self,
         config: Config,
-        pool: PortPool,
+        ports: DataPorts,
         public: PublicAddress,
         client: trio.abc.Stream,
         backend: trio.abc.Stream,
@@ -182,13 +182,15 @@ class ControlChannel:
         shutdown: trio.Event | None = None,
     ) -> None:
         self.config = config
-        self.pool = pool
+        self.ports = ports
         self.public = public
         self.streams = {Side.CLIENT: ControlStream(client), Side.SERVER: ControlStream(backend)}
         self.endpoints = endpoints
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
+        #: Who may make this session's passive data connections.
+        self._peers = config.passive.accept_data_from.network(endpoints.client)
         self.core = Session(policy_of(config), client=client_address)
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
@@ -581,26 +583,34 @@ class ControlChannel:
             self.log.warning("too many data connections in one session", limit=MAX_TRANSFERS)
             return PassiveFailed("too many data connections at once")
         listen_host = self.config.passive.listen_address or self.endpoints.local
+        passive = self.config.passive
+        share = passive.share_ports
         try:
-            opened = open_passive_listener(self.pool, listen_host)
+            claim = self.ports.claim(listen_host, self._peers, share=share)
         except OSError as error:
             self.log.warning("cannot open a passive port", address=listen_host, error=error.strerror or str(error))
             return PassiveFailed("ftpfix cannot listen for it now")
-        if opened is None:
+        if claim is None:
             METRICS.pool_exhausted.inc()
-            self.log.warning(
-                "passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased
-            )
+            pool = self.ports.pool
+            if share and pool.leased == len(pool.ports):
+                # Every port is busy with this client's address (or network)
+                # already, or held alone: another client could still get one.
+                self.log.warning(
+                    "passive port pool exhausted for this client",
+                    ports=str(pool.ports),
+                    leases=pool.leases,
+                    accepted=str(self._peers),
+                )
+                return PassiveFailed("no free passive port for your address, try again later")
+            self.log.warning("passive port pool exhausted", ports=str(pool.ports), leased=pool.leased)
             return PassiveFailed("no free passive port, try again later")
-        port, listener = opened
+        port = claim.port
         backend = self.endpoints.backend
         self._start(
             Transfer(
-                port=port,
-                listener=listener,
-                peers=self.config.passive.accept_data_from.network(self.endpoints.client),
+                claim=claim,
                 target=(backend, command.backend_port),
-                pool=self.pool,
                 timeouts=self._timeouts(active=False),
                 log=self.log,
                 upload_limit=self._upload_limit,
@@ -629,15 +639,11 @@ class ControlChannel:
             return ActiveFailed("ftpfix cannot listen for the server now")
         self._start(
             Transfer(
-                port=port,
-                listener=listener,
-                peers=AcceptDataFrom.SAME_ADDRESS.network(self.endpoints.backend),
+                claim=private_claim(listener, AcceptDataFrom.SAME_ADDRESS.network(self.endpoints.backend), self.log),
                 target=(command.host, command.port),
-                pool=self.pool,
                 timeouts=self._timeouts(active=True),
                 log=self.log,
                 active=True,
-                pooled=False,
                 source_port=self.config.active.source_port,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,

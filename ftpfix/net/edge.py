@@ -18,10 +18,10 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Config
-from ..ports import PortPool
 from ..protocol import FtpfixError, ProtocolError
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
 from .addresses import Endpoints, is_address, normalize_host
+from .dataports import DataPorts
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
@@ -35,7 +35,7 @@ async def handle_client(
     stream: trio.SocketStream,
     client: tuple[str, int],
     config: Config,
-    pool: PortPool,
+    ports: DataPorts,
     public: PublicAddress,
     shutdown: trio.Event | None = None,
 ) -> None:
@@ -68,7 +68,7 @@ async def handle_client(
                 backend=normalize_host(backend.socket.getpeername()[0]),
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
             )
-            channel = ControlChannel(config, pool, public, stream, backend, endpoints, log, shutdown)
+            channel = ControlChannel(config, ports, public, stream, backend, endpoints, log, shutdown)
             try:
                 await channel.run()
                 ended = True

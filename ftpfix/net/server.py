@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, load_config, render
 from ..ports import PortPool, PortRange
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
+from .dataports import DataPorts
 from .edge import handle_client
 from .health import Response, open_health_listeners, probe_routes, serve_health
 from .metrics import METRICS, config_hash
@@ -39,7 +40,7 @@ class Generation:
     """
 
     config: Config
-    pool: PortPool
+    ports: DataPorts
     public: PublicAddress
 
 
@@ -51,13 +52,13 @@ class Server:
         self.admission = Admission(descriptors, open_descriptors() if descriptors is not None else 0)
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
         self.stopping = trio.Event()
-        self._pools: dict[PortRange, PortPool] = {}
+        self._pools: dict[PortRange, DataPorts] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
         METRICS.watch(
             sessions=lambda: self.admission.total,
-            pool_size=lambda: len(self.generation.pool.ports),
-            leased=lambda: self.generation.pool.leased,
+            pool_size=lambda: len(self.generation.ports.pool.ports),
+            leased=lambda: self.generation.ports.pool.leased,
         )
         self._observe(config)
 
@@ -69,10 +70,14 @@ class Server:
             self.log.error("xferlog is off", error=XFERLOG.error)
 
     def _build(self, config: Config) -> Generation:
-        # Keep the pool of an unchanged range: its leases belong to live sessions.
-        pool = self._pools.setdefault(config.passive.ports, PortPool(config.passive.ports))
+        # Keep the pool of an unchanged range (this replica's slice of it):
+        # its leases and shared listeners belong to live sessions.
+        leased = config.passive.leased_ports
+        ports = self._pools.get(leased)
+        if ports is None:
+            ports = self._pools[leased] = DataPorts(PortPool(leased), self.log)
         public = PublicAddress(config.passive.public_address, config.passive.public_address_ttl, self.log)
-        return Generation(config, pool, public)
+        return Generation(config, ports, public)
 
     async def keep_public_address_fresh(self, nursery: trio.Nursery) -> None:
         """(Re)start the lookups of the current generation's public address."""
@@ -147,7 +152,7 @@ class Server:
                 return
             try:
                 await handle_client(
-                    stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping
+                    stream, (host, peer[1]), generation.config, generation.ports, generation.public, self.stopping
                 )
             finally:
                 self.admission.leave(host)

@@ -34,7 +34,6 @@ it answers now and the client gets its 425 within the accept timeout.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import socket
 import ssl
@@ -45,19 +44,15 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import AcceptDataFrom
-from ..ports import PortPool
 from .addresses import normalize_host
+from .dataports import Claim
 from .dial import RESOURCE_ERRORS, connect
-from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
 KNOCK_TIMEOUT = 1.0
-
-#: Refused strangers a transfer remembers for its log line.
-STRANGERS_LOGGED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,34 +77,31 @@ class Outcome:
 
 
 class Transfer:
-    """A listener that relays one data connection to ``target``.
+    """A claim on a data port that relays one data connection to ``target``.
 
-    Only addresses in ``peers`` may connect (the client's own address, or its
-    network with ``[passive] accept_data_from``). ``active`` says which end
-    the accepted connection is: the client (passive mode) or the backend
-    (active mode). ``pooled`` says whether ``port`` came from the port pool.
+    Only addresses in the claim's ``peers`` may connect (the client's own
+    address, or its network with ``[passive] accept_data_from``); the port
+    may be shared with other clients' transfers (``dataports.py``).
+    ``active`` says which end the accepted connection is: the client (passive
+    mode) or the backend (active mode).
     """
 
     def __init__(
         self,
         *,
-        port: int,
-        listener: socket.socket,
-        peers: ipaddress.IPv4Network | ipaddress.IPv6Network,
+        claim: Claim,
         target: tuple[str, int],
-        pool: PortPool,
         timeouts: Timeouts,
         log: FilteringBoundLogger,
         active: bool = False,
-        pooled: bool = True,
         source_port: int | None = None,
         upload_limit: TokenBucket | None = None,
         download_limit: TokenBucket | None = None,
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
     ) -> None:
-        self.port = port
-        self.peers = peers
+        self.port = claim.port
+        self.peers = claim.peers
         self.target = target
         self.active = active
         self.stats = RelayStats()
@@ -117,9 +109,7 @@ class Transfer:
         self.connected = False
         #: Why the transfer did not deliver everything, once it did not.
         self.failure: str | None = None
-        self._listener = listener
-        self._pool = pool
-        self._pooled = pooled
+        self._claim = claim
         self._timeouts = timeouts
         self._log = log
         self._source_port = source_port
@@ -131,7 +121,6 @@ class Transfer:
         self._delivered = trio.Event()
         self._finished = trio.Event()
         self._settled = trio.Event()  # run() has returned, knock included
-        self._released = False
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
         self._expected = False  # the transfer command went to the backend
@@ -139,7 +128,6 @@ class Transfer:
         self._protected = False  # TLS on the client's side (PROT P at the transfer command)
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
-        self._strangers: list[str] = []  # refused peers, for the log
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -357,16 +345,16 @@ class Transfer:
     async def _accept(self) -> socket.socket | None:
         with trio.move_on_after(self._timeouts.accept) as waiting:
             try:
-                accepted = await self._accept_peer()
+                accepted = await self._claim.accept()
             except trio.ClosedResourceError:
                 self._fail("the data port was closed")
                 return None
         if waiting.cancelled_caught:
             self._fail(self._no_peer())
             return None
-        # One data connection per transfer: stop listening at once. A passive
+        # One data connection per transfer: stop waiting at once. A passive
         # port stays leased until the transfer ends.
-        self._close_listener()
+        self._claim.withdraw()
         self._accepted.set()
         return accepted
 
@@ -374,13 +362,13 @@ class Transfer:
         """Log why nobody connected in time; return it as the client is told it."""
         who = "backend" if self.active else "client"
         seconds = f"{self._timeouts.accept:g} s"
-        if not self._strangers:
+        if not self._claim.strangers:
             self._log.info(f"data port released: the {who} never connected", port=self.port, waited=seconds)
             return f"nobody connected within {seconds}"
         self._log.warning(
             f"data port released: only other addresses connected, never the {who}",
             port=self.port,
-            refused=self._strangers,
+            refused=self._claim.strangers,
             accepted=str(self.peers),
             hint=self._hint(),
         )
@@ -392,50 +380,13 @@ class Transfer:
         if self.active:
             return None
         near = AcceptDataFrom.SAME_NETWORK.network(str(self.peers.network_address))
-        addresses = [address for stranger in self._strangers if (address := _address(stranger)) is not None]
+        addresses = [address for stranger in self._claim.strangers if (address := _address(stranger)) is not None]
         if self.peers.num_addresses == 1 and any(address in near for address in addresses):
             return (
                 f"an address in the client's network {near}: the client's other address behind carrier-grade "
                 'NAT? [passive] accept_data_from = "same-network" accepts it'
             )
         return f"a stranger, outside {self.peers}: port stealing (RFC 2577 section 5)?"
-
-    async def _accept_peer(self) -> socket.socket:
-        """The first connection on the listener from an address in ``peers``.
-
-        Error handling: a peer that gave up before accept() is skipped; running
-        out of descriptors raises OSError (see RESOURCE_ERRORS), since the
-        waiting connection would otherwise wake this loop forever.
-        """
-        listener = self._listener
-        while True:
-            if listener.fileno() == -1:
-                raise trio.ClosedResourceError("the data port was closed")
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                sock, peer = listener.accept()
-            except BlockingIOError:
-                continue  # the peer gave up between the wake-up and accept()
-            except OSError as error:
-                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if error.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("the data port was closed") from None
-                raise
-            if not self._welcome(peer[0]):
-                self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
-                METRICS.refusals.labels("stranger").inc()
-                if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(str(peer[0]))
-                reset_on_close(sock)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            return sock
-
-    def _welcome(self, host: str) -> bool:
-        address = _address(host)
-        return address is not None and address in self.peers
 
     async def _dial(self) -> socket.socket | None:
         try:
@@ -498,25 +449,14 @@ class Transfer:
         if self.failure is None and not self._finished.is_set():
             self.failure = reason
 
-    def _close_listener(self) -> None:
-        """Stop accepting; a task waiting on the listener is woken first."""
-        if self._listener.fileno() != -1:
-            trio.lowlevel.notify_closing(self._listener)
-            self._listener.close()
-
     def _release(self) -> None:
-        """Stop listening and give the port back, once.
+        """Stop waiting and give the port back, once.
 
         Idempotent, so the session can free a replaced transfer's port at once
         while its task's ``finally`` runs later and must not release the port
         again: by then a newer transfer may hold it.
         """
-        if self._released:
-            return
-        self._released = True
-        self._close_listener()
-        if self._pooled:
-            self._pool.release(self.port)
+        self._claim.release()
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
