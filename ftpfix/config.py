@@ -636,6 +636,10 @@ PASSIVE_PORTS_VARIABLE = "FTPFIX_PASSIVE_PORTS"
 #: ``FTPFIX_PASSIVE_SLICE=ordinal/3`` in a StatefulSet (see ``deploy/k8s/``).
 PASSIVE_SLICE_VARIABLE = "FTPFIX_PASSIVE_SLICE"
 
+#: Overrides ``[passive] public_address``: in a StatefulSet each pod advertises its own Service's
+#: address, e.g. ``$(POD_NAME).ftp.example.org`` (see ``deploy/k8s/``).
+PUBLIC_ADDRESS_VARIABLE = "FTPFIX_PUBLIC_ADDRESS"
+
 
 def _environment_overrides(document: dict[str, Any], path: Path) -> dict[str, Any]:
     if not isinstance(document.get("passive"), dict):
@@ -643,6 +647,7 @@ def _environment_overrides(document: dict[str, Any], path: Path) -> dict[str, An
     for variable, key, parse in (
         (PASSIVE_PORTS_VARIABLE, "ports", _port_range),
         (PASSIVE_SLICE_VARIABLE, "slice", _slice),
+        (PUBLIC_ADDRESS_VARIABLE, "public_address", _public_address),
     ):
         value = os.environ.get(variable, "").strip()
         if not value:

@@ -171,9 +171,7 @@ def test_a_second_pasv_from_the_same_address_gets_another_port_or_425(vsftpd, tm
         proxy.stop()
 
 
-def test_a_stranger_on_a_shared_port_is_refused_and_the_clients_still_get_their_data(
-    vsftpd, tmp_path: Path
-) -> None:
+def test_a_stranger_on_a_shared_port_is_refused_and_the_clients_still_get_their_data(vsftpd, tmp_path: Path) -> None:
     data = os.urandom(1024 * 1024)
     legacy.put_file(vsftpd, "f.bin", data)
     port, ports = free_range(1)
