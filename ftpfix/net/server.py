@@ -237,7 +237,9 @@ async def serve(
                     control=[f"{host}:{port}" if ":" not in host else f"[{host}]:{port}" for host, port in bound],
                     backend=f"{config.backend.address}:{config.backend.port}",
                     public_address=config.passive.public_address,
-                    passive_ports=str(config.passive.ports),
+                    passive_ports=str(config.passive.leased_ports),
+                    share_ports=config.passive.share_ports,
+                    **({"slice": f"{config.passive.slice} of {config.passive.ports}"} if config.passive.slice else {}),
                     **({"probes": probes} if probes else {}),
                 )
                 task_status.started(server)
