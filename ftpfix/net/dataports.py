@@ -40,6 +40,7 @@ from ..ports import Lease, Network, PeerTable, PortPool
 from .addresses import normalize_host
 from .dial import LISTEN_BACKLOG, family
 from .metrics import METRICS
+from .proxied import receive_data_header
 from .relay import reset_on_close
 
 #: Connections a passive port queues. A shared port serves many clients, who
@@ -60,6 +61,9 @@ class DataPort:
         self.socket = sock
         self.host = host
         self.port = port
+        #: Balancers whose connections start with a PROXY header: those of
+        #: every claim that joined (only a reload makes them differ).
+        self.proxies: tuple[Network, ...] = ()
         self.claims: PeerTable[Claim] = PeerTable()
         self._log = log
         self._ports = ports  # the registry to leave once closed; None for a private port
@@ -110,9 +114,29 @@ class DataPort:
                 if error.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the data port was closed") from None
                 raise
-            # A PROXY header from a trusted balancer would name the real peer
-            # here, before the match (issue 12 item 2).
-            self._hand_over(sock, peer[0])
+            host = str(peer[0])
+            if (
+                self.proxies
+                and (address := _address(host)) is not None
+                and any(address in network for network in self.proxies)
+            ):
+                # A trusted balancer forwarded it: its PROXY header names the
+                # real peer, which the match judges. Read here, by the acceptor:
+                # a balancer sends it at once (HAProxy), and one that trickles
+                # it holds this port's other mappings for PROXY_HEADER_TIMEOUT.
+                sock.setblocking(False)
+                try:
+                    real = await receive_data_header(sock, host, self._log)
+                except BaseException:
+                    sock.close()
+                    raise
+                if real is None:
+                    METRICS.refusals.labels("proxy_header").inc()
+                    reset_on_close(sock)
+                    sock.close()
+                    continue
+                host = real
+            self._hand_over(sock, host)
 
     def _hand_over(self, sock: socket.socket, host: str) -> None:
         """Give the connection from ``host`` to the claim that expects it, or refuse it.
@@ -223,7 +247,7 @@ class DataPorts:
         """Sockets open now, for tests and the leak checks."""
         return len(self._ports)
 
-    def claim(self, host: str, peers: Network, *, share: bool) -> Claim | None:
+    def claim(self, host: str, peers: Network, *, share: bool, proxies: tuple[Network, ...] = ()) -> Claim | None:
         """A claim on a passive port of ``host`` for ``peers``, or None if no port is free for them.
 
         Error handling: a port that another process holds (EADDRINUSE) is given
@@ -245,6 +269,7 @@ class DataPorts:
                 self._ports[(host, lease.port)] = port
             claim = Claim(port, peers, lease, self.pool)
             port.claims.add(peers, claim)
+            port.proxies += tuple(network for network in proxies if network not in port.proxies)
             return claim
         return None
 

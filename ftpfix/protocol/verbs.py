@@ -421,6 +421,10 @@ def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
         return Action.TRANSFER
     if answering.probe:
         return Action.DROP  # ftpfix's own NOOP: its reply is for ftpfix alone
+    if answering.verb == b"" and session.greeted and code < 400:
+        # The greeting, when ftpfix already sent the client a 220 of its own
+        # (``Session.greeted``): a second one would answer the client's first command.
+        return Action.DROP
     gave_up = answering.aborted or answering.failed is not None
     if answering.aborted and code >= 400 and code not in (421, 426):
         # RFC 959 section 4.1.3: an aborted transfer is answered 426, whatever
