@@ -5,12 +5,14 @@ Addresses: HAProxy is the public side on 127.0.0.10, the replicas listen on
 127.0.0.11 and 127.0.0.12 (control, passive and probe listeners), the clients
 bind 127.0.0.20 and up.
 
-The PROXY protocol (send-proxy-v2) is read by ftpfix only once the
-proxyproto branch lands; until then this test runs the committed file
-without send-proxy-v2 and checks what does not depend on it: the slices in the
-file are ftpfix's own, the control port reaches either replica, every data
-connection reaches the replica that advertised its port, and 20 concurrent
-sessions move their files intact.
+The committed file runs as it is, send-proxy-v2 included, with its addresses
+and ports from the environment. Checked: the slices in the file are ftpfix's
+own; 20 concurrent sessions from 20 addresses move their files intact, the
+control port reaching either replica and every data connection the replica
+that advertised its port; each replica logs the real client addresses (from
+the PROXY header), never HAProxy's; a per-address limit holds for the real
+address behind the balancer, so one client's sessions do not lock out others;
+a stopped replica fails its /readyz check and new sessions go to the other.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ HAPROXY = ROOT / "tests" / ".cache" / "debs" / "haproxy" / "usr" / "sbin" / "hap
 PUBLIC = "127.0.0.10"
 REPLICAS = ("127.0.0.11", "127.0.0.12")
 SESSIONS = 20
+#: HAProxy's own address towards the replicas (loopback's source address):
+#: the only one the replicas take a PROXY header from.
+BALANCER = "127.0.0.1"
 
 
 def presets() -> dict[str, str]:
@@ -90,15 +95,14 @@ def test_twenty_sessions_through_haproxy_and_two_replicas(vsftpd, tmp_path: Path
                         public_address=PUBLIC,
                         ports=ports,
                         passive_extra=f'slice = "{index}/2"\nlisten_address = "{host}"',
-                        extra=f'[metrics]\nlisten = "{host}:{metrics_port}"\n',
+                        extra=f'[limits]\nmax_sessions_per_ip = 2\n[metrics]\nlisten = "{host}:{metrics_port}"\n',
+                    ).replace(
+                        "[listen]\n", f'[listen]\nproxy_protocol = true\ntrusted_proxies = ["{BALANCER}/32"]\n', 1
                     ),
                 )
             )
         public_port = free_port(PUBLIC)
-        # PROXY protocol in is not on this branch yet (see the module docstring).
-        text = CONFIG.read_text().replace(" send-proxy-v2", "")
         assert "send-proxy-v2" in CONFIG.read_text()
-        (tmp_path / "haproxy.cfg").write_text(text)
         env = {
             **os.environ,
             "PUBLIC_ADDRESS": PUBLIC,
@@ -112,9 +116,10 @@ def test_twenty_sessions_through_haproxy_and_two_replicas(vsftpd, tmp_path: Path
         }
         log = (tmp_path / "haproxy.log").open("wb")
         haproxy = subprocess.Popen(
-            [str(HAPROXY), "-db", "-f", str(tmp_path / "haproxy.cfg")], env=env, stdout=log, stderr=subprocess.STDOUT
+            [str(HAPROXY), "-db", "-f", str(CONFIG)], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         wait_listening(PUBLIC, public_port)
+        clients = {f"127.0.0.{20 + number}" for number in range(SESSIONS)}
         results: list[bytes | BaseException] = []
 
         def session(number: int) -> None:
@@ -149,6 +154,33 @@ def test_twenty_sessions_through_haproxy_and_two_replicas(vsftpd, tmp_path: Path
             transfers = replica.events("transfer")
             assert transfers and all(event["code"] == 226 for event in transfers)
         assert sum(len(replica.events("transfer")) for replica in replicas) == 2 * SESSIONS
+        # Each replica saw the clients' own addresses, from the PROXY header.
+        seen = set()
+        for replica in replicas:
+            opened = {event["client"].rsplit(":", 1)[0] for event in replica.events("session opened")}
+            assert opened and opened <= clients | {"127.0.0.1"}  # 127.0.0.1: wait_listening's probe
+            seen |= opened
+        assert seen >= clients
+        # A per-address limit counts the real address: one client gets at most
+        # max_sessions_per_ip (2) on each replica, and another still gets in.
+        greedy = []
+        greetings = []
+        for _ in range(6):
+            sock = socket.create_connection((PUBLIC, public_port), timeout=10, source_address=("127.0.0.50", 0))
+            greedy.append(sock)
+            greetings.append(sock.recv(200))
+        accepted = [greeting for greeting in greetings if greeting.startswith(b"220")]
+        refused = [greeting for greeting in greetings if greeting.startswith(b"421")]
+        assert len(accepted) + len(refused) == 6
+        assert 2 <= len(accepted) <= 4 and refused
+        refusals = [event for replica in replicas for event in replica.events("session refused")]
+        assert refusals and {event["client"] for event in refusals} == {"127.0.0.50"}
+        other = ftplib.FTP(timeout=30, source_address=("127.0.0.51", 0))
+        other.connect(PUBLIC, public_port)
+        other.login("anonymous", "x")
+        other.quit()
+        for sock in greedy:
+            sock.close()
         # A replica that stops fails HAProxy's /readyz check; new sessions go to the other.
         replicas[1].stop()
         deadline = time.monotonic() + 30
