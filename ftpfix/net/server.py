@@ -16,6 +16,7 @@ import trio
 
 from ..config import Config, ConfigError, load_config, render
 from ..ports import PortPool, PortRange
+from ..protocol.grammar import SHUTTING_DOWN
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
@@ -159,11 +160,23 @@ class Server:
                     return
                 self.awaiting_headers += 1
                 try:
-                    arrival = await receive_proxy_header(
-                        stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
-                    )
+                    # SIGTERM ends the wait: nothing is in flight yet, so the
+                    # connection is idle and gets its 421 at once, like a session.
+                    with trio.CancelScope() as waiting, self.stopping.waking(waiting.cancel):
+                        if self.stopping.is_set():
+                            waiting.cancel()
+                        arrival = await receive_proxy_header(
+                            stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
+                        )
                 finally:
                     self.awaiting_headers -= 1
+                if waiting.cancelled_caught or (arrival is not None and self.stopping.is_set()):
+                    self.log.info(
+                        "shutting down: closing a connection that was waiting for its PROXY header", proxy=host
+                    )
+                    await say_last(stream, SHUTTING_DOWN)
+                    await trio.aclose_forcefully(stream)
+                    return
                 if arrival is None:
                     METRICS.refusals.labels("proxy_header").inc()
                     await trio.aclose_forcefully(stream)
