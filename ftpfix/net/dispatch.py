@@ -185,6 +185,7 @@ class ControlChannel:
         shutdown: Stopping | None = None,
         *,
         greeted: bool = False,
+        accepted: float | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -198,7 +199,9 @@ class ControlChannel:
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
-        self.deadlines = Deadlines(config.limits)
+        # login_timeout runs from ``accepted``, when the client connected
+        # (before a PROXY header and the backend's dial), if known.
+        self.deadlines = Deadlines(config.limits, accepted)
         self._transfer: Transfer | None = None  # the newest: the one commands use
         self._transfers: list[Transfer] = []  # every one still running
         self._nursery: trio.Nursery | None = None

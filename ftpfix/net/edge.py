@@ -83,7 +83,16 @@ async def handle_client(
             )
             client_stream: trio.abc.Stream = PrefixedStream(stream, arrival.rest) if arrival.rest else stream
             channel = ControlChannel(
-                config, pool, public, client_stream, backend, endpoints, log, shutdown, greeted=arrival.greeted
+                config,
+                pool,
+                public,
+                client_stream,
+                backend,
+                endpoints,
+                log,
+                shutdown,
+                greeted=arrival.greeted,
+                accepted=arrival.accepted if arrival.accepted is not None else started,
             )
             try:
                 await channel.run()
