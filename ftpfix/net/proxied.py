@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -110,7 +110,7 @@ class Arrival:
     via: str | None = None
     rest: bytes = b""
     greeted: bool = False
-    accepted: float | None = None
+    accepted: float | None = field(default=None, compare=False)
 
 
 def trusted(config: Config, host: str) -> bool:
