@@ -340,8 +340,15 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """True when no command is outstanding: nothing would be cut short by a 421."""
-        return not self._pending and self._deferred is None and not self.paused
+        """True when no command is outstanding: nothing would be cut short by a 421.
+
+        A greeting the backend has not sent yet is no command of the client's:
+        a 421 may take its place (RFC 959 allows 421 as the greeting).
+        """
+        outstanding = len(self._pending)
+        if outstanding and isinstance(self._pending[0], _Forwarded) and self._pending[0].verb == GREETING:
+            outstanding -= 1
+        return not outstanding and self._deferred is None and not self.paused
 
     @property
     def can_advance(self) -> bool:

@@ -6,7 +6,10 @@ command is in flight), so SIGTERM's drain must treat it like an idle session:
 Found: a late-header connection (AWS NLB style: ftpfix greeted the client
 itself and waits for the header in front of its first command) got nothing
 at SIGTERM, kept ftpfix running for the whole grace, and was then cut off
-without a word; a header that came during the grace even dialed the backend."""
+without a word; a header that came during the grace even dialed the backend.
+Likewise a session whose backend had not greeted yet (a loaded or hung
+server): no command of the client's was outstanding, yet it held the exit
+for the whole grace."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 
 from ftpfix.net.proxied import OWN_GREETING
 from ftpfix.protocol.proxyheader import format_v1
-from tests.attacks.transcript import Attacker
+from tests.attacks.transcript import Attacker, Listener
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
@@ -59,3 +62,26 @@ def test_sigterm_tells_a_connection_waiting_for_its_proxy_header(proxy, vsftpd) 
     assert proxy.process.wait(GRACE / 2) == 0, "a connection waiting for its header held the shutdown"
     assert len(proxy.events("session opened")) == 1, "the waiting connection was made a session during shutdown"
     assert proxy.events("shutting down: closing a connection that was waiting for its PROXY header")
+
+
+def test_sigterm_tells_a_session_whose_backend_has_not_greeted_yet(tmp_path, proxies) -> None:
+    """Operator: SIGTERM while a client waits for the greeting of a backend that
+    accepted the connection and says nothing. The client has asked nothing, so
+    the session is idle: 421 within 2 s, and ftpfix exits 0 before the grace."""
+    with Listener("127.0.0.1") as mute:
+        text = config_text(
+            listen=("127.0.0.1", 0),
+            backend=("127.0.0.1", mute.port),
+            public_address="127.0.0.1",
+            ports="21214-21217",
+            extra=f"[limits]\nshutdown_grace = {GRACE}\n",
+        )
+        proxy = start_ftpfix(tmp_path / "ftpfix", text)
+        proxies.append(proxy)
+        client = Attacker(proxy, greet=False)
+        mute.wait(1)
+        proxy.wait_for("session opened")
+        proxy.process.send_signal(signal.SIGTERM)
+        client.expect("421 Service shutting down", timeout=2)
+        assert client.closed(timeout=2)
+        assert proxy.process.wait(GRACE / 2) == 0, "a session waiting for the backend's greeting held the shutdown"
