@@ -123,12 +123,19 @@ def trusted(config: Config, host: str) -> bool:
 
 
 async def receive_proxy_header(
-    stream: trio.abc.Stream, peer: tuple[str, int], login_timeout: float, log: FilteringBoundLogger
+    stream: trio.abc.Stream,
+    peer: tuple[str, int],
+    login_timeout: float,
+    log: FilteringBoundLogger,
+    *,
+    greet: bool = True,
 ) -> Arrival | None:
     """Read a trusted peer's PROXY header; None (logged) if the connection must close.
 
     ``login_timeout`` bounds the wait for a header that comes with the
-    client's first command (see the module).
+    client's first command (see the module). ``greet`` False: never greet
+    in plain text meanwhile (the implicit FTPS port, where the client speaks
+    first, with its ClientHello, and a plain 220 would break its handshake).
     """
     where = {"proxy": f"{peer[0]}:{peer[1]}"}
     received = b""
@@ -140,10 +147,10 @@ async def receive_proxy_header(
             if not received:
                 log.info("balancer closed before sending a PROXY header (a TCP health check?)", **where)
                 return None
-        if not received:
+        if not received and greet:
             await stream.send_all(OWN_GREETING)
             greeted = True
-        deadline = started + (login_timeout if greeted else PROXY_HEADER_TIMEOUT)
+        deadline = started + (login_timeout if greeted or not received else PROXY_HEADER_TIMEOUT)
         first_byte = trio.current_time() if received else None
         header = parse(received)
         while header is None:
