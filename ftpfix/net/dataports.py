@@ -51,6 +51,11 @@ SHARED_LISTEN_BACKLOG = 128
 #: Refused strangers a claim remembers for its log line.
 STRANGERS_LOGGED = 4
 
+#: Connections from outside ``accept_data_from`` a TLS-bound claim holds until
+#: its TLS session decides (``Transfer._accept_peer_or_held``); more are
+#: refused at once, so nobody can pile up descriptors on a data port.
+MAX_HELD = 2
+
 
 class DataPort:
     """One listening socket and the claims waiting on it."""
@@ -146,7 +151,7 @@ class DataPort:
         address = _address(host)
         claim = self.claims.find(address) if address is not None else None
         if claim is None:
-            self._refuse(sock, host)
+            self._hold_or_refuse(sock, host)
             return
         sock.setblocking(False)
         claim.connection = sock
@@ -154,6 +159,29 @@ class DataPort:
         # address is a stranger from now on.
         self.leave(claim)
         claim.wake()
+
+    def _hold_or_refuse(self, sock: socket.socket, host: str) -> None:
+        """A connection no claim expects: held for a claim whose TLS session
+        binding may yet admit it (a client behind carrier-grade NAT), else refused.
+
+        On a shared port the first such claim with room holds it; if it is
+        another client's, its handshake fails that session's check and it is
+        reset, as a thief's would be.
+        """
+        for claim in self.claims.values():
+            if claim.holds and len(claim.held) < MAX_HELD:
+                self._log.info(
+                    "data connection from outside accept_data_from held: it must resume this session's TLS session",
+                    peer=host,
+                    port=self.port,
+                )
+                if len(claim.strangers) < STRANGERS_LOGGED:
+                    claim.strangers.append(host)
+                sock.setblocking(False)
+                claim.held.append(sock)
+                claim.more_held.set()
+                return
+        self._refuse(sock, host)
 
     def _refuse(self, sock: socket.socket, host: str) -> None:
         self._log.warning("data connection from a stranger refused", peer=str(host), port=self.port)
@@ -204,11 +232,32 @@ class Claim:
         self.connection: socket.socket | None = None
         self.woken: trio.Event | None = None
         self.withdrawn = False
+        #: True if a stranger may be held for this claim until its TLS
+        #: session decides (set by its transfer), and those held.
+        self.holds = False
+        self.held: list[socket.socket] = []
+        self.more_held = trio.Event()
         self._lease = lease
         self._pool = pool
 
     async def accept(self) -> socket.socket:
         return await self.data_port.accept(self)
+
+    async def take_held(self) -> socket.socket:
+        """The first stranger held for this claim, once there is one."""
+        while not self.held:
+            if self.withdrawn:
+                raise trio.ClosedResourceError("the data port was closed")
+            await self.more_held.wait()
+            self.more_held = trio.Event()
+        return self.held.pop(0)
+
+    def drop_held(self) -> None:
+        """Reset every stranger still held."""
+        for sock in self.held:
+            reset_on_close(sock)
+            sock.close()
+        self.held.clear()
 
     def wake(self) -> None:
         if self.woken is not None:
@@ -221,6 +270,8 @@ class Claim:
         self.withdrawn = True
         self.data_port.leave(self)
         self.wake()
+        self.more_held.set()
+        self.drop_held()
         if self.connection is not None:
             reset_on_close(self.connection)
             self.connection.close()

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
+from .. import __version__
 from .commands import (
     AbortTransfer,
     CancelTransfer,
@@ -298,6 +299,54 @@ def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]
     out.append(TransferStarted(download=verb in DOWNLOAD_VERBS, protected=session.protected))
 
 
+# -- SITE FTPFIX: ftpfix's own subcommand, for ``ftpfix diagnose`` ------------
+
+#: The SITE subcommand ftpfix answers itself and never forwards (RFC 959
+#: section 4.1.3 leaves SITE's arguments to each server).
+SITE_FTPFIX = b"FTPFIX"
+
+
+def site_ftpfix_reply(session: Session) -> bytes:
+    """The 211 (RFC 959: "system status") a diagnosing client reads.
+
+    It says only what this client can see for itself through ftpfix: the
+    version, the passive ports its 227s name, and how its own last PASV
+    arrived. No backend address, no internal network, no other session's
+    state: nothing here is news to someone who can already log in.
+    """
+    ports = session.policy.passive_ports
+    arrived = session.pasv_received
+    if arrived is None:
+        last = "none"
+    elif arrived == b"PASV":
+        last = "PASV"
+    else:
+        # An alias the admin configured: letters and '@' (parse_command), shown escaped all the same.
+        last = f"{loggable(arrived)} (repaired)"
+    lines = [
+        f"211-ftpfix {__version__}",
+        f" passive-ports: {f'{ports.start}-{ports.stop - 1}' if ports else 'unknown'}",
+        f" last-pasv: {last}",
+        "211 End of SITE FTPFIX.",
+    ]
+    return b"".join(reply(line) for line in lines)
+
+
+def _site(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    subcommand, _, rest = argument.strip(SEPARATORS).partition(b" ")
+    if subcommand.upper() != SITE_FTPFIX:
+        session.forward(verb, argument, out)
+        return
+    # Never forwarded, whatever follows: the backend must not see (or echo) it.
+    if rest.strip(SEPARATORS):
+        session.answer(out, reply("501 SITE FTPFIX takes no argument."))
+        return
+    if not session.logged_in:
+        session.answer(out, reply("530 Log in first (SITE FTPFIX)."))
+        return
+    session.answer(out, site_ftpfix_reply(session))
+
+
 def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     session.answer(out, reply(REFUSED[verb]))
 
@@ -365,7 +414,7 @@ def _prot(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
 
 
 def _ccc(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
-    if session.policy.tls is TlsMode.OFF:
+    if session.policy.tls is TlsMode.OFF and not session.policy.backend_tls:
         session.forward(verb, argument, out)
         return
     # RFC 4217 section 6: CCC is optional. ftpfix keeps the control channel
@@ -374,10 +423,12 @@ def _ccc(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> 
 
 
 def _tls_or_forward(handler: Handler) -> Handler:
-    """``handler`` when ftpfix terminates TLS; otherwise the verb goes to the backend as before."""
+    """``handler`` when ftpfix terminates TLS, or speaks TLS to the backend
+    itself (a client's PROT C must not reach a backend whose data connections
+    ftpfix protects); otherwise the verb goes to the backend as before."""
 
     def dispatch(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
-        if session.policy.tls is TlsMode.OFF:
+        if session.policy.tls is TlsMode.OFF and not session.policy.backend_tls:
             session.forward(verb, argument, out)
         else:
             handler(session, verb, argument, out)
@@ -401,6 +452,7 @@ COMMANDS: dict[bytes, Handler] = {
     b"PBSZ": _tls_or_forward(_pbsz),
     b"PROT": _tls_or_forward(_prot),
     b"CCC": _ccc,
+    b"SITE": _site,
 }
 
 
