@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,24 @@ SYMBOLS = {Status.OK: "✓", Status.WARN: "!", Status.FAIL: "✗", Status.SKIP: 
 WORDS = {Status.OK: "ok", Status.WARN: "warn", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 
 
+#: Unicode categories a terminal acts on rather than shows: controls (ESC
+#: starts a sequence that can clear the screen or set the title), format
+#: characters (a right-to-left override reorders what follows), lone
+#: surrogates (undecodable bytes), and the line and paragraph separators.
+_UNSHOWN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print: what a terminal would act on is written out (``\\x1b``).
+
+    Summaries quote what a server said (its greeting, its replies, the names in
+    its listing), and any server may be hostile: its escape sequences are shown,
+    never obeyed, and it cannot start a line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in _UNSHOWN else ch for ch in text)
+
+
 class Stage(enum.StrEnum):
     """The stages, in the order they run."""
 
@@ -94,11 +113,12 @@ class Check:
 
     def line(self, *, terminal: bool) -> str:
         """The line printed as the stage finishes, and its hint below it."""
+        summary, hint = shown(self.summary), shown(self.hint)
         if terminal:
-            text = f"{SYMBOLS[self.status]} {self.stage:<15} {self.summary}"
-            return text + (f"\n  → {self.hint}" if self.hint else "")
-        text = f"{WORDS[self.status]:<4} {self.stage}: {self.summary}"
-        return text + (f"\n     to fix: {self.hint}" if self.hint else "")
+            text = f"{SYMBOLS[self.status]} {self.stage:<15} {summary}"
+            return text + (f"\n  → {hint}" if hint else "")
+        text = f"{WORDS[self.status]:<4} {self.stage}: {summary}"
+        return text + (f"\n     to fix: {hint}" if hint else "")
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -583,7 +603,7 @@ class Verdict:
     exit_status: int
 
     def line(self) -> str:
-        return f"verdict: {self.text}"
+        return f"verdict: {shown(self.text)}"
 
     def as_json(self) -> dict[str, Any]:
         return {"status": str(self.status), "stage": str(self.stage) if self.stage else None, "text": self.text}

@@ -1,0 +1,87 @@
+"""Red team of ``ftpfix diagnose URL``, from the outside: what the existing hostile servers did not try.
+
+Each test is an attack that once got through: a hostile server's terminal
+escapes reaching the user's terminal, a URL path smuggling a second command,
+a timeout the command line took but Python could not, a port the URL named
+that was silently replaced, a truncated download counted as a good one.
+The servers are small scripts on loopback (``hostile`` from the existing
+file); the command runs through ``ftpfix.cli.main`` as a user would run it.
+"""
+
+from __future__ import annotations
+
+import socket
+import unicodedata
+
+from ftpfix.cli import main
+from tests.attacks.test_diagnose_hostile_servers import hostile
+
+__all__ = ["hostile"]  # the fixture, imported for the tests below
+
+
+def serving(listing: bytes, payload: bytes, seen: list[str]):
+    """A server's answers after login: PASV and EPSV on loopback, ``listing`` for LIST, ``payload`` for RETR."""
+    pending: list[socket.socket] = []
+
+    def answer(conn: socket.socket, line: str) -> None:
+        seen.append(line)
+        verb = line.split(" ")[0].upper()
+        if verb in ("PASV", "EPSV"):
+            data = socket.create_server(("127.0.0.1", 0))
+            data.settimeout(3)
+            pending[:] = [data]
+            port = data.getsockname()[1]
+            if verb == "PASV":
+                conn.sendall(f"227 Entering Passive Mode (127,0,0,1,{port >> 8},{port & 255})\r\n".encode())
+            else:
+                conn.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+        elif verb in ("LIST", "RETR") and pending:
+            data = pending.pop()
+            with data:
+                sock, _ = data.accept()
+            conn.sendall(b"150 here\r\n")
+            with sock:
+                sock.sendall(listing if verb == "LIST" else payload)
+            conn.sendall(b"226 done\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    return answer
+
+
+def logged_in(conn: socket.socket, then, greeting: bytes = b"220 hostile\r\n") -> None:
+    """Greet with ``greeting`` and accept any login; hand every later command to ``then``."""
+    conn.sendall(greeting)
+    with conn.makefile("rb") as lines:
+        for raw in lines:
+            line = raw.rstrip(b"\r\n").decode("latin-1")
+            verb = line.split(" ")[0].upper()
+            if verb == "USER":
+                conn.sendall(b"230 in\r\n")
+            elif verb in ("FEAT", "TYPE", "NOOP"):
+                conn.sendall(b"200 ok\r\n")
+            elif verb == "QUIT":
+                return
+            else:
+                then(conn, line)
+
+
+def _controls(text: str) -> list[str]:
+    """Characters a terminal acts on rather than shows (bar the line ends between lines)."""
+    return [ch for ch in text if ch != "\n" and unicodedata.category(ch) in ("Cc", "Cf")]
+
+
+def test_terminal_escapes_from_the_server_are_shown_not_obeyed(hostile, capsys) -> None:
+    """A hostile server's greeting and file names hold escape sequences (clear the screen, set the
+    title, a C1 CSI, a right-to-left override): none reaches the terminal as is."""
+    seen: list[str] = []
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 evil\x1b[2Jname\r\n"
+    answer = serving(listing, b"hello", seen)
+
+    greeting = "220-\x1b]0;pwned\x07 \x9b31m \u202eright to left\r\n220 \x1b[31mred\r\n".encode()
+    port = hostile(lambda conn: logged_in(conn, answer, greeting=greeting))
+    status = main(["diagnose", f"ftp://127.0.0.1:{port}", "--timeout", "2", "--port-timeout", "1"])
+    out = capsys.readouterr().out
+    assert status in (0, 1)
+    assert "greeting" in out and "RETR evil" in out
+    assert _controls(out) == [], out
