@@ -57,12 +57,13 @@ def parse_target(
             raise UsageError(f"--password-file {password_file}: {error}") from None
     if name is None:
         name, secret = ANONYMOUS[0], secret if secret is not None else ANONYMOUS[1]
-    for value in (name, secret or "", parts.path):
+    path = unquote(parts.path.lstrip("/"))  # checked decoded: %0d%0a is a line end too
+    for value in (name, secret or "", path):
         if any(ch in value for ch in "\r\n\x00"):
             raise UsageError("the user, password and path cannot hold line ends or NUL")
     tls = "implicit" if implicit else ("explicit" if parts.scheme == "ftps" else "off")
     default_port = 990 if implicit else 21
-    return Target(host, port or default_port, name, secret or "", unquote(parts.path.lstrip("/")), tls)
+    return Target(host, port or default_port, name, secret or "", path, tls)
 
 
 def print_run(checks: Sequence[Check], header: str, *, as_json: bool, out: TextIO, extra: dict | None = None) -> int:

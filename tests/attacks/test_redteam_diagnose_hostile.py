@@ -85,3 +85,13 @@ def test_terminal_escapes_from_the_server_are_shown_not_obeyed(hostile, capsys) 
     assert status in (0, 1)
     assert "greeting" in out and "RETR evil" in out
     assert _controls(out) == [], out
+
+
+def test_a_url_path_cannot_smuggle_a_second_command(hostile, capsys) -> None:
+    """``%0d%0a`` in the URL's path decodes to a line end: a usage error, and nothing reaches the server."""
+    seen: list[str] = []
+    port = hostile(lambda conn: logged_in(conn, serving(b"", b"", seen)))
+    status = main(["diagnose", f"ftp://127.0.0.1:{port}/x%0d%0aDELE%20victim", "--timeout", "2"])
+    assert status == 2
+    assert "line ends" in capsys.readouterr().err
+    assert not any(line.upper().startswith("DELE") for line in seen), seen
