@@ -13,6 +13,8 @@ from __future__ import annotations
 import socket
 import unicodedata
 
+import pytest
+
 from ftpfix.cli import main
 from tests.attacks.test_diagnose_hostile_servers import hostile
 
@@ -95,3 +97,11 @@ def test_a_url_path_cannot_smuggle_a_second_command(hostile, capsys) -> None:
     assert status == 2
     assert "line ends" in capsys.readouterr().err
     assert not any(line.upper().startswith("DELE") for line in seen), seen
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "1e308"])
+@pytest.mark.parametrize("option", ["--timeout", "--port-timeout"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_bad_usage(option: str, value: str, capsys) -> None:
+    """``--timeout nan`` once ended in a Python traceback from deep in a thread (exit 1)."""
+    assert main(["diagnose", "ftp://127.0.0.1:1", option, value]) == 2
+    assert "ftpfix diagnose:" in capsys.readouterr().err
