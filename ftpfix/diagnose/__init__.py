@@ -43,6 +43,8 @@ def parse_target(
         port = parts.port
     except ValueError as error:
         raise UsageError(f"{url}: {error}") from None
+    if port == 0:
+        raise UsageError(f"{url}: port 0 is no port to dial")
     host = parts.hostname
     if not host:
         raise UsageError(f"{url}: no host")
@@ -63,7 +65,7 @@ def parse_target(
             raise UsageError("the user, password and path cannot hold line ends or NUL")
     tls = "implicit" if implicit else ("explicit" if parts.scheme == "ftps" else "off")
     default_port = 990 if implicit else 21
-    return Target(host, port or default_port, name, secret or "", path, tls)
+    return Target(host, default_port if port is None else port, name, secret or "", path, tls)
 
 
 def print_run(checks: Sequence[Check], header: str, *, as_json: bool, out: TextIO, extra: dict | None = None) -> int:

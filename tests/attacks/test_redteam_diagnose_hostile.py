@@ -105,3 +105,9 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_bad_usage(option: str, val
     """``--timeout nan`` once ended in a Python traceback from deep in a thread (exit 1)."""
     assert main(["diagnose", "ftp://127.0.0.1:1", option, value]) == 2
     assert "ftpfix diagnose:" in capsys.readouterr().err
+
+
+def test_port_zero_is_bad_usage_not_port_21(capsys) -> None:
+    """``ftp://host:0`` once tested port 21 instead, and said so only in passing."""
+    assert main(["diagnose", "ftp://127.0.0.1:0", "--timeout", "2"]) == 2
+    assert "port" in capsys.readouterr().err
