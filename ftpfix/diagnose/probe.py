@@ -445,8 +445,7 @@ def _ports(run: _Run) -> PortsSeen:
         finally:
             sock.close()
         try:
-            while code < 200:
-                code, _ = control.reply()
+            code, _ = control.past_preliminary(code, [])
         except (WireError, OSError) as error:
             raise _Lost(f"LIST: {error}") from None
     return PortsSeen(known, scanned, leased)
@@ -517,8 +516,7 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
     finally:
         sock.close()
     try:
-        while code < 200:  # the 1xx came first; now the final reply
-            code, lines = control.reply()
+        code, lines = control.past_preliminary(code, lines)  # the 1xx came first; now the final reply
     except (WireError, OSError) as error:
         raise _Lost(f"{verb}: {error}") from None
     if code != 226 and code != 250:

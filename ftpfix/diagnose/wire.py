@@ -29,6 +29,10 @@ MAX_LINE = 8 * 1024
 #: Most lines in one reply (a FEAT list is about 20; HELP about 40).
 MAX_REPLY_LINES = 512
 
+#: Most preliminary (1xx) replies before a final one: a server sends one
+#: (150, or 125), a few at most; an endless stream of them is a hostile server.
+MAX_PRELIMINARY = 16
+
 #: Most bytes read from one data connection: a LIST of a large folder fits.
 MAX_DATA = 16 * 1024 * 1024
 
@@ -82,9 +86,17 @@ class Control:
     def final(self, line: str, timeout: float | None = None) -> tuple[int, list[str]]:
         """``line``'s reply, past any 1xx."""
         code, lines = self.command(line, timeout)
-        while code < 200:
+        return self.past_preliminary(code, lines, timeout)
+
+    def past_preliminary(self, code: int, lines: list[str], timeout: float | None = None) -> tuple[int, list[str]]:
+        """The final reply after ``code``: any 1xx replies are read past, ``MAX_PRELIMINARY`` at most."""
+        for _ in range(MAX_PRELIMINARY):
+            if code >= 200:
+                return code, lines
             code, lines = self.reply(timeout)
-        return code, lines
+        if code >= 200:
+            return code, lines
+        raise WireError(f"over {MAX_PRELIMINARY} preliminary (1xx) replies and no final one")
 
     def _line(self, deadline: float) -> str:
         while b"\n" not in self._buffer:

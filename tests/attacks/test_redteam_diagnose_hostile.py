@@ -16,7 +16,8 @@ import unicodedata
 import pytest
 
 from ftpfix.cli import main
-from tests.attacks.test_diagnose_hostile_servers import hostile
+from ftpfix.diagnose.checks import Status
+from tests.attacks.test_diagnose_hostile_servers import hostile, run
 
 __all__ = ["hostile"]  # the fixture, imported for the tests below
 
@@ -111,3 +112,18 @@ def test_port_zero_is_bad_usage_not_port_21(capsys) -> None:
     """``ftp://host:0`` once tested port 21 instead, and said so only in passing."""
     assert main(["diagnose", "ftp://127.0.0.1:0", "--timeout", "2"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_endless_preliminary_replies_end_the_run(hostile) -> None:
+    """Each ``150`` is a whole reply, so no line or reply bound applied, and the wait for the final
+    reply once started over with each: a server answering every command with 150s forever hung
+    the run for good."""
+
+    def flood(conn: socket.socket, line: str) -> None:
+        while True:
+            conn.sendall(b"150 wait\r\n" * 100)
+
+    checks = run(hostile(lambda conn: logged_in(conn, flood)))
+    stages = {check.stage: check for check in checks}
+    assert stages["pasv integrity"].status is Status.FAIL, stages["pasv integrity"].summary
+    assert "preliminary" in stages["pasv integrity"].summary
