@@ -531,7 +531,7 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
         return RoundTrip(error=f"LIST: {listing}")
     payload, via = listing
     if name is None:
-        name = _small_file(payload.decode("utf-8", "replace"))
+        name = _small_file(payload.decode("utf-8", "surrogateescape"))  # RETR sends these bytes back
     if name is None:
         return RoundTrip(listing_bytes=len(payload), seconds=time.monotonic() - started, via=via)
     retr_started = time.monotonic()

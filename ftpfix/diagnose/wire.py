@@ -60,7 +60,9 @@ class Control:
 
     def send(self, line: str) -> None:
         self.sock.settimeout(self.timeout)
-        self.sock.sendall(line.encode("latin-1") + b"\r\n")
+        # UTF-8 (RFC 2640) for what a user typed; surrogateescape gives back the very bytes of a name
+        # read from a listing that is not UTF-8 (decoded the same way).
+        self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def reply(self, timeout: float | None = None) -> tuple[int, list[str]]:
         """The next complete reply (RFC 959 section 4.2, multi-line included): its code and lines."""

@@ -127,3 +127,27 @@ def test_endless_preliminary_replies_end_the_run(hostile) -> None:
     stages = {check.stage: check for check in checks}
     assert stages["pasv integrity"].status is Status.FAIL, stages["pasv integrity"].summary
     assert "preliminary" in stages["pasv integrity"].summary
+
+
+@pytest.mark.parametrize(
+    "name", ["日本語.txt".encode(), b"caf\xe9.txt", "ünï.txt".encode()], ids=["utf-8", "latin-1", "utf-8-latin"]
+)
+def test_a_file_name_beyond_ascii_is_fetched_by_its_own_bytes(name: bytes, hostile) -> None:
+    """The listing's names were decoded as UTF-8 (undecodable bytes replaced) and the RETR encoded
+    as Latin-1: a name like 日本語.txt ended the run in a UnicodeEncodeError traceback, and a Latin-1
+    name was asked for under another one. The RETR now names the very bytes the listing held."""
+    seen: list[str] = []
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 " + name + b"\r\n"
+    port = hostile(lambda conn: logged_in(conn, serving(listing, b"hello", seen)))
+    checks = {check.stage: check for check in run(port)}
+    assert checks["data (passive)"].status is Status.OK, checks["data (passive)"].summary
+    assert ("RETR " + name.decode("latin-1")) in seen, seen
+
+
+def test_a_url_path_beyond_ascii_is_sent_as_utf_8(hostile, capsys) -> None:
+    seen: list[str] = []
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 other.txt\r\n"
+    port = hostile(lambda conn: logged_in(conn, serving(listing, b"hello", seen)))
+    status = main(["diagnose", f"ftp://127.0.0.1:{port}/%E6%97%A5.txt", "--timeout", "2", "--port-timeout", "1"])
+    assert status == 0, capsys.readouterr().out
+    assert ("RETR " + "日.txt".encode().decode("latin-1")) in seen, seen
