@@ -530,8 +530,9 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     if isinstance(listing, str):
         return RoundTrip(error=f"LIST: {listing}")
     payload, via = listing
+    files = _small_files(payload.decode("utf-8", "surrogateescape"))  # RETR sends these bytes back
     if name is None:
-        name = _small_file(payload.decode("utf-8", "surrogateescape"))  # RETR sends these bytes back
+        name = next(iter(files), None)
     if name is None:
         return RoundTrip(listing_bytes=len(payload), seconds=time.monotonic() - started, via=via)
     retr_started = time.monotonic()
@@ -539,20 +540,26 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     if isinstance(fetched, str):
         return RoundTrip(listing_bytes=len(payload), retr_name=name, error=f"RETR {name}: {fetched}")
     seconds = time.monotonic() - retr_started
+    got, listed = len(fetched[0]), files.get(name)
+    if listed is not None and got < listed:  # the 226 says nothing of a transfer cut short on the way
+        return RoundTrip(
+            len(payload), name, got, error=f"RETR {name}: {got} of the {listed} bytes the listing gives arrived"
+        )
     if mode == "PASV" or run.retr_bytes == 0:
-        run.retr_bytes, run.retr_seconds = len(fetched[0]), seconds
-    return RoundTrip(len(payload), name, len(fetched[0]), time.monotonic() - started, via=via)
+        run.retr_bytes, run.retr_seconds = got, seconds
+    return RoundTrip(len(payload), name, got, time.monotonic() - started, via=via)
 
 
-def _small_file(listing: str) -> str | None:
-    """The first regular file of at most RETR_LIMIT bytes in a Unix-style LIST."""
+def _small_files(listing: str) -> dict[str, int]:
+    """The regular files of at most RETR_LIMIT bytes in a Unix-style LIST, in its order, and their sizes."""
+    files: dict[str, int] = {}
     for line in listing.splitlines():
         parts = line.split(None, 8)
         if len(parts) == 9 and parts[0].startswith("-") and parts[4].isdigit() and int(parts[4]) <= RETR_LIMIT:
             name = parts[8]
             if name and not any(ch in name for ch in "\r\n\x00") and len(name) < 256:
-                return name
-    return None
+                files.setdefault(name, int(parts[4]))
+    return files
 
 
 def _active(run: _Run) -> Check:

@@ -151,3 +151,25 @@ def test_a_url_path_beyond_ascii_is_sent_as_utf_8(hostile, capsys) -> None:
     status = main(["diagnose", f"ftp://127.0.0.1:{port}/%E6%97%A5.txt", "--timeout", "2", "--port-timeout", "1"])
     assert status == 0, capsys.readouterr().out
     assert ("RETR " + "日.txt".encode().decode("latin-1")) in seen, seen
+
+
+def test_a_truncated_download_is_a_failure(hostile) -> None:
+    """The listing says 5 bytes, the data connection closes after 3 and the server says 226:
+    a router or proxy that cuts transfers short. Diagnose once said OK."""
+    seen: list[str] = []
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 hello.txt\r\n"
+    port = hostile(lambda conn: logged_in(conn, serving(listing, b"hel", seen)))
+    checks = {check.stage: check for check in run(port)}
+    assert checks["data (passive)"].status is Status.FAIL, checks["data (passive)"].summary
+    assert "3 of the 5 bytes" in checks["data (passive)"].summary
+    assert checks["data (epsv)"].status is Status.FAIL
+
+
+def test_a_whole_download_still_passes(hostile) -> None:
+    seen: list[str] = []
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 hello.txt\r\n"
+    port = hostile(lambda conn: logged_in(conn, serving(listing, b"hello", seen)))
+    checks = {check.stage: check for check in run(port)}
+    assert checks["data (passive)"].status is Status.OK, checks["data (passive)"].summary
+    assert checks["data (epsv)"].status is Status.OK
+    assert "RETR hello.txt" in seen
