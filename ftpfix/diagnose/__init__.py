@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
+from .certificates import tls_context
 from .checks import Check, Network, verdict
 from .probe import Options, Target, diagnose, read_password
 
@@ -92,6 +93,8 @@ def run_url(arguments: Any, out: TextIO | None = None) -> int:
             arguments.url, user=arguments.user, password_file=arguments.password_file, implicit=arguments.implicit
         )
         private: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in arguments.private or ())
+        if arguments.ca is not None:
+            _check_ca(arguments.ca)
     except (UsageError, ValueError) as error:
         print(f"ftpfix diagnose: {error}", file=sys.stderr)
         return 2
@@ -114,6 +117,14 @@ def run_url(arguments: Any, out: TextIO | None = None) -> int:
         print(f"ftpfix diagnose {header}", file=out, flush=True)
     results = diagnose(target, options, emit)
     return print_run(results, header, as_json=arguments.json, out=out)
+
+
+def _check_ca(path: str) -> None:
+    """``--ca`` loads as a CA bundle, or a usage error now (it once was a traceback at the TLS stage)."""
+    try:
+        tls_context(verify=True, ca=path)
+    except OSError as error:  # ssl.SSLError too
+        raise UsageError(f"--ca {path}: {error.strerror or error}") from None
 
 
 def run_host(arguments: Any, out: TextIO | None = None) -> int:

@@ -108,6 +108,17 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_bad_usage(option: str, val
     assert "ftpfix diagnose:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"], ids=["missing", "not-pem"])
+def test_a_ca_file_that_is_no_ca_bundle_is_bad_usage(content: bytes | None, tmp_path, capsys) -> None:
+    """``--ca`` once was read only at the TLS stage, and a missing or bogus file ended the run
+    there in a FileNotFoundError or ssl.SSLError traceback."""
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_bytes(content)
+    assert main(["diagnose", "ftps://127.0.0.1:1", "--ca", str(ca), "--timeout", "2"]) == 2
+    assert f"--ca {ca}" in capsys.readouterr().err
+
+
 def test_port_zero_is_bad_usage_not_port_21(capsys) -> None:
     """``ftp://host:0`` once tested port 21 instead, and said so only in passing."""
     assert main(["diagnose", "ftp://127.0.0.1:0", "--timeout", "2"]) == 2
