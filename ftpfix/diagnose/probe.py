@@ -117,7 +117,6 @@ class _Run:
     dialed: str = ""
     ftpfix: FtpfixInfo | None = None
     pasv_ok: bool = False
-    address_ok: bool = False
     retr_bytes: int = 0
     retr_seconds: float = 0.0
     current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
@@ -303,7 +302,7 @@ def _session(run: _Run, connected: Check) -> None:
             advertised = ipaddress.ip_address(".".join(map(str, numbers[:4])))
             dialed = ipaddress.ip_address(run.dialed)
             check = checks.address_227(dialed, advertised, run.ftpfix, options.private, run.own)
-            run.address_ok = run.report(check).status is Status.OK
+            run.report(check)
         # 8. every passive port
         run.begin(Stage.PORTS)
         started = time.monotonic()
@@ -461,8 +460,10 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
             return "PASV refused"
         host, port = mapping
         via = ""
-        if not run.address_ok:
-            # As curl does (--ftp-skip-pasv-ip): the 227's address is known wrong.
+        if host != run.dialed:
+            # As curl does (--ftp-skip-pasv-ip): never where a 227 says but to the address dialed. Not
+            # only when the first 227 was wrong: a hostile server could name the dialed address first,
+            # then any host of this LAN, and have this host probe it.
             host, via = run.dialed, f"{run.dialed}, not the 227's {host}"
     else:
         code, lines = _ask(control, "EPSV")

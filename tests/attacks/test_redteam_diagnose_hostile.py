@@ -164,6 +164,41 @@ def test_a_url_path_beyond_ascii_is_sent_as_utf_8(hostile, capsys) -> None:
     assert ("RETR " + "日.txt".encode().decode("latin-1")) in seen, seen
 
 
+def test_a_later_227_cannot_send_the_data_connection_to_another_host(hostile) -> None:
+    """The first 227 names the address dialed (so the 227 address stage passes); every later one
+    names another host (127.0.0.3 here: a LAN host of the diagnosing side) with a service on it.
+    The data round trip once dialed it: a hostile server made the diagnosing host probe its LAN.
+    Data connections go to the address dialed, whatever a 227 says (as curl's --ftp-skip-pasv-ip)."""
+    victim = socket.create_server(("127.0.0.3", 0))
+    victim.settimeout(0.2)
+    victim_port = victim.getsockname()[1]
+    pasvs: list[int] = []
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb == "PASV":
+            pasvs.append(1)
+            if len(pasvs) == 1:
+                conn.sendall(b"227 Entering Passive Mode (127,0,0,1,0,1)\r\n")
+            else:
+                p1, p2 = victim_port >> 8, victim_port & 255
+                conn.sendall(f"227 Entering Passive Mode (127,0,0,3,{p1},{p2})\r\n".encode())
+        elif verb in ("LIST", "RETR"):
+            conn.sendall(b"425 no\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    try:
+        checks = {check.stage: check for check in run(hostile(lambda conn: logged_in(conn, answer)))}
+        assert checks["227 address"].status is Status.OK
+        assert len(pasvs) > 1
+        with pytest.raises(TimeoutError):
+            victim.accept()
+    finally:
+        victim.close()
+    assert checks["data (passive)"].status is Status.FAIL
+
+
 def test_a_truncated_download_is_a_failure(hostile) -> None:
     """The listing says 5 bytes, the data connection closes after 3 and the server says 226:
     a router or proxy that cuts transfers short. Diagnose once said OK."""
