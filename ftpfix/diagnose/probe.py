@@ -227,7 +227,7 @@ def _session(run: _Run, connected: Check) -> None:
     # 3. greeting
     run.begin(Stage.GREETING)
     try:
-        code, lines = control.reply()
+        code, lines = control.past_preliminary(*control.reply())  # "120 ready in n minutes", then 220
         # A multi-line banner (pure-ftpd's is 5 lines) is summed up by its first.
         shown = lines[0].strip() + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
         greeted = run.report(checks.greeting(code, shown))

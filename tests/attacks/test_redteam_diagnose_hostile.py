@@ -16,10 +16,16 @@ import unicodedata
 import pytest
 
 from ftpfix.cli import main
+from ftpfix.config import load_config
 from ftpfix.diagnose.checks import Status
+from ftpfix.diagnose.host import backend_greeting
 from tests.attacks.test_diagnose_hostile_servers import hostile, run
+from tests.harness.proxy import config_text
 
 __all__ = ["hostile"]  # the fixture, imported for the tests below
+
+#: Passive ports named in the configs written here (never bound).
+PORTS = "21640-21643"
 
 
 def serving(listing: bytes, payload: bytes, seen: list[str]):
@@ -197,6 +203,25 @@ def test_a_later_227_cannot_send_the_data_connection_to_another_host(hostile) ->
     finally:
         victim.close()
     assert checks["data (passive)"].status is Status.FAIL
+
+
+def test_a_120_before_the_220_is_a_greeting(hostile, tmp_path) -> None:
+    """RFC 959 (4.2): a server may answer the connection with "120 Service ready in nnn minutes",
+    then 220. Both the URL run and the --config run's backend check failed such a server."""
+
+    def late(conn: socket.socket) -> None:
+        conn.sendall(b"120 ready in a moment\r\n")
+        logged_in(conn, serving(b"", b"", []))
+
+    port = hostile(late)
+    checks = {check.stage: check for check in run(port)}
+    assert checks["greeting"].status is Status.OK, checks["greeting"].summary
+    assert checks["login"].status is Status.OK
+    config = tmp_path / "ftpfix.toml"
+    config.write_text(
+        config_text(listen=("127.0.0.1", 0), backend=("127.0.0.1", port), public_address="127.0.0.1", ports=PORTS)
+    )
+    assert backend_greeting(load_config(config), 2.0).status is Status.OK
 
 
 def test_a_truncated_download_is_a_failure(hostile) -> None:
