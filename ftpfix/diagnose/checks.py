@@ -539,10 +539,20 @@ class RoundTrip:
     seconds: float = 0.0
     error: str | None = None
     via: str = ""  # the address the data connection went to, when not the 227's
+    file_refused: bool = False  # the LIST came through; the server refused the RETR's file (550)
 
 
 def data(stage: Stage, trip: RoundTrip) -> Check:
     facts = {"listing_bytes": trip.listing_bytes, "retr": trip.retr_name, "retr_bytes": trip.retr_bytes}
+    if trip.error is not None and trip.file_refused:
+        return Check(
+            stage,
+            Status.WARN,
+            f"LIST {trip.listing_bytes} bytes, but {trip.error}",
+            f"the data connection works; the server will not send {trip.retr_name}: name a file this user may"
+            " read (not a folder) in the URL's path, or none to fetch the first small file listed",
+            data=facts,
+        )
     if trip.error is not None:
         return Check(
             stage,

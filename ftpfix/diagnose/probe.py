@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import checks
 from .certificates import inspect_tls, sni, tls_context
@@ -493,6 +493,22 @@ def _session_of(control: Control | None) -> ssl.SSLSession | None:
     return control.sock.session if control is not None and isinstance(control.sock, ssl.SSLSocket) else None
 
 
+class _Refusal(str):
+    """A transfer command answered with an error reply, no data sent: why, and the code."""
+
+    code: int
+
+    def __new__(cls, code: int, why: str) -> Self:
+        refusal = super().__new__(cls, why)
+        refusal.code = code
+        return refusal
+
+
+#: Replies to a RETR that refuse the file, not the data connection: no such
+#: file, a folder, no permission (450, 550), a name the server will not take (553).
+FILE_REFUSALS = frozenset({450, 550, 553})
+
+
 def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, str] | str:
     """One transfer command over a fresh data connection: its bytes, or why it failed."""
     control = run.control
@@ -509,7 +525,7 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
         raise _Lost(f"{verb}: {error}") from None
     try:
         if code >= 300:
-            return f"{verb} answered {text(lines)}"
+            return _Refusal(code, f"{verb} answered {text(lines)}")
         sock = _secure(run, sock)
         payload = read_all(sock, run.options.timeout, limit, DATA_DEADLINE)
     except (WireError, OSError) as error:
@@ -539,7 +555,10 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     retr_started = time.monotonic()
     fetched = _transfer(run, mode, f"RETR {name}", RETR_LIMIT)
     if isinstance(fetched, str):
-        return RoundTrip(listing_bytes=len(payload), retr_name=name, error=f"RETR {name}: {fetched}")
+        refused = isinstance(fetched, _Refusal) and fetched.code in FILE_REFUSALS
+        return RoundTrip(
+            listing_bytes=len(payload), retr_name=name, error=f"RETR {name}: {fetched}", file_refused=refused
+        )
     seconds = time.monotonic() - retr_started
     got, listed = len(fetched[0]), files.get(name)
     if listed is not None and got < listed:  # the 226 says nothing of a transfer cut short on the way

@@ -19,10 +19,13 @@ from ftpfix.cli import main
 from ftpfix.config import load_config
 from ftpfix.diagnose.checks import Status
 from ftpfix.diagnose.host import backend_greeting
+from ftpfix.diagnose.probe import Options, Target, diagnose
 from tests.attacks.test_diagnose_hostile_servers import hostile, run
 from tests.harness.proxy import config_text
 
 __all__ = ["hostile"]  # the fixture, imported for the tests below
+
+OPTIONS = Options(timeout=1.0, port_timeout=0.5)
 
 #: Passive ports named in the configs written here (never bound).
 PORTS = "21640-21643"
@@ -222,6 +225,28 @@ def test_a_120_before_the_220_is_a_greeting(hostile, tmp_path) -> None:
         config_text(listen=("127.0.0.1", 0), backend=("127.0.0.1", port), public_address="127.0.0.1", ports=PORTS)
     )
     assert backend_greeting(load_config(config), 2.0).status is Status.OK
+
+
+def test_a_url_path_naming_a_folder_is_not_blamed_on_the_data_connection(hostile) -> None:
+    """``ftp://host/pub/``: the LIST comes through, the RETR of a folder gets 550. The data path
+    works, and the verdict once was "FAIL at data (passive) ... the server's log says why": it is a
+    warning now, whose hint says to name a readable file."""
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 hello.txt\r\n"
+    lister = serving(listing, b"hello", [])
+
+    def answer(conn: socket.socket, line: str) -> None:
+        if line.upper().startswith("RETR"):
+            conn.sendall(b"550 Failed to open file.\r\n")
+        else:
+            lister(conn, line)
+
+    port = hostile(lambda conn: logged_in(conn, answer))
+    checks = {
+        c.stage: c for c in diagnose(Target("127.0.0.1", port, "anonymous", "x@", "pub/"), OPTIONS, lambda check: None)
+    }
+    for stage in ("data (passive)", "data (epsv)"):
+        assert checks[stage].status is Status.WARN, checks[stage].summary
+        assert "name a file" in checks[stage].hint
 
 
 def test_a_truncated_download_is_a_failure(hostile) -> None:
