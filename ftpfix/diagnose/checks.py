@@ -540,6 +540,7 @@ class RoundTrip:
     error: str | None = None
     via: str = ""  # the address the data connection went to, when not the 227's
     file_refused: bool = False  # the LIST came through; the server refused the RETR's file (550)
+    elsewhere: bool = False  # the data connection was accepted, yet the server said none came (425)
 
 
 def data(stage: Stage, trip: RoundTrip) -> Check:
@@ -558,7 +559,11 @@ def data(stage: Stage, trip: RoundTrip) -> Check:
             stage,
             Status.FAIL,
             f"data round trip failed: {trip.error}",
-            "see the stages above; the server's log says why it refused",
+            "the data connection was accepted, yet the server says none came: either the router forwards the"
+            " passive ports to another host than the FTP server (the ftpfix host, with ftpfix in front), or"
+            " something on the way answers for them, or the server refused it (its log says which)"
+            if trip.elsewhere
+            else "see the stages above; the server's log says why it refused",
             data=facts,
         )
     text = f"LIST {trip.listing_bytes} bytes"

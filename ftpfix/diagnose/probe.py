@@ -545,7 +545,8 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     started = time.monotonic()
     listing = _transfer(run, mode, "LIST", LIST_LIMIT)
     if isinstance(listing, str):
-        return RoundTrip(error=f"LIST: {listing}")
+        # A 425 although this host's data connection was accepted: it reached something else.
+        return RoundTrip(error=f"LIST: {listing}", elsewhere=isinstance(listing, _Refusal) and listing.code == 425)
     payload, via = listing
     files = _small_files(payload.decode("utf-8", "surrogateescape"))  # RETR sends these bytes back
     if name is None:
@@ -557,7 +558,11 @@ def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     if isinstance(fetched, str):
         refused = isinstance(fetched, _Refusal) and fetched.code in FILE_REFUSALS
         return RoundTrip(
-            listing_bytes=len(payload), retr_name=name, error=f"RETR {name}: {fetched}", file_refused=refused
+            listing_bytes=len(payload),
+            retr_name=name,
+            error=f"RETR {name}: {fetched}",
+            file_refused=refused,
+            elsewhere=isinstance(fetched, _Refusal) and fetched.code == 425,
         )
     seconds = time.monotonic() - retr_started
     got, listed = len(fetched[0]), files.get(name)

@@ -249,6 +249,33 @@ def test_a_url_path_naming_a_folder_is_not_blamed_on_the_data_connection(hostile
         assert "name a file" in checks[stage].hint
 
 
+def test_passive_ports_forwarded_to_another_host_are_named_as_such(hostile) -> None:
+    """The 227 names the address dialed and a port that accepts, but what accepts is another host
+    (the router forwards the range to the wrong machine): the server answers LIST with 425. The hint
+    once was "the server's log says why it refused"; it names the forwarding now."""
+    other = socket.create_server(("127.0.0.1", 0))  # the wrong host: accepts, says nothing
+    other_port = other.getsockname()[1]
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb == "PASV":
+            conn.sendall(f"227 Entering Passive Mode (127,0,0,1,{other_port >> 8},{other_port & 255})\r\n".encode())
+        elif verb == "EPSV":
+            conn.sendall(f"229 Entering Extended Passive Mode (|||{other_port}|)\r\n".encode())
+        elif verb in ("LIST", "RETR"):
+            conn.sendall(b"425 Failed to establish connection.\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    try:
+        checks = {check.stage: check for check in run(hostile(lambda conn: logged_in(conn, answer)))}
+    finally:
+        other.close()
+    for stage in ("data (passive)", "data (epsv)"):
+        assert checks[stage].status is Status.FAIL
+        assert "forwards the passive ports to another host" in checks[stage].hint, checks[stage].hint
+
+
 def test_a_truncated_download_is_a_failure(hostile) -> None:
     """The listing says 5 bytes, the data connection closes after 3 and the server says 226:
     a router or proxy that cuts transfers short. Diagnose once said OK."""
