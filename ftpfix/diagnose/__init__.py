@@ -107,7 +107,8 @@ def run_url(arguments: Any, out: TextIO | None = None) -> int:
     )
     terminal = out.isatty()
     scheme = "ftps" if target.tls != "off" else "ftp"
-    header = f"{scheme}://{target.host}:{target.port} as {target.user}"
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    header = f"{scheme}://{host}:{target.port} as {target.user}"
 
     def emit(check: Check) -> None:
         if not arguments.json:

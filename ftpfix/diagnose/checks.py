@@ -130,6 +130,26 @@ class Check:
         }
 
 
+#: Stages that only PASV's 227 decides: a 227 cannot name an IPv6 address.
+PASV_ONLY = frozenset({Stage.PASV, Stage.ADDRESS, Stage.DATA_PASSIVE})
+
+
+def over_ipv6(check: Check, *, range_known: bool) -> Check:
+    """``check`` for a server dialed over IPv6, where clients use EPSV (RFC 2428): a failure of
+    PASV, its 227 or a round trip over it is a warning. So are the ports only a 227 named; ports of
+    a range ftpfix told are EPSV's too, and stay as they are."""
+    passive_only = check.stage in PASV_ONLY or (check.stage == Stage.PORTS and not range_known)
+    if check.status is not Status.FAIL or not passive_only:
+        return check
+    return Check(
+        check.stage,
+        Status.WARN,
+        f"{check.summary} (dialed over IPv6, where clients use EPSV, RFC 2428: only IPv4 clients need PASV)",
+        check.hint,
+        data=check.data,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class FtpfixInfo:
     """What ``SITE FTPFIX`` said: ftpfix is in front of the server."""

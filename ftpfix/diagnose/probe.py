@@ -132,8 +132,12 @@ class _Run:
         self.current = stage
 
     def report(self, check: Check) -> Check:
-        self.results.append(check)
-        self.emit(check)
+        """Record and show ``check``; returned as the stage concluded, for what runs next."""
+        shown = check
+        if ":" in self.dialed:
+            shown = checks.over_ipv6(check, range_known=self.ftpfix is not None and self.ftpfix.ports is not None)
+        self.results.append(shown)
+        self.emit(shown)
         return check
 
     def skip_rest(self, after: Stage, why: str) -> None:

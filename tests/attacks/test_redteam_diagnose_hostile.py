@@ -11,6 +11,7 @@ file); the command runs through ``ftpfix.cli.main`` as a user would run it.
 from __future__ import annotations
 
 import socket
+import threading
 import unicodedata
 
 import pytest
@@ -20,7 +21,7 @@ from ftpfix.config import load_config
 from ftpfix.diagnose.checks import Status
 from ftpfix.diagnose.host import backend_greeting
 from ftpfix.diagnose.probe import Options, Target, diagnose
-from tests.attacks.test_diagnose_hostile_servers import hostile, run
+from tests.attacks.test_diagnose_hostile_servers import _guarded, hostile, run
 from tests.harness.proxy import config_text
 
 __all__ = ["hostile"]  # the fixture, imported for the tests below
@@ -274,6 +275,53 @@ def test_passive_ports_forwarded_to_another_host_are_named_as_such(hostile) -> N
     for stage in ("data (passive)", "data (epsv)"):
         assert checks[stage].status is Status.FAIL
         assert "forwards the passive ports to another host" in checks[stage].hint, checks[stage].hint
+
+
+def test_over_ipv6_a_server_without_pasv_works(capsys) -> None:
+    """Dialed over IPv6, clients use EPSV (RFC 2428): a 227 cannot name an IPv6 address. A server that
+    refuses PASV there, but whose EPSV and round trip over it work, once got "FAIL at pasv integrity"
+    (exit 1); it works, with a warning."""
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    port = listener.getsockname()[1]
+    pending: list[socket.socket] = []
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb == "PASV":
+            conn.sendall(b"500 PASV not allowed over IPv6, use EPSV\r\n")
+        elif verb == "EPSV":
+            data = socket.create_server(("::1", 0), family=socket.AF_INET6)
+            data.settimeout(3)
+            pending[:] = [data]
+            conn.sendall(f"229 Entering Extended Passive Mode (|||{data.getsockname()[1]}|)\r\n".encode())
+        elif verb in ("LIST", "RETR") and pending:
+            with pending.pop() as data:
+                sock, _ = data.accept()
+            conn.sendall(b"150 here\r\n")
+            with sock:
+                sock.sendall(b"-rw-r--r-- 1 a a 5 Jan 1 00:00 f.txt\r\n" if verb == "LIST" else b"hello")
+            conn.sendall(b"226 done\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_guarded, args=(lambda c: logged_in(c, answer), conn), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        status = main(["diagnose", f"ftp://[::1]:{port}", "--timeout", "2", "--port-timeout", "1"])
+    finally:
+        listener.close()
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"ftp://[::1]:{port}" in out
+    assert "ok   data (epsv): LIST 38 bytes, RETR f.txt 5 bytes" in out
+    assert "warn pasv integrity" in out
 
 
 def test_a_truncated_download_is_a_failure(hostile) -> None:
