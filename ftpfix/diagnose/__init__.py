@@ -56,7 +56,7 @@ def parse_target(
     if password_file is not None:
         try:
             secret = read_password(password_file)
-        except (OSError, UnicodeDecodeError, IndexError) as error:
+        except (OSError, ValueError) as error:  # UnicodeDecodeError too
             raise UsageError(f"--password-file {password_file}: {error}") from None
     if name is None:
         name, secret = ANONYMOUS[0], secret if secret is not None else ANONYMOUS[1]

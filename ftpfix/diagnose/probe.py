@@ -624,6 +624,15 @@ def _active(run: _Run) -> Check:
     return checks.active(f"the server connected from {peer[0]}, LIST {len(payload)} bytes", None)
 
 
+#: Longest password line read from --password-file.
+MAX_PASSWORD = 4096
+
+
 def read_password(path: Path) -> str:
-    """The first line of a password file, without its end."""
-    return path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    """The first line of a password file, without its end. Read as a stream, not by its size: a
+    pipe (``--password-file <(pass show ftp)``) has none. ValueError past MAX_PASSWORD bytes."""
+    with path.open("rb") as stream:
+        line = stream.readline(MAX_PASSWORD + 1)
+    if len(line.rstrip(b"\r\n")) > MAX_PASSWORD:
+        raise ValueError(f"the first line is over {MAX_PASSWORD} bytes")
+    return line.rstrip(b"\r\n").decode("utf-8")

@@ -10,6 +10,7 @@ file); the command runs through ``ftpfix.cli.main`` as a user would run it.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import unicodedata
@@ -18,6 +19,7 @@ import pytest
 
 from ftpfix.cli import main
 from ftpfix.config import load_config
+from ftpfix.diagnose import parse_target
 from ftpfix.diagnose.checks import Status
 from ftpfix.diagnose.host import backend_greeting
 from ftpfix.diagnose.probe import Options, Target, diagnose
@@ -127,6 +129,30 @@ def test_a_ca_file_that_is_no_ca_bundle_is_bad_usage(content: bytes | None, tmp_
         ca.write_bytes(content)
     assert main(["diagnose", "ftps://127.0.0.1:1", "--ca", str(ca), "--timeout", "2"]) == 2
     assert f"--ca {ca}" in capsys.readouterr().err
+
+
+def test_a_password_file_that_is_a_pipe_is_read(tmp_path) -> None:
+    """``--password-file <(pass show ftp)``: a pipe has no size, and the password was read as empty
+    (then a 530 blamed on the user and password)."""
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with fifo.open("w") as stream:
+            stream.write("hunter2\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert parse_target("ftp://bob@h", password_file=fifo).password == "hunter2"
+    finally:
+        writer.join(5)
+
+
+def test_a_password_file_without_end_is_bad_usage(capsys) -> None:
+    """/dev/zero: read to a bound, then refused (NUL), never read for ever."""
+    assert main(["diagnose", "ftp://bob@127.0.0.1:1", "--password-file", "/dev/zero"]) == 2
+    assert "ftpfix diagnose:" in capsys.readouterr().err
 
 
 def test_port_zero_is_bad_usage_not_port_21(capsys) -> None:
@@ -242,9 +268,8 @@ def test_a_url_path_naming_a_folder_is_not_blamed_on_the_data_connection(hostile
             lister(conn, line)
 
     port = hostile(lambda conn: logged_in(conn, answer))
-    checks = {
-        c.stage: c for c in diagnose(Target("127.0.0.1", port, "anonymous", "x@", "pub/"), OPTIONS, lambda check: None)
-    }
+    target = Target("127.0.0.1", port, "anonymous", "x@", "pub/")
+    checks = {check.stage: check for check in diagnose(target, OPTIONS, lambda check: None)}
     for stage in ("data (passive)", "data (epsv)"):
         assert checks[stage].status is Status.WARN, checks[stage].summary
         assert "name a file" in checks[stage].hint
