@@ -527,19 +527,24 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
     except (WireError, OSError) as error:
         sock.close()
         raise _Lost(f"{verb}: {error}") from None
+    failure = None
     try:
         if code >= 300:
             return _Refusal(code, f"{verb} answered {text(lines)}")
         sock = _secure(run, sock)
         payload = read_all(sock, run.options.timeout, limit, DATA_DEADLINE)
     except (WireError, OSError) as error:
-        return f"{verb}: {error}"
+        failure = f"{verb}: {error}"
     finally:
         sock.close()
     try:
-        code, lines = control.past_preliminary(code, lines)  # the 1xx came first; now the final reply
+        # The 1xx came first; now the final reply, read even when the data connection failed (the
+        # server's 426 for it), or every later command would read the reply before its own.
+        code, lines = control.past_preliminary(code, lines)
     except (WireError, OSError) as error:
-        raise _Lost(f"{verb}: {error}") from None
+        raise _Lost(f"{failure or verb}: {error}") from None
+    if failure is not None:
+        return failure
     if code != 226 and code != 250:
         return f"{verb} ended with {text(lines)}"
     return payload, via

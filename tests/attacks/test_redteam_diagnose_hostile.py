@@ -349,6 +349,41 @@ def test_over_ipv6_a_server_without_pasv_works(capsys) -> None:
     assert "warn pasv integrity" in out
 
 
+def test_after_a_data_connection_fails_the_replies_stay_in_step(hostile) -> None:
+    """The LIST's data connection goes quiet; diagnose gives up on it and closes it, and the server
+    answers the LIST with 426. That 426 was left unread, so the EPSV stage read it as EPSV's reply
+    ("EPSV answered 426"), and every later command the reply before its own."""
+    pending: list[socket.socket] = []
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb in ("PASV", "EPSV"):
+            data = socket.create_server(("127.0.0.1", 0))
+            data.settimeout(3)
+            pending[:] = [data]
+            port = data.getsockname()[1]
+            if verb == "PASV":
+                conn.sendall(f"227 Entering Passive Mode (127,0,0,1,{port >> 8},{port & 255})\r\n".encode())
+            else:
+                conn.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+        elif verb == "LIST" and pending:
+            with pending.pop() as data:
+                sock, _ = data.accept()
+            conn.sendall(b"150 here it comes (it does not)\r\n")
+            with sock:
+                sock.settimeout(10)
+                sock.recv(1)  # until the client gives up and closes
+            conn.sendall(b"426 Connection closed; transfer aborted.\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    checks = {check.stage: check for check in run(hostile(lambda conn: logged_in(conn, answer)))}
+    assert checks["data (passive)"].status is Status.FAIL
+    assert "went quiet" in checks["data (passive)"].summary
+    assert checks["epsv"].summary.startswith("229 "), checks["epsv"].summary
+    assert "went quiet" in checks["data (epsv)"].summary, checks["data (epsv)"].summary
+
+
 def test_a_truncated_download_is_a_failure(hostile) -> None:
     """The listing says 5 bytes, the data connection closes after 3 and the server says 226:
     a router or proxy that cuts transfers short. Diagnose once said OK."""
