@@ -161,10 +161,16 @@ def own_address(target: str, port: int) -> str | None:
 
 
 def read_all(
-    sock: socket.socket | ssl.SSLSocket, timeout: float, limit: int = MAX_DATA, total: float | None = None
+    sock: socket.socket | ssl.SSLSocket,
+    timeout: float,
+    limit: int = MAX_DATA,
+    total: float | None = None,
+    *,
+    cut: bool = False,
 ) -> bytes:
     """A data connection's bytes to its end. WireError after ``timeout`` seconds of
-    silence, past ``limit`` bytes, or when it is still sending after ``total`` seconds."""
+    silence, past ``limit`` bytes (with ``cut``: its first ``limit`` bytes instead), or
+    when it is still sending after ``total`` seconds."""
     chunks: list[bytes] = []
     size = 0
     deadline = None if total is None else time.monotonic() + total
@@ -182,6 +188,8 @@ def read_all(
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
+        if size > limit and cut:
+            return b"".join([*chunks, chunk])[:limit]
         if size > limit:
             raise WireError(f"the data connection sent over {limit} bytes")
         chunks.append(chunk)

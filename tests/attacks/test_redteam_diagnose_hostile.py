@@ -19,7 +19,7 @@ import pytest
 
 from ftpfix.cli import main
 from ftpfix.config import load_config
-from ftpfix.diagnose import parse_target
+from ftpfix.diagnose import parse_target, probe
 from ftpfix.diagnose.checks import Status
 from ftpfix.diagnose.host import backend_greeting
 from ftpfix.diagnose.probe import Options, Target, diagnose
@@ -382,6 +382,45 @@ def test_after_a_data_connection_fails_the_replies_stay_in_step(hostile) -> None
     assert "went quiet" in checks["data (passive)"].summary
     assert checks["epsv"].summary.startswith("229 "), checks["epsv"].summary
     assert "went quiet" in checks["data (epsv)"].summary, checks["data (epsv)"].summary
+
+
+def test_a_big_folder_is_no_data_failure(hostile, monkeypatch) -> None:
+    """A login folder whose listing is over LIST_LIMIT (20,000 files in a real vsftpd made 2 MB): the
+    data round trip failed with "sent over 1048576 bytes", verdict FAIL at data (passive), for a
+    healthy server. The listing is cut there, the server's 426 for it accepted, and the RETR runs."""
+    monkeypatch.setattr(probe, "LIST_LIMIT", 4096)
+    listing = b"-rw-r--r-- 1 a a 5 Jan 1 00:00 hello.txt\r\n" + b"-rw-r--r-- 1 a a 1 Jan 1 00:00 filler\r\n" * 5000
+    pending: list[socket.socket] = []
+
+    def answer(conn: socket.socket, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb in ("PASV", "EPSV"):
+            data = socket.create_server(("127.0.0.1", 0))
+            data.settimeout(3)
+            pending[:] = [data]
+            port = data.getsockname()[1]
+            if verb == "PASV":
+                conn.sendall(f"227 Entering Passive Mode (127,0,0,1,{port >> 8},{port & 255})\r\n".encode())
+            else:
+                conn.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+        elif verb in ("LIST", "RETR") and pending:
+            with pending.pop() as data:
+                sock, _ = data.accept()
+            conn.sendall(b"150 here\r\n")
+            try:
+                with sock:
+                    sock.sendall(listing if verb == "LIST" else b"hello")
+            except OSError:
+                conn.sendall(b"426 Connection closed; transfer aborted.\r\n")
+            else:
+                conn.sendall(b"226 done\r\n")
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    checks = {check.stage: check for check in run(hostile(lambda conn: logged_in(conn, answer)))}
+    for stage in ("data (passive)", "data (epsv)"):
+        assert checks[stage].status is Status.OK, checks[stage].summary
+        assert "RETR hello.txt 5 bytes" in checks[stage].summary
 
 
 def test_a_truncated_download_is_a_failure(hostile) -> None:
