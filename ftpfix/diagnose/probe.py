@@ -472,7 +472,7 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
     else:
         code, lines = _ask(control, "EPSV")
         match = _229.search(text(lines)) if code == 229 else None
-        if match is None:
+        if match is None or not 0 < int(match.group(2)) < 65536:  # (|||99999|) was a traceback
             return f"EPSV answered {text(lines)}"
         host, port, via = run.dialed, int(match.group(2)), ""
     outcome, sock, _, _ = dial(host, port, run.options.port_timeout)

@@ -423,6 +423,21 @@ def test_a_big_folder_is_no_data_failure(hostile, monkeypatch) -> None:
         assert "RETR hello.txt 5 bytes" in checks[stage].summary
 
 
+@pytest.mark.parametrize("port", ["99999", "65536", "0"])
+def test_a_229_naming_no_port_is_a_failure_not_a_traceback(port: str, hostile) -> None:
+    """``229 (|||99999|)`` ended the run in an OverflowError traceback from connect()."""
+
+    def answer(conn: socket.socket, line: str) -> None:
+        if line.upper().startswith("EPSV"):
+            conn.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+        else:
+            conn.sendall(b"502 no\r\n")
+
+    checks = {check.stage: check for check in run(hostile(lambda conn: logged_in(conn, answer)))}
+    assert checks["data (epsv)"].status is Status.FAIL, checks["data (epsv)"].summary
+    assert f"|||{port}|" in checks["data (epsv)"].summary
+
+
 def test_a_truncated_download_is_a_failure(hostile) -> None:
     """The listing says 5 bytes, the data connection closes after 3 and the server says 226:
     a router or proxy that cuts transfers short. Diagnose once said OK."""
