@@ -33,22 +33,33 @@ class UsageError(ValueError):
     """Bad arguments: exit status 2."""
 
 
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part written as ``***``."""
+    scheme, separator, rest = url.partition("://") if "://" in url else ("", "", url)
+    location, slash, path = rest.partition("/")
+    user, at, where = location.rpartition("@")
+    if at and ":" in user:
+        location = f"{user.partition(':')[0]}:***@{where}"
+    return f"{scheme}{separator}{location}{slash}{path}"
+
+
 def parse_target(
     url: str, *, user: str | None = None, password_file: Path | None = None, implicit: bool = False
 ) -> Target:
     """``ftp://[user[:password]@]host[:port][/file]`` (or ``ftps://``) as a ``Target``."""
     parts = urlsplit(url if "://" in url else f"ftp://{url}")
+    shown = without_password(url)  # errors end up in terminals' scrollback and CI logs
     if parts.scheme not in ("ftp", "ftps"):
-        raise UsageError(f"{url}: only ftp:// and ftps:// URLs")
+        raise UsageError(f"{shown}: only ftp:// and ftps:// URLs")
     try:
         port = parts.port
     except ValueError as error:
-        raise UsageError(f"{url}: {error}") from None
+        raise UsageError(f"{shown}: {error}") from None
     if port == 0:
-        raise UsageError(f"{url}: port 0 is no port to dial")
+        raise UsageError(f"{shown}: port 0 is no port to dial")
     host = parts.hostname
     if not host:
-        raise UsageError(f"{url}: no host")
+        raise UsageError(f"{shown}: no host")
     name = unquote(parts.username) if parts.username else None
     secret = unquote(parts.password) if parts.password is not None else None
     if user is not None:

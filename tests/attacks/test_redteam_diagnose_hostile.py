@@ -155,6 +155,16 @@ def test_a_password_file_without_end_is_bad_usage(capsys) -> None:
     assert "ftpfix diagnose:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "url", ["ftp://bob:s3cret@h:70000", "http://bob:s3cret@h", "ftp://bob:s3cret@:21/x", "bob:s3cret@h:0"]
+)
+def test_a_usage_error_never_shows_the_password(url: str, capsys) -> None:
+    """The usage errors quoted the URL as given, password and all, into scrollback and CI logs."""
+    assert main(["diagnose", url]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "bob:***@" in err, err
+
+
 def test_port_zero_is_bad_usage_not_port_21(capsys) -> None:
     """``ftp://host:0`` once tested port 21 instead, and said so only in passing."""
     assert main(["diagnose", "ftp://127.0.0.1:0", "--timeout", "2"]) == 2
