@@ -59,6 +59,11 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--implicit", action="store_true", help="implicit FTPS: TLS from the first byte (port 990)")
     command.add_argument("--ca", help="trust this CA bundle (PEM) when checking the certificate")
     command.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the password even over TLS whose certificate is not trusted (as curl -k)",
+    )
+    command.add_argument(
         "--private",
         action="append",
         metavar="NETWORK",

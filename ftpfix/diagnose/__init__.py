@@ -115,6 +115,7 @@ def run_url(arguments: Any, out: TextIO | None = None) -> int:
         active=arguments.active,
         private=private,
         ca=arguments.ca,
+        insecure=getattr(arguments, "insecure", False),
     )
     terminal = out.isatty()
     scheme = "ftps" if target.tls != "off" else "ftp"

@@ -328,6 +328,21 @@ def login(user: str, code: int | None, text: str) -> Check:
     )
 
 
+def password_withheld(seen: TlsSeen) -> Check | None:
+    """A FAIL when a password must not go over this TLS: whoever sits in the
+    middle of a connection whose certificate is not trusted, or names another
+    host, would read it. None when it may go."""
+    if seen.trusted and seen.name_matches is not False:
+        return None
+    why = "does not name the host dialed" if seen.trusted else "is not trusted"
+    return Check(
+        Stage.LOGIN,
+        Status.FAIL,
+        f"password not sent: the certificate {why}, so a man in the middle would read it",
+        "pass --ca FILE to trust the server's CA, or --insecure to send the password anyway (as curl -k)",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TlsSeen:
     """What the TLS handshake showed."""

@@ -97,6 +97,12 @@ class Options:
     active: bool = False
     private: tuple[Network, ...] = ()
     ca: str | None = None
+    #: Send a password over TLS whose certificate is not trusted (curl -k).
+    insecure: bool = False
+
+
+#: Users whose password is no secret (RFC 1635): sent over any TLS.
+ANONYMOUS_USERS = ("anonymous", "ftp")
 
 
 class _Lost(Exception):
@@ -262,6 +268,11 @@ def _session(run: _Run, connected: Check) -> None:
             ca=options.ca,
         )
         run.report(checks.tls(seen, error, asked=True))
+        private = not options.insecure and target.user.lower() not in ANONYMOUS_USERS
+        if seen is not None and private and (refusal := checks.password_withheld(seen)):
+            run.begin(Stage.LOGIN)
+            run.report(refusal)
+            raise _Stop("the password was not sent")
     # 5. login
     run.begin(Stage.LOGIN)
     code, lines = _ask(control, f"USER {target.user}")
