@@ -68,7 +68,7 @@ from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
 from .streams import ControlStream
-from .tls import HANDSHAKE_TIMEOUT, describe, server_context
+from .tls import HANDSHAKE_TIMEOUT, acknowledge_now, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -492,6 +492,7 @@ class ControlChannel:
             self.log.warning("TLS handshake failed", side="client", error=why)
             self.close_reason = f"TLS handshake failed: {why}"
             return None
+        acknowledge_now(self.streams[Side.CLIENT].socket)
         self.streams[Side.CLIENT] = ControlStream(stream)
         self.tls_summary = describe(stream)
         self._start_reader(Side.CLIENT)

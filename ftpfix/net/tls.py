@@ -17,6 +17,7 @@ pick up a renewed certificate (a reload or not) without a restart.
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 import trio
@@ -52,3 +53,112 @@ def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:
     """The negotiated version and cipher, for the log."""
     cipher = stream.cipher()
     return stream.version() or "?", cipher[0] if cipher else "?"
+
+
+def acknowledge_now(sock: socket.socket | trio.socket.SocketType | None) -> None:
+    """Send the ACK of what ``sock`` has received now, not at the delayed-ACK timer.
+
+    Called once a TLS handshake is done. trio's SSLStream holds a TLS 1.3
+    server's session tickets back until the first write (trio issue 819,
+    OpenSSL issue 7948), and on FTP's control connection the client speaks
+    next, so nothing carries the ACK of the client's Finished. A client with
+    Nagle on (TCP_NODELAY off: Python's ftplib, many others) holds its first
+    command until that ACK comes: 40 ms per session on Linux, which capped
+    control-port TLS sessions at a sixth of vsftpd's (tests/bench/ftps.py).
+    Setting TCP_QUICKACK sends a pending ACK at once (tcp(7)).
+    """
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except OSError:
+        pass  # not TCP, or already gone: nothing to acknowledge
+
+
+class TlsConnection:
+    """One TLS connection driven by hand: the socket, OpenSSL's state, and
+    the two memory buffers between them (``ssl.SSLContext.wrap_bio``).
+
+    OpenSSL encrypts into ``outgoing`` and decrypts from ``incoming``; the
+    owner moves ciphertext between them and ``sock``. Two tasks may use one
+    connection (a relay's two directions: decrypting can also produce output,
+    a TLS 1.3 KeyUpdate's answer), so ``flush`` takes the bytes out of
+    ``outgoing`` and sends them under one lock: ciphertext leaves in the
+    order OpenSSL made it.
+    """
+
+    __slots__ = ("_sending", "incoming", "outgoing", "sock", "tls")
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
+        self.sock, self.tls, self.incoming, self.outgoing = sock, tls, incoming, outgoing
+        self._sending = trio.Lock()
+
+    async def flush(self) -> None:
+        """Send everything OpenSSL has encrypted so far.
+
+        Error handling: raises OSError if the socket fails; a cancelled flush
+        leaves the connection unusable (part of a record may have gone out).
+        """
+        if not self.outgoing.pending:
+            return
+        try:
+            self._sending.acquire_nowait()  # the usual case, and no scheduling round
+        except trio.WouldBlock:
+            await self._sending.acquire()
+        try:
+            view = memoryview(self.outgoing.read())
+            sock, sent, total = self.sock, 0, len(view)
+            while sent < total:
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+        finally:
+            self._sending.release()
+
+    def describe(self) -> tuple[str, str]:
+        """The negotiated version and cipher, for the log."""
+        cipher = self.tls.cipher()
+        return self.tls.version() or "?", cipher[0] if cipher else "?"
+
+
+#: Bytes read from a socket at once while a data connection's handshake runs:
+#: a ClientHello and the client's second flight are a few hundred bytes each.
+HANDSHAKE_READ = 64 * 1024
+
+
+async def accept_tls(sock: socket.socket, context: ssl.SSLContext) -> TlsConnection:
+    """The TLS server handshake on a data connection's non-blocking ``sock``.
+
+    OpenSSL works on two memory buffers, not on the socket (``wrap_bio``):
+    the relay then moves ciphertext with large reads and writes of its own
+    (``relay_tls``), and the handshake needs no trio stream. Unlike
+    ``trio.SSLStream`` this sends TLS 1.3's session tickets at once: a data
+    connection's client never waits on them, and its kernel buffers them.
+
+    Resource handling: the caller owns ``sock`` and closes it.
+
+    Error handling: a client that sends garbage, fails the handshake or hangs
+    up raises OSError (ssl.SSLError is one; a hang-up mid-handshake is
+    ssl.SSLEOFError). The caller sets the deadline.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    connection = TlsConnection(sock, context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing)
+    while True:
+        try:
+            connection.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            await connection.flush()
+            try:
+                data = sock.recv(HANDSHAKE_READ)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()
+            continue
+        break
+    await connection.flush()
+    return connection
