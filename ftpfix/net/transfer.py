@@ -50,7 +50,7 @@ from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
-from .tls import HANDSHAKE_TIMEOUT
+from .tls import HANDSHAKE_TIMEOUT, TlsConnection, accept_tls
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -449,7 +449,7 @@ class Transfer:
             self._fail(f"cannot connect to the {who}")
             return None
 
-    async def _secure(self, client: socket.socket) -> trio.SSLStream[trio.SocketStream] | None:
+    async def _secure(self, client: socket.socket) -> TlsConnection | None:
         """The client's data connection with TLS done, ftpfix as the TLS server
         (RFC 4217: the FTP server is the TLS server on data connections,
         whichever end dialed), and resuming this control session's TLS session unless that
@@ -460,16 +460,15 @@ class Transfer:
             # PROT P is refused before AUTH, so this is a bug; fail closed.
             self._fail("TLS is not set up for this session")
             return None
-        stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
-            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
+                secured = await accept_tls(client, self._tls)
+        except (OSError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else _tls_error(error)
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._require_session_reuse and not stream.session_reused:
+        if self._require_session_reuse and not secured.tls.session_reused:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
@@ -477,7 +476,7 @@ class Transfer:
             )
             self._fail("the data connection must resume the TLS session of its control connection")
             return None
-        return stream
+        return secured
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
@@ -525,3 +524,12 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(normalize_host(host))
     except ValueError:
         return None
+
+
+def _tls_error(error: OSError) -> str:
+    """A failed handshake, said the way trio.SSLStream said it (the log's words)."""
+    if isinstance(error, ssl.SSLEOFError):
+        return "the client closed the connection during the TLS handshake"
+    if isinstance(error, ssl.SSLError):
+        return str(error)
+    return error.strerror or str(error)
