@@ -346,11 +346,21 @@ async def relay(
             nursery.start_soon(watch_for_stall, nursery)
 
 
-#: Bytes moved per system call on a TLS data connection, ciphertext from the
-#: client or plaintext from the backend. A TLS record carries at most 16 KiB,
-#: but OpenSSL encrypts and decrypts any number of them between memory
-#: buffers, so one ``recv_into`` and one ``send`` move sixteen records.
-TLS_CHUNK_SIZE = 256 * 1024
+#: Bytes moved per system call on a TLS data connection: plaintext from the
+#: backend (downloads), ciphertext from the client (uploads). A TLS record
+#: carries at most 16 KiB, but OpenSSL encrypts and decrypts any number of
+#: them between memory buffers, so one ``recv_into`` and one ``send`` move
+#: dozens. Downloads cost ftpfix 0.9-1.0 CPU-s/GB with 512 KiB, 1.1 with
+#: 256 KiB and 1.3 with 64 KiB (1 MiB: no better than 512); uploads cost
+#: the same with 256 or 512 KiB (tests/bench/ftps.py, alternating runs).
+TLS_DOWNLOAD_CHUNK = 512 * 1024
+TLS_UPLOAD_CHUNK = 256 * 1024
+
+#: What a TLS relay direction's buffers start at: one TLS record. A data
+#: connection carries one file one way, so the other direction moves a
+#: close_notify at most; a direction takes its full-size buffers only once a
+#: read fills this one, and an idle direction never holds them.
+TLS_FIRST_CHUNK = 16 * 1024
 
 
 async def relay_tls(
@@ -371,7 +381,7 @@ async def relay_tls(
     not built into every kernel: not into the one the benchmark ran on), so
     both directions go through ftpfix, as cheaply as Python allows: OpenSSL
     works between memory buffers (``TlsConnection``), each direction reads
-    256 KiB per system call into one reusable buffer and decrypts straight
+    up to 512 KiB per system call into one reusable buffer and decrypts straight
     into another, and no trio stream sits in between. ``tests/bench/ftps.py``
     measured ``trio.SSLStream`` here at twice the CPU per GB: it refills 32
     KiB at a time, and copies and allocates every chunk twice more.
@@ -403,14 +413,14 @@ async def relay_tls(
 
     async def upload(nursery: trio.Nursery) -> None:
         nonlocal upload_ended
-        ciphertext = memoryview(bytearray(TLS_CHUNK_SIZE))
-        size = TLS_CHUNK_SIZE if upload_limit is None else min(TLS_CHUNK_SIZE, upload_limit.burst)
-        plaintext = memoryview(bytearray(size))
+        full = TLS_UPLOAD_CHUNK if upload_limit is None else min(TLS_UPLOAD_CHUNK, upload_limit.burst)
+        ciphertext = memoryview(bytearray(TLS_FIRST_CHUNK))
+        plaintext = memoryview(bytearray(min(TLS_FIRST_CHUNK, full)))
         unyielded = 0
         try:
             while not upload_ended:
                 # Decrypt whatever whole records are buffered, into one chunk.
-                filled = 0
+                filled, size = 0, len(plaintext)
                 while filled < size:
                     try:
                         count = tls.read(size - filled, plaintext[filled:])
@@ -432,6 +442,8 @@ async def relay_tls(
                             unyielded = 0
                     stats.upload += filled
                     stats.last_progress = trio.current_time()
+                    if filled == size < full:
+                        plaintext = memoryview(bytearray(full))  # a real upload: full size now
                     if upload_limit is not None and (delay := upload_limit.take(filled, trio.current_time())):
                         await trio.sleep(delay)
                         unyielded = 0
@@ -449,6 +461,8 @@ async def relay_tls(
                     continue
                 if received:
                     client.incoming.write(ciphertext[:received])
+                    if received == len(ciphertext) < TLS_UPLOAD_CHUNK:
+                        ciphertext = memoryview(bytearray(TLS_UPLOAD_CHUNK))
                 else:
                     # The next read raises SSLEOFError unless close_notify came.
                     client.incoming.write_eof()
@@ -469,8 +483,8 @@ async def relay_tls(
 
     async def download(nursery: trio.Nursery) -> None:
         nonlocal download_done
-        size = TLS_CHUNK_SIZE if download_limit is None else min(TLS_CHUNK_SIZE, download_limit.burst)
-        plaintext = memoryview(bytearray(size))
+        full = TLS_DOWNLOAD_CHUNK if download_limit is None else min(TLS_DOWNLOAD_CHUNK, download_limit.burst)
+        plaintext = memoryview(bytearray(min(TLS_FIRST_CHUNK, full)))
         unyielded = 0
         try:
             while True:
@@ -483,6 +497,8 @@ async def relay_tls(
                 if received == 0:
                     break
                 tls.write(plaintext[:received])
+                if received == len(plaintext) < full:
+                    plaintext = memoryview(bytearray(full))  # a real download: full size now
                 await client.flush()
                 stats.download += received
                 stats.last_progress = trio.current_time()

@@ -22,7 +22,7 @@ from ftpfix.net.relay import RelayStats, relay_tls
 from ftpfix.net.tls import accept_tls
 from tests.harness.ftps import Certificates, make_certificates
 
-#: Bigger than the relay's 256 KiB chunk and the socket buffers, not a multiple of a TLS record.
+#: Bigger than the relay's chunks and the socket buffers, not a multiple of a TLS record.
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)
 
 
