@@ -29,8 +29,11 @@ costs the same for each target, so the ratio is what to read.
 
 Relay CPU is what the terminating process used per GB moved: ftpfix's own
 process; for mod_proxy and direct vsftpd the listener with the per-session
-processes it has reaped. The plain vsftpd behind ftpfix and mod_proxy is
-not counted: it is the same for both.
+processes it has reaped. The whole path adds curl and the plain vsftpd
+behind ftpfix and mod_proxy: the machine is shared and its load changes
+from second to second, so MB/s vary widely from run to run, while CPU
+seconds per GB barely do; when the CPUs are all busy, throughput follows
+the inverse of the whole path's CPU.
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ class Target:
     cipher: str = "?"
     retr: list[float] = field(default_factory=list)  # MB/s per run
     stor: list[float] = field(default_factory=list)
-    retr_cpu: list[float] = field(default_factory=list)  # CPU s/GB per run
+    retr_cpu: list[float] = field(default_factory=list)  # CPU s/GB per run, the TLS end
     stor_cpu: list[float] = field(default_factory=list)
+    retr_path: list[float] = field(default_factory=list)  # CPU s/GB per run, client + TLS end + backend
+    stor_path: list[float] = field(default_factory=list)
     handshakes: float = 0.0
 
 
@@ -303,18 +308,30 @@ class FtpsBench:
                 self._retr(target, size, run)
                 self._stor(target, size, run)
 
-    def _measure(self, target: Target, action) -> tuple[float, float, str, str]:  # type: ignore[no-untyped-def]
+    def _measure(self, target: Target, action) -> tuple[float, float, float, str, str]:  # type: ignore[no-untyped-def]
+        """(seconds, CPU of the TLS end, CPU of the whole path, curl's stdout, stderr).
+
+        The whole path is curl (reaped by this process), the TLS end, and the
+        plain vsftpd behind ftpfix and mod_proxy: on a machine whose CPUs are
+        all busy, throughput follows the inverse of it, whatever else runs.
+        """
         before = cpu_with_children(target.pid)
+        backend_before = cpu_with_children(self.server.process.pid)
+        client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         elapsed, out, err = action()
+        client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         time.sleep(0.3)  # the per-session processes of vsftpd and ProFTPD exit and are reaped
-        return elapsed, cpu_with_children(target.pid) - before, out, err
+        end = cpu_with_children(target.pid) - before
+        client = (client_after.ru_utime - client_before.ru_utime) + (client_after.ru_stime - client_before.ru_stime)
+        backend = cpu_with_children(self.server.process.pid) - backend_before
+        return elapsed, end, end + client + backend, out, err
 
     def _retr(self, target: Target, size: int, run: int) -> None:
         out = self.workdir / "retr.bin" if self.args.smoke else Path("/dev/null")
         args = ["-w", "%{size_download}", "-o", str(out), self.url(target, "big.bin")]
         if run == 0:
             args = ["-v", *args]
-        elapsed, cpu, stdout, stderr = self._measure(target, lambda: curl(target, self.certs, args))
+        elapsed, cpu, path, stdout, stderr = self._measure(target, lambda: curl(target, self.certs, args))
         if run == 0:
             target.cipher = next(
                 (line.split("using ", 1)[1] for line in stderr.splitlines() if "SSL connection using" in line), "?"
@@ -327,6 +344,7 @@ class FtpsBench:
             out.unlink()
         target.retr.append(size / elapsed / 1e6)
         target.retr_cpu.append(cpu / (size / 1e9))
+        target.retr_path.append(path / (size / 1e9))
         print(
             f"run {run} {target.name} RETR {size / elapsed / 1e6:.0f} MB/s, {cpu / (size / 1e9):.2f} CPU-s/GB",
             flush=True,
@@ -335,13 +353,14 @@ class FtpsBench:
     def _stor(self, target: Target, size: int, run: int) -> None:
         name = f"up-{target.name}-{run}.bin"
         args = ["-T", str(self.upload_source), self.url(target, name)]
-        elapsed, cpu, _, _ = self._measure(target, lambda: curl(target, self.certs, args))
+        elapsed, cpu, path, _, _ = self._measure(target, lambda: curl(target, self.certs, args))
         stored = self.server.files / name
         if not stored.exists() or sha256(stored) != self.big_digest:
             self.failures.append(f"{target.name} STOR: the stored file differs")
         stored.unlink(missing_ok=True)
         target.stor.append(size / elapsed / 1e6)
         target.stor_cpu.append(cpu / (size / 1e9))
+        target.stor_path.append(path / (size / 1e9))
         print(
             f"run {run} {target.name} STOR {size / elapsed / 1e6:.0f} MB/s, {cpu / (size / 1e9):.2f} CPU-s/GB",
             flush=True,
@@ -385,7 +404,14 @@ class FtpsBench:
             cpus = {name: med(getattr(target, f"{verb}_cpu")) for name, target in by.items()}
             rows.append(
                 f"| {verb.upper()} CPU s/GB of the TLS end (median) | {cpus['direct']:.2f} | {cpus['ftpfix']:.2f} | "
-                f"{cpus['mod_proxy']:.2f} | | | reported | |"
+                f"{cpus['mod_proxy']:.2f} | {cpus['ftpfix'] / cpus['direct']:.2f}x | "
+                f"{cpus['ftpfix'] / cpus['mod_proxy']:.2f}x | reported | |"
+            )
+            paths = {name: med(getattr(target, f"{verb}_path")) for name, target in by.items()}
+            rows.append(
+                f"| {verb.upper()} CPU s/GB of the whole path: curl + TLS end + plain vsftpd (median) | "
+                f"{paths['direct']:.2f} | {paths['ftpfix']:.2f} | {paths['mod_proxy']:.2f} | "
+                f"{paths['ftpfix'] / paths['direct']:.2f}x | {paths['ftpfix'] / paths['mod_proxy']:.2f}x | reported | |"
             )
         if all(target.handshakes for target in self.targets):
             rates = {name: target.handshakes for name, target in by.items()}
