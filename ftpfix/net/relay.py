@@ -43,14 +43,11 @@ import errno
 import fcntl
 import os
 import socket
-import ssl
 import struct
 import termios
 from dataclasses import dataclass, field
 
 import trio
-
-from .tls import TlsConnection
 
 #: Bytes read per ``recv_into``. Large reads amortise the per-call cost; past
 #: 256 KiB the gain is lost in the noise (128 KiB to 1 MiB measured alike for
@@ -346,25 +343,13 @@ async def relay(
             nursery.start_soon(watch_for_stall, nursery)
 
 
-#: Bytes moved per system call on a TLS data connection: plaintext from the
-#: backend (downloads), ciphertext from the client (uploads). A TLS record
-#: carries at most 16 KiB, but OpenSSL encrypts and decrypts any number of
-#: them between memory buffers, so one ``recv_into`` and one ``send`` move
-#: dozens. Downloads cost ftpfix 0.9-1.0 CPU-s/GB with 512 KiB, 1.1 with
-#: 256 KiB and 1.3 with 64 KiB (1 MiB: no better than 512); uploads cost
-#: the same with 256 or 512 KiB (tests/bench/ftps.py, alternating runs).
-TLS_DOWNLOAD_CHUNK = 512 * 1024
-TLS_UPLOAD_CHUNK = 256 * 1024
-
-#: What a TLS relay direction's buffers start at: one TLS record. A data
-#: connection carries one file one way, so the other direction moves a
-#: close_notify at most; a direction takes its full-size buffers only once a
-#: read fills this one, and an idle direction never holds them.
-TLS_FIRST_CHUNK = 16 * 1024
+#: Plaintext bytes read from a TLS stream at once: TLS records carry at
+#: most 16 KiB, and trio's SSLStream decrypts whatever arrived up to this.
+TLS_CHUNK_SIZE = 256 * 1024
 
 
 async def relay_tls(
-    client: TlsConnection,
+    client: trio.SSLStream[trio.SocketStream],
     backend: socket.socket,
     stats: RelayStats,
     upload_limit: TokenBucket | None = None,
@@ -373,19 +358,10 @@ async def relay_tls(
     stall_timeout: float = float("inf"),
     delivered: trio.Event | None = None,
 ) -> None:
-    """Relay plaintext between a protected data connection (``client``, its
-    handshake done) and the backend's plain ``backend`` socket, until both
-    directions end.
+    """Relay plaintext between a protected data connection (``client``, TLS
+    done) and the backend's plain ``backend`` socket, until both directions end.
 
-    Splice cannot see into TLS (the kernel's own TLS, which would let it, is
-    not built into every kernel: not into the one the benchmark ran on), so
-    both directions go through ftpfix, as cheaply as Python allows: OpenSSL
-    works between memory buffers (``TlsConnection``), each direction reads
-    up to 512 KiB per system call into one reusable buffer and decrypts straight
-    into another, and no trio stream sits in between. ``tests/bench/ftps.py``
-    measured ``trio.SSLStream`` here at twice the CPU per GB: it refills 32
-    KiB at a time, and copies and allocates every chunk twice more.
-
+    Splice cannot see into TLS, so both directions go through trio streams.
     TLS has no half-close, so the ends map this way:
 
     - the client's close_notify is its end of an upload: the backend gets a
@@ -393,136 +369,63 @@ async def relay_tls(
       alone, which an attacker can forge: the truncation attack) is a failure,
       so the backend gets a reset and never stores the fragment;
     - the backend's FIN is the end of a download: the client gets
-      close_notify and a FIN (``delivered`` is set then), and has
-      ``CLIENT_LINGER`` seconds to close its side.
+      close_notify and the connection closes (``delivered`` is set then).
 
     Resource handling and error handling: as ``relay``. The caller closes the
-    sockets.
+    sockets; ``client``'s transport is closed here once the download ends.
     """
     stats.last_progress = trio.current_time()
-    tls, sock = client.tls, client.sock
+    backend_stream = trio.SocketStream(trio.socket.from_stdlib_socket(backend))
+    raw_client = client.transport_stream.socket
     download_done = False
-    upload_ended = False  # the client's close_notify has come
 
     def fail(reason: str, nursery: trio.Nursery) -> None:
         if stats.error is None:
             stats.error = reason
         reset_on_close(backend)
-        reset_on_close(sock)
+        with contextlib.suppress(OSError):
+            raw_client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         nursery.cancel_scope.cancel()
 
+    async def pace(bucket: TokenBucket | None, count: int) -> None:
+        if bucket is not None and (delay := bucket.take(count, trio.current_time())):
+            await trio.sleep(delay)
+
     async def upload(nursery: trio.Nursery) -> None:
-        nonlocal upload_ended
-        full = TLS_UPLOAD_CHUNK if upload_limit is None else min(TLS_UPLOAD_CHUNK, upload_limit.burst)
-        ciphertext = memoryview(bytearray(TLS_FIRST_CHUNK))
-        plaintext = memoryview(bytearray(min(TLS_FIRST_CHUNK, full)))
-        unyielded = 0
         try:
-            while not upload_ended:
-                # Decrypt whatever whole records are buffered, into one chunk.
-                filled, size = 0, len(plaintext)
-                while filled < size:
-                    try:
-                        count = tls.read(size - filled, plaintext[filled:])
-                    except ssl.SSLWantReadError:
-                        break
-                    if count == 0:  # close_notify
-                        upload_ended = True
-                        break
-                    filled += count
-                if client.outgoing.pending:
-                    await client.flush()  # what reading made: a KeyUpdate's answer, an alert
-                if filled:
-                    sent = 0
-                    while sent < filled:
-                        try:
-                            sent += backend.send(plaintext[sent:filled])
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_writable(backend)
-                            unyielded = 0
-                    stats.upload += filled
-                    stats.last_progress = trio.current_time()
-                    if filled == size < full:
-                        plaintext = memoryview(bytearray(full))  # a real upload: full size now
-                    if upload_limit is not None and (delay := upload_limit.take(filled, trio.current_time())):
-                        await trio.sleep(delay)
-                        unyielded = 0
-                    elif (unyielded := unyielded + filled) >= YIELD_BYTES:
-                        await trio.lowlevel.checkpoint()
-                        unyielded = 0
-                    continue
-                if upload_ended:
-                    break
-                try:
-                    received = sock.recv_into(ciphertext)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    unyielded = 0
-                    continue
-                if received:
-                    client.incoming.write(ciphertext[:received])
-                    if received == len(ciphertext) < TLS_UPLOAD_CHUNK:
-                        ciphertext = memoryview(bytearray(TLS_UPLOAD_CHUNK))
-                else:
-                    # The next read raises SSLEOFError unless close_notify came.
-                    client.incoming.write_eof()
-        except ssl.SSLError as error:
+            while data := await client.receive_some(TLS_CHUNK_SIZE):
+                await backend_stream.send_all(data)
+                stats.upload += len(data)
+                stats.last_progress = trio.current_time()
+                await pace(upload_limit, len(data))
+        except trio.ClosedResourceError:
+            if not download_done:
+                raise
+            return  # the download closed the stream: the normal end of a download
+        except trio.BrokenResourceError as error:
             if download_done:
                 return  # the client hung up after its download: nothing was lost
-            if isinstance(error, ssl.SSLEOFError):
-                fail("the client's TLS stream broke off without close_notify", nursery)
-            else:
-                fail(f"the client's TLS stream failed ({error.reason or error})", nursery)
+            fail(f"the client's TLS stream broke off without close_notify ({error.__cause__ or error})", nursery)
             return
         except OSError as error:
-            if download_done:
-                return
             fail(f"client to server: {error.strerror or error}", nursery)
             return
         _shutdown_write(backend)
 
     async def download(nursery: trio.Nursery) -> None:
         nonlocal download_done
-        full = TLS_DOWNLOAD_CHUNK if download_limit is None else min(TLS_DOWNLOAD_CHUNK, download_limit.burst)
-        plaintext = memoryview(bytearray(min(TLS_FIRST_CHUNK, full)))
-        unyielded = 0
         try:
-            while True:
-                try:
-                    received = backend.recv_into(plaintext)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(backend)
-                    unyielded = 0
-                    continue
-                if received == 0:
-                    break
-                tls.write(plaintext[:received])
-                if received == len(plaintext) < full:
-                    plaintext = memoryview(bytearray(full))  # a real download: full size now
-                await client.flush()
-                stats.download += received
+            while data := await backend_stream.receive_some(TLS_CHUNK_SIZE):
+                await client.send_all(data)
+                stats.download += len(data)
                 stats.last_progress = trio.current_time()
-                if download_limit is not None and (delay := download_limit.take(received, trio.current_time())):
-                    await trio.sleep(delay)
-                    unyielded = 0
-                elif (unyielded := unyielded + received) >= YIELD_BYTES:
-                    await trio.lowlevel.checkpoint()
-                    unyielded = 0
-            # close_notify, then the TCP end: TLS's way of saying "that was all".
-            with contextlib.suppress(ssl.SSLWantReadError):
-                tls.unwrap()  # writes close_notify; the client's comes later, or never
-            try:
-                await client.flush()
-            except OSError:
-                # A client that ended its upload with close_notify may close
-                # before the backend does (curl after a STOR): it has said
-                # all, and needs nothing more from this side.
-                if not upload_ended:
-                    raise
+                await pace(download_limit, len(data))
             download_done = True
-            _shutdown_write(sock)
-        except (ssl.SSLError, OSError) as error:
-            fail(f"server to client: {getattr(error, 'strerror', None) or error}", nursery)
+            # close_notify, then the TCP end: TLS's way of saying "that was all".
+            await client.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            cause = error.__cause__ or error
+            fail(f"server to client: {getattr(cause, 'strerror', None) or cause}", nursery)
             return
         if delivered is not None:
             delivered.set()

@@ -49,8 +49,9 @@ from ..ports import PortPool
 from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
-from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
-from .tls import HANDSHAKE_TIMEOUT, TlsConnection, accept_tls
+from .relay import RelayStats, TokenBucket, relay, reset_on_close
+from .tls import HANDSHAKE_TIMEOUT
+from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -295,11 +296,11 @@ class Transfer:
                     # The backend has its data connection already (it may
                     # answer 150 only then, and the client may handshake
                     # only after the 150); the client's TLS comes now.
-                    secured = await self._secure(client)
+                    secured = await self._secure_data(client)
                     if secured is None:
                         return
                     self.connected = True
-                    await relay_tls(
+                    await relay_tls_plain(
                         secured,
                         backend,
                         self.stats,
@@ -449,7 +450,7 @@ class Transfer:
             self._fail(f"cannot connect to the {who}")
             return None
 
-    async def _secure(self, client: socket.socket) -> TlsConnection | None:
+    async def _secure(self, client: socket.socket) -> trio.SSLStream[trio.SocketStream] | None:
         """The client's data connection with TLS done, ftpfix as the TLS server
         (RFC 4217: the FTP server is the TLS server on data connections,
         whichever end dialed), and resuming this control session's TLS session unless that
@@ -460,9 +461,36 @@ class Transfer:
             # PROT P is refused before AUTH, so this is a bug; fail closed.
             self._fail("TLS is not set up for this session")
             return None
+        stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                secured = await accept_tls(client, self._tls)
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
+            self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
+            self._fail("the TLS handshake on the data connection failed")
+            return None
+        if self._require_session_reuse and not stream.session_reused:
+            # Each control session has a context of its own (tls.py), so a
+            # resumed session is necessarily this control session's.
+            self._log.warning(
+                "data connection refused: it did not resume the control session's TLS session", port=self.port
+            )
+            self._fail("the data connection must resume the TLS session of its control connection")
+            return None
+        return stream
+
+    async def _secure_data(self, client: socket.socket) -> TlsConnection | None:
+        """As ``_secure``, for a backend side that is plain: the handshake
+        driven by hand (``tlsdata.accept_data_tls``), for ``relay_tls_plain``.
+        """
+        if self._tls is None:
+            # PROT P is refused before AUTH, so this is a bug; fail closed.
+            self._fail("TLS is not set up for this session")
+            return None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                secured = await accept_data_tls(client, self._tls)
         except (OSError, trio.TooSlowError) as error:
             why = "timed out" if isinstance(error, trio.TooSlowError) else _tls_error(error)
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)

@@ -1,4 +1,4 @@
-"""The TLS data relay in process: ``accept_tls`` and ``relay_tls`` between a
+"""The TLS data relay in process: ``accept_data_tls`` and ``relay_tls_plain`` between a
 trio.SSLStream client and a plain backend, over real loopback socket pairs.
 
 How each end of a protected data connection maps to the other: close_notify
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from ftpfix.net.relay import RelayStats, relay_tls
-from ftpfix.net.tls import accept_tls
+from ftpfix.net.relay import RelayStats
+from ftpfix.net.tlsdata import accept_data_tls, relay_tls_plain
 from tests.harness.ftps import Certificates, make_certificates
 
 #: Bigger than the relay's chunks and the socket buffers, not a multiple of a TLS record.
@@ -72,8 +72,8 @@ def test_a_download_arrives_whole_and_ends_with_close_notify(certs: Certificates
             async with trio.open_nursery() as nursery:
 
                 async def relay_side() -> None:
-                    connection = await accept_tls(relay_end, _server_context(certs))
-                    await relay_tls(connection, backend, stats, delivered=delivered)
+                    connection = await accept_data_tls(relay_end, _server_context(certs))
+                    await relay_tls_plain(connection, backend, stats, delivered=delivered)
 
                 nursery.start_soon(relay_side)
                 client = await _client(certs, client_end)
@@ -104,8 +104,8 @@ def test_an_upload_ends_with_close_notify_as_a_fin(certs: Certificates) -> None:
             async with trio.open_nursery() as nursery:
 
                 async def relay_side() -> None:
-                    connection = await accept_tls(relay_end, _server_context(certs))
-                    await relay_tls(connection, backend, stats)
+                    connection = await accept_data_tls(relay_end, _server_context(certs))
+                    await relay_tls_plain(connection, backend, stats)
 
                 nursery.start_soon(relay_side)
                 client = await _client(certs, client_end)
@@ -135,9 +135,9 @@ def test_a_truncated_upload_is_reset_not_ended(certs: Certificates) -> None:
             async with trio.open_nursery() as nursery:
 
                 async def relay_side() -> None:
-                    connection = await accept_tls(relay_end, _server_context(certs))
+                    connection = await accept_data_tls(relay_end, _server_context(certs))
                     try:
-                        await relay_tls(connection, backend, stats)
+                        await relay_tls_plain(connection, backend, stats)
                     finally:
                         backend.close()  # as Transfer does: reset, since the relay failed
 
@@ -158,7 +158,7 @@ def test_garbage_instead_of_a_client_hello_fails_the_handshake(certs: Certificat
         client_end, relay_end = _pair()
         client_end.send(b"USER anonymous\r\n" * 10)
         with trio.fail_after(10), pytest.raises(ssl.SSLError):
-            await accept_tls(relay_end, _server_context(certs))
+            await accept_data_tls(relay_end, _server_context(certs))
 
     trio.run(main)
 
@@ -168,6 +168,6 @@ def test_a_client_that_hangs_up_mid_handshake_fails_it(certs: Certificates) -> N
         client_end, relay_end = _pair()
         client_end.close()
         with trio.fail_after(10), pytest.raises(OSError):
-            await accept_tls(relay_end, _server_context(certs))
+            await accept_data_tls(relay_end, _server_context(certs))
 
     trio.run(main)
