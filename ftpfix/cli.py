@@ -1,4 +1,4 @@
-"""The command line: ``ftpfix run``, ``check``, ``health`` and ``status``."""
+"""The command line: ``ftpfix run``, ``check``, ``health``, ``status`` and ``diagnose``."""
 
 from __future__ import annotations
 
@@ -36,10 +36,53 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "check":
             command.add_argument("--strict", action="store_true", help="exit 1 on warnings too, not only on errors")
+    _diagnose_parser(commands)
     commands.choices["health"].add_argument(
         "--ready", action="store_true", help="ask /readyz (backend greeting lately, not draining) instead of /healthz"
     )
     return parser
+
+
+def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
+    text = "walk the path to an FTP server stage by stage and name the stage that fails (see README)"
+    command = commands.add_parser("diagnose", help=text, description=text)
+    command.add_argument(
+        "url", nargs="?", help="ftp://[user[:password]@]host[:port][/file], or ftps:// (explicit AUTH TLS)"
+    )
+    command.add_argument("--config", type=Path, default=None, help="check this ftpfix host and its config instead")
+    command.add_argument("--user", help="log in as this user (default: the URL's, else anonymous)")
+    command.add_argument("--password-file", type=Path, help="read the password from this file's first line")
+    command.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    command.add_argument(
+        "--active", action="store_true", help="also test active mode (PORT): this host must be reachable"
+    )
+    command.add_argument("--implicit", action="store_true", help="implicit FTPS: TLS from the first byte (port 990)")
+    command.add_argument("--ca", help="trust this CA bundle (PEM) when checking the certificate")
+    command.add_argument(
+        "--private",
+        action="append",
+        metavar="NETWORK",
+        help="count this network as private, besides RFC 1918 and the like (repeatable), e.g. a LAN on odd addresses",
+    )
+    command.add_argument("--timeout", type=float, default=10.0, help="seconds for each control step (default 10)")
+    command.add_argument(
+        "--port-timeout", type=float, default=3.0, help="seconds before a passive port counts as dropped (default 3)"
+    )
+
+
+def diagnose(arguments: argparse.Namespace) -> int:
+    """``ftpfix diagnose URL`` or ``ftpfix diagnose --config FILE``: exit 0, 1, or 2 on bad usage."""
+    from .diagnose import run_host, run_url
+
+    if (arguments.url is None) == (arguments.config is None):
+        print(
+            "ftpfix diagnose: give a URL (run from outside) or --config FILE (run on the ftpfix host)", file=sys.stderr
+        )
+        return 2
+    if arguments.timeout <= 0 or arguments.port_timeout <= 0:
+        print("ftpfix diagnose: timeouts must be positive", file=sys.stderr)
+        return 2
+    return run_url(arguments) if arguments.url is not None else run_host(arguments)
 
 
 def version() -> str:
@@ -52,6 +95,8 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "diagnose":
+        return diagnose(arguments)
     path = arguments.config or default_path()
     try:
         config = load_config(path)

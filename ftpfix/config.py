@@ -271,6 +271,14 @@ def _key(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, help: 
     return field(default=default, metadata={"parse": parse, "help": help})
 
 
+class BackendProxyProtocol(enum.StrEnum):
+    """Whether ftpfix tells the backend the real client with a PROXY header."""
+
+    OFF = "off"
+    V1 = "v1"
+    V2 = "v2"
+
+
 class BackendTls(enum.StrEnum):
     """How ftpfix speaks to the backend."""
 
@@ -316,6 +324,12 @@ def _tls_version(value: Any) -> str:
 class Listen:
     address: tuple[str, ...] = _key(_addresses, ["0.0.0.0", "::"], "addresses the control listener binds")
     port: int = _key(_port, 21, "control port; the router forwards it here")
+    proxy_protocol: bool = _key(
+        _boolean, False, "read a PROXY protocol header (v1 or v2) from the trusted_proxies, naming the real client"
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        _networks, [], 'load balancers whose PROXY header is believed, e.g. ["10.0.0.0/8"]'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +341,11 @@ class Backend:
         _optional_port_range,
         None,
         "its own passive range (e.g. vsftpd's pasv_min_port-pasv_max_port); a 227 naming another port opens nothing",
+    )
+    proxy_protocol: BackendProxyProtocol = _key(
+        _choice(BackendProxyProtocol),
+        BackendProxyProtocol.OFF,
+        'send a PROXY protocol header naming the real client: "off", "v1" or "v2"',
     )
     tls: BackendTls = _key(_backend_tls, "off", 'TLS to the backend: "off" (only "off" is implemented so far)')
     tls_verify: bool = _key(_boolean, True, "verify the backend's certificate (with tls)")
@@ -517,6 +536,13 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
     notes: list[str] = []
     sections = {name: _build_section(name, cls, document.get(name, {}), where, notes) for name, cls in SECTIONS.items()}
     _check_tls(sections["tls"], where)
+    if sections["listen"].proxy_protocol and not sections["listen"].trusted_proxies:
+        # Only a trusted peer's header is believed: with none, every header
+        # would be refused, and every balanced client with it.
+        raise ConfigError(
+            f"{where}: [listen] proxy_protocol: true needs [listen] trusted_proxies, the balancers' "
+            'networks (e.g. ["10.0.0.0/8"]); with none, every PROXY header is refused'
+        )
     return Config(**sections, path=path, notes=tuple(notes))
 
 

@@ -42,6 +42,9 @@ class Endpoints:
     local: str
     backend: str
     backend_local: str
+    #: The address the client dialed, when a PROXY header said (the
+    #: balancer's); otherwise ``local`` is it.
+    dialed: str | None = None
 
 
 def advertised_address(endpoints: Endpoints, internal: bool, public: PublicAddress) -> ipaddress.IPv4Address | None:
@@ -51,7 +54,7 @@ def advertised_address(endpoints: Endpoints, internal: bool, public: PublicAddre
     address must be sent back to it, not out to the router; everyone else
     gets the public address.
     """
-    local = ipaddress.ip_address(endpoints.local)
+    local = ipaddress.ip_address(endpoints.dialed or endpoints.local)
     if internal:
         return local if isinstance(local, ipaddress.IPv4Address) else None
     return public.for_connection(local)

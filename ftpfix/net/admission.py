@@ -16,6 +16,10 @@ from .dispatch import MAX_TRANSFERS
 #: splice pipes (four descriptors).
 FDS_PER_SESSION = 2 + MAX_TRANSFERS * 7
 
+#: Sessions let in on an estimate before the open descriptors are counted
+#: again (``Admission``).
+MEASURE_EVERY = 100
+
 #: Descriptors kept free for everything else: listeners, logs, a health check,
 #: the public address lookup.
 FD_RESERVE = 16
@@ -51,10 +55,20 @@ class Admission:
     ``descriptors`` is the process's descriptor limit. As long as every
     session fits at its worst case (``FDS_PER_SESSION``) beside what was open
     at start, nothing is measured. Past that, each new session is let in only
-    if the descriptors open now leave room for one more at its worst case and
+    if the descriptors open leave room for one more at its worst case and
     the reserve, so a flood is refused with 421 before anything runs out
     (EMFILE), while idle sessions (two descriptors each) are not turned away
     for transfers they are not making.
+
+    Counting the open descriptors means listing ``/proc/self/fd``, which
+    costs time in proportion to what is open: done at every connection, ten
+    thousand sessions took minutes to set up, most of it in the kernel. So
+    the count is estimated, and measured again only when the estimate says
+    the room is running out: the last measurement, plus every session let in
+    since at its worst case, looked at afresh at least every
+    ``MEASURE_EVERY`` sessions. Sessions already in may open data connections
+    between two looks; a count at every connection could not foresee that
+    either, and ``FD_RESERVE`` and the transfer's own 425 cover it.
     """
 
     def __init__(self, descriptors: int | None = None, in_use: int = 0) -> None:
@@ -64,11 +78,21 @@ class Admission:
         budget = None if descriptors is None else descriptors - in_use - FD_RESERVE
         #: Sessions that fit at their worst case; beyond, admission measures.
         self.max_by_descriptors = None if budget is None else max(budget // FDS_PER_SESSION, 0)
+        self._measured: int | None = None  # descriptors open at the last look
+        self._admitted_since = 0  # sessions let in since then
 
     def _out_of_descriptors(self) -> bool:
         if self.descriptors is None or self.max_by_descriptors is None or self.total < self.max_by_descriptors:
             return False
-        return open_descriptors() + FDS_PER_SESSION + FD_RESERVE > self.descriptors
+        room = self.descriptors - FDS_PER_SESSION - FD_RESERVE
+        if (
+            self._measured is not None
+            and self._admitted_since < MEASURE_EVERY
+            and self._measured + self._admitted_since * FDS_PER_SESSION <= room
+        ):
+            return False
+        self._measured, self._admitted_since = open_descriptors(), 0
+        return self._measured > room
 
     def admit(self, host: str, config: Config) -> bytes | None:
         """Count the session in, or return the 421 that refuses it."""
@@ -83,6 +107,7 @@ class Admission:
             return b"421 Too many connections from your address (%d at most).\r\n" % limits.max_sessions_per_ip
         self.total += 1
         self.per_address[host] += 1
+        self._admitted_since += 1
         return None
 
     def leave(self, host: str) -> None:

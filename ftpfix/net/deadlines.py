@@ -1,14 +1,14 @@
 """A session's clocks: the login, idle and command-line deadlines, as one timer.
 
-The watchdog sleeps until the nearest deadline, or until the dispatcher says
-a nearer one appeared, and looks again: an idle session costs one timer, not
-a poll loop. When a deadline passes it posts ``Expired`` to the dispatcher,
-which sends the reply and ends the session.
+The dispatcher waits for its next input no longer than ``nearest()``, and
+looks again when it wakes: an idle session costs one timer, not a poll loop
+and not a task. When a deadline has passed, ``nearest()`` names it with an
+``Expired``, and the dispatcher sends its reply and ends the session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
@@ -40,7 +40,6 @@ class Deadlines:
         self._last_activity = now
         self._partial_since: float | None = None
         self._left_at: float | None = None  # the client closed its end by then
-        self._rearm = trio.Event()
 
     def client_spoke(self, partial: bool) -> None:
         """The client sent bytes; ``partial`` if a command line is unfinished."""
@@ -49,20 +48,18 @@ class Deadlines:
             self._partial_since = None
         elif self._partial_since is None:
             self._partial_since = self._last_activity
-            self._rearm.set()  # a nearer deadline for the watchdog
 
     def client_left(self, grace: float) -> None:
         """The client closed its end: the session ends ``grace`` seconds from now at the latest."""
         self._left_at = trio.current_time() + grace
-        self._rearm.set()
 
     def transfer_ended(self, connected: bool) -> None:
         """A transfer ended: the idle clock starts again if it moved data."""
         if connected:
             self._last_activity = trio.current_time()
-        self._rearm.set()
 
-    def _nearest(self, logged_in: bool, transfers: Iterable[Transfer]) -> tuple[float, Expired | None]:
+    def nearest(self, logged_in: bool, transfers: Iterable[Transfer]) -> tuple[float, Expired | None]:
+        """The nearest deadline, and what passing it means (None: only look again then)."""
         limits = self.limits
         now = trio.current_time()
         transfers = list(transfers)
@@ -91,20 +88,3 @@ class Deadlines:
             # No reply: there is nobody to read it.
             deadlines.append((self._left_at, Expired(b"", "client hung up")))
         return min(deadlines, key=lambda entry: entry[0])
-
-    async def watch(
-        self,
-        logged_in: Callable[[], bool],
-        transfers: Callable[[], Iterable[Transfer]],
-        send: trio.MemorySendChannel[Expired],
-    ) -> None:
-        """Post ``Expired`` on ``send`` once a deadline passes."""
-        async with send:
-            while True:
-                deadline, expired = self._nearest(logged_in(), transfers())
-                if deadline <= trio.current_time() and expired is not None:
-                    await send.send(expired)
-                    return
-                with trio.move_on_at(deadline):
-                    await self._rearm.wait()
-                self._rearm = trio.Event()

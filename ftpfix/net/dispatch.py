@@ -1,9 +1,10 @@
 """The dispatcher of one session: everything that happens goes to the core as
 an event, and what the core asks for is done, in order.
 
-Two reader tasks (one per control connection), the deadline watchdog, the
-transfers' outcomes and the shutdown all post to one unbuffered channel, and
-one loop takes them off it. Only that loop touches the core and writes to the
+Two reader tasks (one per control connection) and the transfers' outcomes
+post to one unbuffered channel, and one loop takes them off it; that loop
+waits no longer than the session's nearest deadline, and the shutdown wakes
+it. An idle session is thus three tasks: the loop and its two readers. Only that loop touches the core and writes to the
 control connections, so commands run strictly in the order the core emitted
 them, and a reply that ftpfix makes up can never overtake one the backend
 sent before it. The outcome of a command (a passive port opened, a transfer
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -67,6 +69,7 @@ from .dial import open_active_listener, open_passive_listener
 from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
+from .stopping import Stopping
 from .streams import ControlStream
 from .tls import HANDSHAKE_TIMEOUT, acknowledge_now, describe, server_context
 from .transfer import Timeouts, Transfer
@@ -159,6 +162,7 @@ def _build_policy(config: Config) -> Policy:
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         tls=config.tls.mode,
+        passive_ports=range(config.passive.ports.first, config.passive.ports.last + 1),
     )
 
 
@@ -179,7 +183,9 @@ class ControlChannel:
         backend: trio.abc.Stream,
         endpoints: Endpoints,
         log: FilteringBoundLogger,
-        shutdown: trio.Event | None = None,
+        shutdown: Stopping | None = None,
+        *,
+        greeted: bool = False,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -189,7 +195,7 @@ class ControlChannel:
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
-        self.core = Session(policy_of(config), client=client_address)
+        self.core = Session(policy_of(config), client=client_address, greeted=greeted)
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
@@ -199,6 +205,7 @@ class ControlChannel:
         self._nursery: trio.Nursery | None = None
         self._inputs: trio.MemorySendChannel[_Input] | None = None
         self._draining = False
+        self._waiting: trio.CancelScope | None = None  # while _next_input waits
         self._readers: dict[Side, tuple[trio.CancelScope, trio.Event]] = {}
         #: The TLS context of this session, once the client sent AUTH TLS
         #: (``tls.py``: one per session binds data connections to it).
@@ -231,23 +238,43 @@ class ControlChannel:
             async with send, receive:
                 for side in Side:
                     self._start_reader(side)
-                nursery.start_soon(
-                    self.deadlines.watch, lambda: self.core.logged_in, lambda: self._transfers, send.clone()
-                )
-                if self.shutdown is not None:
-                    nursery.start_soon(self._post_when, self.shutdown.wait, _Drain, send.clone())
-                async for item in receive:
-                    try:
-                        if not await self._dispatch(item):
+                with self.shutdown.waking(self._wake) if self.shutdown is not None else nullcontext():
+                    while True:
+                        item = await self._next_input(receive)
+                        try:
+                            if not await self._dispatch(item):
+                                break
+                        except ProtocolError as caught:
+                            error = caught
                             break
-                    except ProtocolError as caught:
-                        error = caught
-                        break
                 # Cancel before the channel closes, so a reader blocked in
                 # send() is cancelled rather than told the channel broke.
                 nursery.cancel_scope.cancel()
         if error is not None:
             raise error
+
+    async def _next_input(self, receive: trio.MemoryReceiveChannel[_Input]) -> _Input:
+        """The next input: a passed deadline or the shutdown first, else
+        what the readers and transfers post, waited for no longer than the
+        nearest deadline.
+
+        Only this loop makes a deadline nearer (a command line started, the
+        client left); elsewhere they only move later (a transfer ended), so
+        waking at a stale deadline and looking again is all it takes.
+        """
+        while True:
+            if self.shutdown is not None and self.shutdown.is_set() and not self._draining:
+                return _Drain()
+            deadline, expired = self.deadlines.nearest(self.core.logged_in, self._transfers)
+            if expired is not None and deadline <= trio.current_time():
+                return expired
+            with trio.move_on_at(deadline) as self._waiting:
+                return await receive.receive()
+
+    def _wake(self) -> None:
+        """The shutdown began: stop waiting, so ``_next_input`` sees it."""
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def _dispatch(self, item: _Input) -> bool:
         """Feed one input to the core and run what it asks; False once the session must end."""
@@ -608,6 +635,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                proxies=self.config.listen.trusted_proxies if self.config.listen.proxy_protocol else (),
             )
         )
         self.log.info(

@@ -25,7 +25,9 @@ from .addresses import Endpoints, is_address, normalize_host
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
+from .proxied import Arrival, PrefixedStream, backend_header
 from .public import PublicAddress
+from .stopping import Stopping
 from .streams import say_last
 
 _session_ids = itertools.count(1)
@@ -37,14 +39,21 @@ async def handle_client(
     config: Config,
     pool: PortPool,
     public: PublicAddress,
-    shutdown: trio.Event | None = None,
+    shutdown: Stopping | None = None,
+    arrival: Arrival | None = None,
 ) -> None:
     """Serve one client connection from accept to close.
 
-    ``client`` is the peer's address and port, read once at accept.
+    ``client`` is the client's address and port: the peer's, read once at
+    accept, or the one a trusted balancer's PROXY header named (``arrival``,
+    which also says what came after the header and whether ftpfix greeted).
     """
     session_id = next(_session_ids)
-    structlog.contextvars.bind_contextvars(session=session_id, client=f"{client[0]}:{client[1]}")
+    arrival = arrival if arrival is not None else Arrival(client=client)
+    bound = {"session": session_id, "client": f"{client[0]}:{client[1]}"}
+    if arrival.via is not None:
+        bound["proxy"] = arrival.via
+    structlog.contextvars.bind_contextvars(**bound)
     log: FilteringBoundLogger = structlog.get_logger("ftpfix.session")
     started = trio.current_time()
     log.info("session opened")
@@ -56,8 +65,11 @@ async def handle_client(
         # order, instead of losing it to the out-of-band byte (RFC 1123 4.1.3.1).
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        local = normalize_host(stream.socket.getsockname()[0])
-        backend = await _connect_backend(stream, config, log)
+        local_address = stream.socket.getsockname()
+        local = normalize_host(local_address[0])
+        dialed = arrival.dialed or (local, local_address[1])
+        header = backend_header(config.backend.proxy_protocol, client, dialed)
+        backend = await _connect_backend(stream, config, log, header)
         if backend is None:
             end = "backend_down"
             return
@@ -67,8 +79,12 @@ async def handle_client(
                 local=local,
                 backend=normalize_host(backend.socket.getpeername()[0]),
                 backend_local=normalize_host(backend.socket.getsockname()[0]),
+                dialed=arrival.dialed[0] if arrival.dialed is not None else None,
             )
-            channel = ControlChannel(config, pool, public, stream, backend, endpoints, log, shutdown)
+            client_stream: trio.abc.Stream = PrefixedStream(stream, arrival.rest) if arrival.rest else stream
+            channel = ControlChannel(
+                config, pool, public, client_stream, backend, endpoints, log, shutdown, greeted=arrival.greeted
+            )
             try:
                 await channel.run()
                 ended = True
@@ -111,16 +127,26 @@ async def handle_client(
 
 
 async def _connect_backend(
-    client: trio.SocketStream, config: Config, log: FilteringBoundLogger
+    client: trio.SocketStream, config: Config, log: FilteringBoundLogger, header: bytes = b""
 ) -> trio.SocketStream | None:
-    """The backend's control connection, or None after telling the client why not."""
+    """The backend's control connection, or None after telling the client why not.
+
+    ``header`` (a PROXY protocol header, ``[backend] proxy_protocol``) goes
+    out before anything else on it.
+    """
     backend = config.backend
     dialed = trio.current_time()
     try:
         with trio.fail_after(backend.connect_timeout):
             stream = await _dial(backend.address, backend.port, backend.connect_timeout)
+            if header:
+                try:
+                    await stream.send_all(header)
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
         METRICS.backend_connect_seconds.observe(trio.current_time() - dialed)
-    except (OSError, trio.TooSlowError) as error:
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
         METRICS.backend_connect_failures.inc()
         log.warning("backend unreachable", backend=f"{backend.address}:{backend.port}", error=str(error) or "timed out")
         await say_last(client, BACKEND_UNREACHABLE)

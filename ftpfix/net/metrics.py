@@ -40,8 +40,9 @@ from ..protocol import Tally
 SESSION_ENDS = ("quit", "timeout", "limit", "backend_down", "error", "client_hung_up", "shutdown", "other")
 
 #: ftpfix_refusals_total{kind}: strangers on data ports, PORT/EPRT bounce
-#: attempts, over-long command lines, the access lists, the session limits.
-REFUSAL_KINDS = ("stranger", "bounce", "long_line", "access", "limit")
+#: attempts, over-long command lines, the access lists, the session limits,
+#: trusted balancers whose PROXY header was bad, late or missing.
+REFUSAL_KINDS = ("stranger", "bounce", "long_line", "access", "limit", "proxy_header")
 
 #: ftpfix_rewrites_total{kind}.
 REWRITE_KINDS = ("227", "229", "alias", "epsv_translated")

@@ -92,6 +92,7 @@ def preflight(config: Config, *, dry_run: bool) -> list[Problem]:
     problems += _ephemeral_ports(config)
     problems += check_source_port(config)
     problems += _descriptors(config)
+    problems += _proxy_protocol(config)
     return problems
 
 
@@ -292,6 +293,29 @@ def _descriptors(config: Config) -> Iterator[Problem]:
             str(config.limits.max_sessions),
             f"may not fit the descriptor limit ({descriptors} descriptors, room for {fitting} sessions at their worst)",
             "raise the limit (ulimit -n, docker run --ulimit nofile=...) or lower max_sessions",
+        )
+
+
+def _proxy_protocol(config: Config) -> Iterator[Problem]:
+    listen = config.listen
+    if listen.trusted_proxies and not listen.proxy_protocol:
+        yield Problem(
+            Severity.WARNING,
+            "[listen] trusted_proxies",
+            None,
+            "is set, but [listen] proxy_protocol is false: no PROXY header is read, and every session "
+            "from a balancer counts as the balancer's own",
+            "set [listen] proxy_protocol = true, or remove trusted_proxies",
+        )
+    wide = [network for network in listen.trusted_proxies if network.prefixlen == 0]
+    if listen.proxy_protocol and wide:
+        yield Problem(
+            Severity.WARNING,
+            "[listen] trusted_proxies",
+            f'["{wide[0]}"]',
+            "trusts every address: any client can name itself any address in a PROXY header, and "
+            "direct clients are refused for sending none",
+            "list only the load balancers' own addresses",
         )
 
 

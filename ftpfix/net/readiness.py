@@ -15,6 +15,8 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Backend, Config
+from .proxied import backend_header
+from .stopping import Stopping
 
 #: Bytes of the greeting read: the reply code and the start of its text.
 #: A multi-line 220 (RFC 959 section 4.2, "220-") is told by its first line.
@@ -36,6 +38,10 @@ async def greets(backend: Backend) -> str | None:
         with trio.fail_after(backend.connect_timeout):
             stream = await trio.open_tcp_stream(backend.address, backend.port)
             try:
+                if header := backend_header(backend.proxy_protocol, None, None):
+                    # A backend that expects a PROXY header waits for it
+                    # before it greets: this check is ftpfix's own connection.
+                    await stream.send_all(header)
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < GREETING_PREFIX:
                     chunk = await stream.receive_some(GREETING_PREFIX - len(greeting))
@@ -73,7 +79,7 @@ def _describe(error: BaseException) -> str:
 class Readiness:
     """The last backend check and whether ftpfix is draining; read by /readyz."""
 
-    def __init__(self, stopping: trio.Event) -> None:
+    def __init__(self, stopping: Stopping) -> None:
         self.stopping = stopping
         #: trio.current_time() of the last 220, and the failure of the last check (None if it got one).
         self.greeted_at: float | None = None

@@ -22,8 +22,10 @@ from .edge import handle_client
 from .health import Response, open_health_listeners, probe_routes, serve_health
 from .metrics import METRICS, config_hash
 from .preflight import StartupError, refuse_or_warn
+from .proxied import receive_proxy_header, trusted
 from .public import PublicAddress
 from .readiness import Readiness, keep_checking
+from .stopping import Stopping
 from .streams import say_last
 from .transferlog import XFERLOG
 
@@ -49,8 +51,11 @@ class Server:
     def __init__(self, config: Config, descriptors: int | None = None) -> None:
         self.log = structlog.get_logger("ftpfix")
         self.admission = Admission(descriptors, open_descriptors() if descriptors is not None else 0)
+        #: Connections from trusted balancers whose PROXY header is not read
+        #: yet (at most ``[limits] max_sessions``; see ``proxied.py``).
+        self.awaiting_headers = 0
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
-        self.stopping = trio.Event()
+        self.stopping = Stopping()
         self._pools: dict[PortRange, PortPool] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
@@ -107,13 +112,15 @@ class Server:
             XFERLOG.configure(self.generation.config.log.xferlog)
             return
         old = self.generation.config
-        if (config.listen, config.active.source_port, config.metrics.listen) != (
-            old.listen,
+        if (config.listen.address, config.listen.port, config.active.source_port, config.metrics.listen) != (
+            old.listen.address,
+            old.listen.port,
             old.active.source_port,
             old.metrics.listen,
         ):
             self.log.warning(
-                "[listen], [active] source_port and [metrics] listen changes take effect only after a restart"
+                "[listen] address and port, [active] source_port and [metrics] listen changes take effect "
+                "only after a restart"
             )
         self.generation = self._build(config)
         METRICS.config_reloads.labels("ok").inc()
@@ -138,6 +145,31 @@ class Server:
             return
         try:
             generation = self.generation
+            arrival = None
+            if trusted(generation.config, host):
+                if self.awaiting_headers >= generation.config.limits.max_sessions:
+                    # Not admitted yet, so not counted by max_sessions: bound them too.
+                    METRICS.refusals.labels("limit").inc()
+                    self.log.warning(
+                        "too many connections waiting for a PROXY header; closing",
+                        proxy=host,
+                        waiting=self.awaiting_headers,
+                    )
+                    await trio.aclose_forcefully(stream)
+                    return
+                self.awaiting_headers += 1
+                try:
+                    arrival = await receive_proxy_header(
+                        stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
+                    )
+                finally:
+                    self.awaiting_headers -= 1
+                if arrival is None:
+                    METRICS.refusals.labels("proxy_header").inc()
+                    await trio.aclose_forcefully(stream)
+                    return
+                host = arrival.client[0]
+                peer = arrival.client
             refusal = self.admission.admit(host, generation.config)
             if refusal is not None:
                 METRICS.refusals.labels("access" if refusal.startswith(b"421 Access") else "limit").inc()
@@ -147,7 +179,13 @@ class Server:
                 return
             try:
                 await handle_client(
-                    stream, (host, peer[1]), generation.config, generation.pool, generation.public, self.stopping
+                    stream,
+                    (host, peer[1]),
+                    generation.config,
+                    generation.pool,
+                    generation.public,
+                    self.stopping,
+                    arrival,
                 )
             finally:
                 self.admission.leave(host)

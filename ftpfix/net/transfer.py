@@ -49,6 +49,7 @@ from ..ports import PortPool
 from .addresses import normalize_host
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
+from .proxied import receive_data_header
 from .relay import RelayStats, TokenBucket, relay, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
 from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
@@ -108,6 +109,7 @@ class Transfer:
         download_limit: TokenBucket | None = None,
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
+        proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     ) -> None:
         self.port = port
         self.peers = peers
@@ -141,6 +143,9 @@ class Transfer:
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
         self._strangers: list[str] = []  # refused peers, for the log
+        #: Balancers whose data connections start with a PROXY header naming
+        #: the real peer (``[listen] trusted_proxies``, with proxy_protocol on).
+        self._proxies = proxies
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -423,11 +428,25 @@ class Transfer:
                 if error.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the data port was closed") from None
                 raise
-            if not self._welcome(peer[0]):
-                self._log.warning("data connection from a stranger refused", peer=str(peer[0]), port=self.port)
+            host = str(peer[0])
+            if (
+                self._proxies
+                and (address := _address(host)) is not None
+                and any(address in network for network in self._proxies)
+            ):
+                sock.setblocking(False)
+                real = await receive_data_header(sock, host, self._log)
+                if real is None:
+                    METRICS.refusals.labels("proxy_header").inc()
+                    reset_on_close(sock)
+                    sock.close()
+                    continue
+                host = real
+            if not self._welcome(host):
+                self._log.warning("data connection from a stranger refused", peer=host, port=self.port)
                 METRICS.refusals.labels("stranger").inc()
                 if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(str(peer[0]))
+                    self._strangers.append(host)
                 reset_on_close(sock)
                 sock.close()
                 continue

@@ -63,6 +63,9 @@ class Policy:
 
     ``tls`` says whether ftpfix answers AUTH TLS, PBSZ and PROT itself
     (``TlsMode``); the backend never sees them.
+
+    ``passive_ports`` is ftpfix's own public passive range, the ports a 227
+    from ftpfix names; ``SITE FTPFIX`` reports it to a diagnosing client.
     """
 
     aliases: Mapping[bytes, bytes] = field(default_factory=lambda: DEFAULT_ALIASES)
@@ -75,3 +78,4 @@ class Policy:
     backend_port: int = 21
     backend_passive_ports: range | None = None
     tls: TlsMode = TlsMode.OFF
+    passive_ports: range | None = None

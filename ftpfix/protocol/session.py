@@ -136,6 +136,7 @@ from .grammar import (
 from .lines import TOO_LONG, LineBuffer
 from .logins import LOGIN_VERBS, loggable, login_outcome
 from .policy import Policy, TlsMode
+from .proxyheader import V2_SIGNATURE, looks_like_header
 from .state import TRANSITIONS, Waiting
 from .verbs import (
     ABOR_REPLIES,
@@ -223,11 +224,22 @@ class Session:
     order. While ``can_advance`` is True after that, send ``ReadOn``.
     """
 
-    def __init__(self, policy: Policy | None = None, client: IPv4Address | IPv6Address | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        client: IPv4Address | IPv6Address | None = None,
+        *,
+        greeted: bool = False,
+    ) -> None:
         self.policy = policy if policy is not None else Policy()
         #: The client's address, as its control connection comes from; None
         #: when unknown, and then every PORT and EPRT is refused.
         self.client = client
+        #: True when ftpfix has already sent the client a 220 of its own (a
+        #: balancer that sends the PROXY header only with the client's first
+        #: bytes, ``ftpfix.net.proxied``): the backend's greeting is then not
+        #: relayed, unless it refuses the session (4xx, 5xx).
+        self.greeted = greeted
         self.user: str | None = None
         #: True once the backend has accepted the login (230).
         self.logged_in = False
@@ -252,6 +264,10 @@ class Session:
         self.pbsz = False
         #: True after PROT P: data connections are TLS too.
         self.protected = False
+        #: The verb the client's last PASV arrived as: b"PASV", or the alias
+        #: it was repaired from (b"P@SW", the SMC Barricade's mangling); None
+        #: before the first. ``SITE FTPFIX`` tells a diagnosing client.
+        self.pasv_received: bytes | None = None
         self._state = Waiting.NOTHING
         self._client_lines = LineBuffer(self.policy.max_line)
         self._server_lines = LineBuffer(MAX_REPLY_LINE)
@@ -271,6 +287,12 @@ class Session:
         self._unsettled = False
         self._long_lines = 0
         self._client_eof = False
+        # The client's first bytes, until they are known not to start a PROXY
+        # protocol header (None then). A header here was not read by the
+        # shell, so it comes from a peer that is not trusted, or proxy_protocol
+        # is off: it is refused, never believed. No command is read meanwhile,
+        # so the empty lines that open the v2 signature are not answered.
+        self._opening: bytes | None = b""
 
     # -- what the shell may ask ---------------------------------------------
 
@@ -347,6 +369,8 @@ class Session:
         match event:
             case DataReceived(side=Side.CLIENT, data=data):
                 self._client_lines.feed(data)
+                if self._opening is not None and self._refuse_proxy_header(data, out):
+                    return out
             case DataReceived(side=Side.SERVER, data=data):
                 self._server_lines.feed(data)
             case ConnectionClosed(side=Side.CLIENT):
@@ -356,6 +380,7 @@ class Session:
                 # cannot reach a client that is gone: end it now, so neither
                 # the session nor its per-address slot outlives the client.
                 self._client_eof = True
+                self._opening = None
                 if not self.quitting and (self.transfer_outstanding() or self._state is Waiting.TRANSFER):
                     self._close(out, "client hung up")
                     return out
@@ -558,7 +583,31 @@ class Session:
 
     # -- client side -----------------------------------------------------
 
+    def _refuse_proxy_header(self, data: bytes, out: list[Command]) -> bool:
+        """Look at the client's first bytes; True if they start a PROXY header (refused)."""
+        assert self._opening is not None
+        self._opening += data[: len(V2_SIGNATURE) - len(self._opening)]
+        verdict = looks_like_header(self._opening)
+        if verdict is None:
+            return False
+        opening, self._opening = self._opening, None
+        if not verdict:
+            return False
+        version = "v2" if opening.startswith(V2_SIGNATURE) else "v1"
+        out.append(
+            Note(
+                "PROXY protocol header refused: only [listen] trusted_proxies may send one, "
+                "with [listen] proxy_protocol on",
+                level=Level.WARNING,
+                fields={"version": version},
+            )
+        )
+        self._close(out, f"PROXY protocol {version} header from a peer that is not trusted")
+        return True
+
     def _reading_commands(self) -> bool:
+        if self._opening is not None:
+            return False
         if self._state in (Waiting.CLOSED, Waiting.ACTIVE, Waiting.TLS) or len(self._pending) >= MAX_PENDING:
             return False
         # An exclusive command is alone on the wire until its reply is complete.
@@ -607,12 +656,15 @@ class Session:
                 )
                 self.answer(out, rejected.reply)
                 continue
+            received = verb
             alias = self.policy.aliases.get(verb)
             if alias is not None:
                 fields = {"received": verb.decode("latin-1"), "sent": alias.decode("latin-1")}
                 out.append(Note("command alias", level=Level.DEBUG, fields=fields))
                 out.append(Count(Tally.ALIAS))
                 verb = alias
+            if verb == b"PASV":
+                self.pasv_received = received
             if self._held_back(verb) is not None:
                 self._deferred = (verb, argument)
                 continue
@@ -672,7 +724,12 @@ class Session:
                 self._complete(out, line.code)
             elif line.last:
                 fields = {"reply": line.raw[:200].decode("latin-1")}
-                out.append(Note("preliminary reply dropped: the transfer was aborted or failed", fields=fields))
+                why = (
+                    "ftpfix greeted the client itself"
+                    if self._answering is not None and self._answering.verb == GREETING
+                    else "the transfer was aborted or failed"
+                )
+                out.append(Note(f"preliminary reply dropped: {why}", fields=fields))
             return
         if self._action is Action.RELAY:
             out.append(SendTo(Side.CLIENT, line.raw + CRLF))

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
+from .. import __version__
 from .commands import (
     AbortTransfer,
     CancelTransfer,
@@ -298,6 +299,54 @@ def _transfer(session: Session, verb: bytes, argument: bytes, out: list[Command]
     out.append(TransferStarted(download=verb in DOWNLOAD_VERBS, protected=session.protected))
 
 
+# -- SITE FTPFIX: ftpfix's own subcommand, for ``ftpfix diagnose`` ------------
+
+#: The SITE subcommand ftpfix answers itself and never forwards (RFC 959
+#: section 4.1.3 leaves SITE's arguments to each server).
+SITE_FTPFIX = b"FTPFIX"
+
+
+def site_ftpfix_reply(session: Session) -> bytes:
+    """The 211 (RFC 959: "system status") a diagnosing client reads.
+
+    It says only what this client can see for itself through ftpfix: the
+    version, the passive ports its 227s name, and how its own last PASV
+    arrived. No backend address, no internal network, no other session's
+    state: nothing here is news to someone who can already log in.
+    """
+    ports = session.policy.passive_ports
+    arrived = session.pasv_received
+    if arrived is None:
+        last = "none"
+    elif arrived == b"PASV":
+        last = "PASV"
+    else:
+        # An alias the admin configured: letters and '@' (parse_command), shown escaped all the same.
+        last = f"{loggable(arrived)} (repaired)"
+    lines = [
+        f"211-ftpfix {__version__}",
+        f" passive-ports: {f'{ports.start}-{ports.stop - 1}' if ports else 'unknown'}",
+        f" last-pasv: {last}",
+        "211 End of SITE FTPFIX.",
+    ]
+    return b"".join(reply(line) for line in lines)
+
+
+def _site(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
+    subcommand, _, rest = argument.strip(SEPARATORS).partition(b" ")
+    if subcommand.upper() != SITE_FTPFIX:
+        session.forward(verb, argument, out)
+        return
+    # Never forwarded, whatever follows: the backend must not see (or echo) it.
+    if rest.strip(SEPARATORS):
+        session.answer(out, reply("501 SITE FTPFIX takes no argument."))
+        return
+    if not session.logged_in:
+        session.answer(out, reply("530 Log in first (SITE FTPFIX)."))
+        return
+    session.answer(out, site_ftpfix_reply(session))
+
+
 def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
     session.answer(out, reply(REFUSED[verb]))
 
@@ -401,6 +450,7 @@ COMMANDS: dict[bytes, Handler] = {
     b"PBSZ": _tls_or_forward(_pbsz),
     b"PROT": _tls_or_forward(_prot),
     b"CCC": _ccc,
+    b"SITE": _site,
 }
 
 
@@ -421,6 +471,10 @@ def reply_action(session: Session, answering: _Forwarded, code: int) -> Action:
         return Action.TRANSFER
     if answering.probe:
         return Action.DROP  # ftpfix's own NOOP: its reply is for ftpfix alone
+    if answering.verb == b"" and session.greeted and code < 400:
+        # The greeting, when ftpfix already sent the client a 220 of its own
+        # (``Session.greeted``): a second one would answer the client's first command.
+        return Action.DROP
     gave_up = answering.aborted or answering.failed is not None
     if answering.aborted and code >= 400 and code not in (421, 426):
         # RFC 959 section 4.1.3: an aborted transfer is answered 426, whatever

@@ -44,7 +44,10 @@ e.  a healthy client (ftplib, trusting the 227) can still log in and RETR a
 f.  no transfer the fuzzer could check (RETR of a known file in TYPE I
     answered 226; STOR answered 226, then SIZE) arrived corrupted;
 g.  no reply that ftpfix makes up itself ("500 Empty command line.") reaches
-    the client after the reply to a command sent later.
+    the client after the reply to a command sent later;
+h.  a PROXY protocol header (v1 or v2, valid or not, alone or with a command
+    behind it) sent by a client after the greeting closes its session: the
+    fuzzer's ftpfix trusts no balancer, so no client may name an address.
 
 Reported but not failing: replies "out of step" (a strict command answered
 with a reply that cannot be its own), late backend replies, and the sessions
@@ -88,6 +91,7 @@ from typing import Any
 
 import trio
 
+from ftpfix.protocol.proxyheader import V2_SIGNATURE, format_v1, format_v2
 from tests.harness import legacy
 from tests.harness.procstat import open_fds, rss_kib
 from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
@@ -135,6 +139,7 @@ HOSTILE_CHOICES = frozenset(
         "close-at-once",
         "early-talker",
         "prelogin-hostile",
+        "proxy-header",
         "bogus_active",
         "pipelined",
         "mutated",
@@ -728,7 +733,14 @@ class FuzzSession:
 
     async def _run(self) -> None:
         opening = self.weighted(
-            {"normal": 82, "rst-at-once": 4, "close-at-once": 2, "early-talker": 5, "prelogin-hostile": 7}
+            {
+                "normal": 80,
+                "rst-at-once": 4,
+                "close-at-once": 2,
+                "early-talker": 5,
+                "prelogin-hostile": 7,
+                "proxy-header": 2,
+            }
         )
         try:
             self.ctl = await Conn.open(self.port, self.stats, self.check_line)
@@ -760,6 +772,8 @@ class FuzzSession:
         if greeting.code != 220:
             self.stats[f"greeting {greeting.code}"] += 1
             raise SessionEnd()
+        if opening == "proxy-header":
+            await self.act_proxy_header()
         if opening == "prelogin-hostile":
             for _ in range(self.rng.randint(1, 3)):
                 await self.rng.choice(
@@ -854,6 +868,31 @@ class FuzzSession:
         raise SessionEnd()
 
     # -- actions
+
+    async def act_proxy_header(self) -> None:
+        """Oracle h: a client's PROXY header, in any form, ends its session."""
+        assert self.ctl is not None
+        rng = self.rng
+        source = (".".join(str(rng.randint(1, 254)) for _ in range(4)), rng.randint(1, 65535))
+        header = rng.choice(
+            [
+                format_v1(source, ("127.0.0.1", 21)),
+                format_v2(source, ("127.0.0.1", 21)),
+                b"PROXY UNKNOWN\r\n",
+                V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00]),  # LOCAL
+                V2_SIGNATURE + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))),
+                b"PROXY " + bytes(rng.choice(b"TCP46 .:0123456789abcdefUNKOW") for _ in range(rng.randint(0, 120))),
+            ]
+        )
+        tail = rng.choice([b"", b"", b"USER anonymous\r\n", b"NOOP\r\nPASV\r\n"])
+        self.ctl.transcript.append(f"# proxy header {header[:40]!r}")
+        self.ended_on_purpose = True
+        await self.ctl.send(header + tail, commands=0)
+        if await self.ctl.eof_within(REPLY_TIMEOUT):
+            self.stats["PROXY headers refused"] += 1
+        else:
+            self.t.fail("h", "a client's PROXY header did not end its session", repr(header[:60]))
+        raise SessionEnd()
 
     async def act_simple(self) -> None:
         line = self.rng.choice(SIMPLE_COMMANDS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .netns import in_netns
@@ -35,6 +36,18 @@ FTPFIX_HOST = "192.0.2.10"
 BACKEND_HOST = "192.0.2.20"
 LAN_CLIENT = "192.0.2.30"
 PASSIVE_PORTS = "50000-50019"
+
+# The SMC Barricade bug: PASV at the start of a segment to port 21 becomes
+# P@SW, and pasv becomes p@sw.
+SMC_TABLE = """\
+table inet smc {
+    chain forward {
+        type filter hook forward priority mangle; policy accept;
+        tcp dport 21 @ih,0,32 0x50415356 @ih,0,32 set 0x50405357
+        tcp dport 21 @ih,0,32 0x70617376 @ih,0,32 set 0x70407377
+    }
+}
+"""
 
 
 def _run(*argv: str, input: str | None = None) -> None:
@@ -117,23 +130,63 @@ class NatLab:
         _run(*in_netns(self.router, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
         self.forward_control_to(FTPFIX_HOST)
 
-    def forward_control_to(self, lan_host: str) -> None:
-        """Port-forward 21 and the passive range to ``lan_host``, nothing else."""
-        first, last = PASSIVE_PORTS.split("-")
+    def forward_control_to(
+        self,
+        lan_host: str,
+        *,
+        control_port: int = 21,
+        forward_control: bool = True,
+        passive_ports: Iterable[int] | None = None,
+        smc: bool = True,
+        drop_unforwarded: bool = False,
+        loopback: bool = False,
+    ) -> None:
+        """Port-forward 21 and the passive range to ``lan_host``, nothing else.
+
+        ``control_port`` is the port on ``lan_host`` that public port 21 reaches;
+        ``forward_control=False`` leaves port 21 unforwarded. ``passive_ports``
+        forwards only those ports of the range (default: all of it). ``smc``
+        keeps the SMC Barricade's P@SW rule on. ``drop_unforwarded`` makes
+        the router drop new connections to its own address (ports it does not
+        forward) instead of answering them with a reset, as many consumer
+        routers do. ``loopback`` makes it loop LAN connections to the public
+        address back into the LAN (hairpin NAT), masquerading their source as
+        its own LAN address, as routers with "NAT loopback" do. The defaults
+        are the lab as the other tests know it.
+        """
+        first, last = (int(port) for port in PASSIVE_PORTS.split("-"))
+        ports = sorted(set(range(first, last + 1) if passive_ports is None else passive_ports))
+        inside = '{ "rw0", "br0" }' if loopback else '"rw0"'
+        control_rule = (
+            f"iifname {inside} ip daddr {PUBLIC} tcp dport 21 dnat to {lan_host}:{control_port}"
+            if forward_control
+            else ""
+        )
+        passive_rule = (
+            f"iifname {inside} ip daddr {PUBLIC} tcp dport {{ {_spans(ports)} }} dnat to {lan_host}" if ports else ""
+        )
+        loopback_rule = 'oifname "br0" ip saddr 192.0.2.0/24 ct status dnat masquerade' if loopback else ""
+        smc_table = SMC_TABLE if smc else ""
+        drop_rule = 'iifname "rw0" ct state new drop' if drop_unforwarded else ""
         ruleset = f"""\
 flush ruleset
 table ip nat {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "rw0" ip daddr {PUBLIC} tcp dport 21 dnat to {lan_host}:21
-        iifname "rw0" ip daddr {PUBLIC} tcp dport {first}-{last} dnat to {lan_host}
+        {control_rule}
+        {passive_rule}
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "rw0" ip saddr 192.0.2.0/24 masquerade
+        {loopback_rule}
     }}
 }}
 table inet filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        {drop_rule}
+    }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
@@ -141,16 +194,7 @@ table inet filter {{
         ct status dnat accept
     }}
 }}
-# The SMC Barricade bug: PASV at the start of a segment to port 21 becomes
-# P@SW, and pasv becomes p@sw.
-table inet smc {{
-    chain forward {{
-        type filter hook forward priority mangle; policy accept;
-        tcp dport 21 @ih,0,32 0x50415356 @ih,0,32 set 0x50405357
-        tcp dport 21 @ih,0,32 0x70617376 @ih,0,32 set 0x70407377
-    }}
-}}
-"""
+{smc_table}"""
         _run(*in_netns(self.router, ["nft", "-f", "-"]), input=ruleset)
 
     def mangles_pasv(self) -> bool:
@@ -170,5 +214,16 @@ table inet smc {{
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
-def new_lab() -> NatLab:
-    return NatLab(prefix=f"ftpfix{os.getpid()}")
+def new_lab(prefix: str = "ftpfix") -> NatLab:
+    return NatLab(prefix=f"{prefix}{os.getpid()}")
+
+
+def _spans(ports: list[int]) -> str:
+    """nftables' set syntax for sorted ports: ``50000-50009, 50012``."""
+    runs: list[list[int]] = []
+    for port in ports:
+        if runs and runs[-1][1] == port - 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)

@@ -125,6 +125,16 @@ WARNINGS = {
         "warning: [active] source_port = 0 lets the kernel pick the port",
         "remove it",
     ),
+    "trusted_proxies without proxy_protocol": (
+        lambda: CLEAN.replace("port = 2100", 'port = 2100\ntrusted_proxies = ["10.0.0.0/8"]'),
+        "warning: [listen] trusted_proxies: is set, but [listen] proxy_protocol is false",
+        "set [listen] proxy_protocol = true, or remove trusted_proxies",
+    ),
+    "every address trusted": (
+        lambda: CLEAN.replace("port = 2100", 'port = 2100\nproxy_protocol = true\ntrusted_proxies = ["0.0.0.0/0"]'),
+        'warning: [listen] trusted_proxies = ["0.0.0.0/0"] trusts every address',
+        "list only the load balancers' own addresses",
+    ),
 }
 
 ERRORS = {

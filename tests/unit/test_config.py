@@ -171,3 +171,43 @@ def test_tls_files_are_checked_at_start(tmp_path) -> None:
     document["backend"]["tls"] = "explicit"
     with pytest.raises(ConfigError, match=r"\[backend\] tls: 'explicit' is not supported yet"):
         parse_config(document)
+
+
+def test_proxy_protocol_keys(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert config.listen.proxy_protocol is False
+    assert config.listen.trusted_proxies == ()
+    assert config.backend.proxy_protocol == "off"
+    text = GOOD.replace(
+        "port = 21\n[backend]", 'port = 21\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8"]\n[backend]'
+    )
+    text = text.replace('address = "192.168.123.1"\n', 'address = "192.168.123.1"\nproxy_protocol = "v2"\n')
+    config = load_config(write(tmp_path, text))
+    assert config.listen.proxy_protocol is True
+    assert [str(network) for network in config.listen.trusted_proxies] == ["10.0.0.0/8"]
+    assert config.backend.proxy_protocol == "v2"
+    assert load_config(write(tmp_path, render_of(config))).listen == config.listen
+
+
+def render_of(config) -> str:
+    from ftpfix.config import render
+
+    return render(config)
+
+
+@pytest.mark.parametrize(
+    ("listen", "backend", "message"),
+    [
+        ("proxy_protocol = true\n", "", "[listen] proxy_protocol: true needs [listen] trusted_proxies"),
+        ('proxy_protocol = "yes"\n', "", "[listen] proxy_protocol: 'yes' is not true or false"),
+        ('trusted_proxies = ["10.0.0.0/33"]\n', "", "[listen] trusted_proxies:"),
+        ("", 'proxy_protocol = "v3"\n', "[backend] proxy_protocol: 'v3' is not one of off, v1, v2"),
+        ("", "proxy_protocol = true\n", "[backend] proxy_protocol: True is not one of off, v1, v2"),
+    ],
+)
+def test_proxy_protocol_errors(tmp_path: Path, listen: str, backend: str, message: str) -> None:
+    text = GOOD.replace("port = 21\n[backend]", f"port = 21\n{listen}[backend]")
+    text = text.replace('address = "192.168.123.1"\n', f'address = "192.168.123.1"\n{backend}')
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value), str(caught.value)

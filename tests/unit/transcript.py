@@ -209,6 +209,7 @@ def play(
     policy: Policy | None = None,
     client: IPv4Address | IPv6Address | None = None,
     notes: bool = False,
+    greeted: bool = False,
 ) -> Session:
     """Run a playbook: every ``step >> expected`` must produce exactly ``expected``.
 
@@ -218,7 +219,7 @@ def play(
     Returns the session as the whole run left it.
     """
     for byte_at_a_time in (True, False):
-        session = Session(policy, client=client)
+        session = Session(policy, client=client, greeted=greeted)
         for number, item in enumerate(script):
             step = item.step if isinstance(item, Expect) else item
             out = merge(run_step(session, step, byte_at_a_time=byte_at_a_time), notes=notes, debug=False)
