@@ -3,6 +3,7 @@
 #   docker build -t ftpfix .
 #   docker run -v ./ftpfix.toml:/etc/ftpfix/ftpfix.toml:ro --cap-drop ALL \
 #              -p 21:21 -p 50000-50019:50000-50019 ftpfix
+#   (add -p 990:990 with [tls] implicit_port = 990: implicit FTPS)
 #
 # The passive ports published must match [passive] ports in the config (or
 # $FTPFIX_PASSIVE_PORTS, which overrides it), and the router must forward the

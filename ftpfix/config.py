@@ -288,11 +288,7 @@ class BackendTls(enum.StrEnum):
 
 
 def _backend_tls(value: Any) -> BackendTls:
-    mode = _choice(BackendTls)(value)
-    if mode is not BackendTls.OFF:
-        # Not built yet (issue 11, item 6): refuse rather than pretend.
-        raise ValueError(f'{value!r} is not supported yet; only "off" is (TLS to the backend is not implemented)')
-    return mode
+    return _choice(BackendTls)(value)
 
 
 def _string(value: Any) -> str:
@@ -347,9 +343,11 @@ class Backend:
         BackendProxyProtocol.OFF,
         'send a PROXY protocol header naming the real client: "off", "v1" or "v2"',
     )
-    tls: BackendTls = _key(_backend_tls, "off", 'TLS to the backend: "off" (only "off" is implemented so far)')
-    tls_verify: bool = _key(_boolean, True, "verify the backend's certificate (with tls)")
-    tls_ca: str = _key(_string, "", "CA bundle for verifying the backend; empty: the system's")
+    tls: BackendTls = _key(
+        _backend_tls, "off", 'TLS to the backend: "off", "explicit" (AUTH TLS) or "implicit" (TLS from the first byte)'
+    )
+    tls_verify: bool = _key(_boolean, True, "verify the backend's certificate against its address or name (with tls)")
+    tls_ca: str = _key(_string, "", "CA bundle (PEM) for verifying the backend; empty: the system's")
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,12 +457,12 @@ class Metrics:
 
 @dataclass(frozen=True, slots=True)
 class Tls:
-    """FTPS towards clients (RFC 4217): ftpfix terminates TLS, the backend stays plain."""
+    """FTPS towards clients (RFC 4217): ftpfix terminates TLS; the backend's side is ``[backend] tls``."""
 
     mode: TlsMode = _key(_choice(TlsMode), TlsMode.OFF, 'explicit FTPS (AUTH TLS): "off", "optional" or "required"')
     certificate: str = _key(_path, "", "PEM certificate chain (leaf first); needed unless mode is off")
     key: str = _key(_path, "", "PEM private key of the certificate")
-    implicit_port: int = _key(_port, 0, "implicit FTPS listener (990 by convention); 0: none (not implemented yet)")
+    implicit_port: int = _key(_port, 0, "implicit FTPS listener (990 by convention), TLS from the first byte; 0: none")
     require_session_reuse: bool = _key(
         _boolean, True, "a PROT P data connection must resume its own control connection's TLS session"
     )
@@ -535,7 +533,8 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
             raise ConfigError(f"{where}: [{required}]: missing section")
     notes: list[str] = []
     sections = {name: _build_section(name, cls, document.get(name, {}), where, notes) for name, cls in SECTIONS.items()}
-    _check_tls(sections["tls"], where)
+    _check_tls(sections["tls"], sections["listen"], where)
+    _check_backend_tls(sections["backend"], sections["active"], where)
     if sections["listen"].proxy_protocol and not sections["listen"].trusted_proxies:
         # Only a trusted peer's header is believed: with none, every header
         # would be refused, and every balanced client with it.
@@ -546,12 +545,18 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
     return Config(**sections, path=path, notes=tuple(notes))
 
 
-def _check_tls(tls: Tls, where: str) -> None:
+def _check_tls(tls: Tls, listen: Listen, where: str) -> None:
     """Refuse at start what would fail at the first AUTH TLS: a missing,
     unreadable or mismatched certificate and key, named by key."""
-    if tls.implicit_port:
+    if tls.implicit_port and tls.mode is TlsMode.OFF:
         raise ConfigError(
-            f"{where}: [tls] implicit_port: {tls.implicit_port}: implicit FTPS is not implemented yet; use 0"
+            f'{where}: [tls] implicit_port: {tls.implicit_port} needs [tls] mode = "optional" or "required" '
+            "and a certificate; or set it to 0"
+        )
+    if tls.implicit_port and tls.implicit_port == listen.port:
+        raise ConfigError(
+            f"{where}: [tls] implicit_port: {tls.implicit_port} is [listen] port too; "
+            "implicit FTPS needs a port of its own (990 by convention)"
         )
     if tls.mode is TlsMode.OFF:
         return
@@ -575,6 +580,30 @@ def _check_tls(tls: Tls, where: str) -> None:
             f"{where}: [tls] certificate, key: {tls.certificate} and {tls.key} are not a PEM certificate chain "
             f"and its key: {error.reason or error}"
         ) from None
+
+
+def _check_backend_tls(backend: Backend, active: Active, where: str) -> None:
+    """Refuse at start a CA file that cannot verify anything, and a mode that
+    cannot work with TLS to the backend."""
+    if backend.tls == BackendTls.OFF:
+        return
+    if active.mode == ActiveMode.PASSTHROUGH:
+        raise ConfigError(
+            f'{where}: [active] mode: "passthrough" cannot work with [backend] tls = "{backend.tls}": the '
+            "backend's data connections are TLS with ftpfix's session, which a client cannot resume; "
+            'use "proxy"'
+        )
+    if backend.tls_ca:
+        try:
+            ssl.create_default_context(cafile=backend.tls_ca)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: [backend] tls_ca: {backend.tls_ca} does not exist") from None
+        except ssl.SSLError as error:  # an OSError too: first
+            raise ConfigError(
+                f"{where}: [backend] tls_ca: {backend.tls_ca} is not a PEM CA bundle: {error.reason or error}"
+            ) from None
+        except OSError as error:
+            raise ConfigError(f"{where}: [backend] tls_ca: cannot read {backend.tls_ca}: {error.strerror}") from None
 
 
 def load_config(path: Path) -> Config:

@@ -25,7 +25,7 @@ from functools import partial
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import AcceptDataFrom, Config
+from ..config import AcceptDataFrom, BackendTls, Config
 from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
@@ -64,6 +64,7 @@ from ..protocol import (
 from ..protocol.grammar import SHUTTING_DOWN
 from ..protocol.grammar import reply as reply_line
 from .addresses import Endpoints, advertised_address
+from .backend_tls import data_session
 from .deadlines import Deadlines, Expired
 from .dial import open_active_listener, open_passive_listener
 from .metrics import METRICS
@@ -71,7 +72,7 @@ from .public import PublicAddress
 from .relay import TokenBucket
 from .stopping import Stopping
 from .streams import ControlStream
-from .tls import HANDSHAKE_TIMEOUT, acknowledge_now, describe, server_context
+from .tls import HandshakeFailed, accept_tls, acknowledge_now, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -162,6 +163,7 @@ def _build_policy(config: Config) -> Policy:
         backend_port=config.backend.port,
         backend_passive_ports=range(passive_ports.first, passive_ports.last + 1) if passive_ports else None,
         tls=config.tls.mode,
+        backend_tls=config.backend.tls != BackendTls.OFF,
         passive_ports=range(config.passive.ports.first, config.passive.ports.last + 1),
     )
 
@@ -186,7 +188,15 @@ class ControlChannel:
         shutdown: Stopping | None = None,
         *,
         greeted: bool = False,
+        accepted: float | None = None,
+        implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None,
+        backend_tls: trio.SSLStream[trio.abc.Stream] | None = None,
     ) -> None:
+        """``implicit_tls`` is the context and the (version, cipher) of a
+        client that came in on the implicit FTPS port, its handshake done.
+        ``backend_tls`` is the backend's control connection when ftpfix
+        speaks TLS to it (``backend_tls.py``): its data connections resume
+        that session."""
         self.config = config
         self.pool = pool
         self.public = public
@@ -195,11 +205,15 @@ class ControlChannel:
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
-        self.core = Session(policy_of(config), client=client_address, greeted=greeted)
+        self.core = Session(
+            policy_of(config), client=client_address, greeted=greeted, implicit_tls=implicit_tls is not None
+        )
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
-        self.deadlines = Deadlines(config.limits)
+        # login_timeout runs from ``accepted``, when the client connected
+        # (before a PROXY header and the backend's dial), if known.
+        self.deadlines = Deadlines(config.limits, accepted)
         self._transfer: Transfer | None = None  # the newest: the one commands use
         self._transfers: list[Transfer] = []  # every one still running
         self._nursery: trio.Nursery | None = None
@@ -212,6 +226,11 @@ class ControlChannel:
         self.tls_context: ssl.SSLContext | None = None
         #: The negotiated TLS version and cipher, for the summary line.
         self.tls_summary: tuple[str, str] | None = None
+        if implicit_tls is not None:
+            self.tls_context, self.tls_summary = implicit_tls
+        self._backend_data_tls = (
+            partial(data_session, config=config, control=backend_tls) if backend_tls is not None else None
+        )
         self._last_backend_data = trio.current_time()
         self._transfer_started = self._last_backend_data  # when the last transfer command went out
         # Set while the core wants more from a side; read before each receive.
@@ -509,15 +528,11 @@ class ControlChannel:
             self.close_reason = "TLS certificate unavailable"
             return None
         await self._send(Side.CLIENT, reply)
-        raw = self.streams[Side.CLIENT].stream
-        stream = trio.SSLStream(raw, self.tls_context, server_side=True)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
-            why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
-            self.log.warning("TLS handshake failed", side="client", error=why)
-            self.close_reason = f"TLS handshake failed: {why}"
+            stream = await accept_tls(self.streams[Side.CLIENT].stream, self.tls_context)
+        except HandshakeFailed as error:
+            self.log.warning("TLS handshake failed", side="client", error=str(error))
+            self.close_reason = f"TLS handshake failed: {error}"
             return None
         acknowledge_now(self.streams[Side.CLIENT].socket)
         self.streams[Side.CLIENT] = ControlStream(stream)
@@ -635,6 +650,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                backend_tls=self._backend_data_tls,
                 proxies=self.config.listen.trusted_proxies if self.config.listen.proxy_protocol else (),
             )
         )
@@ -672,6 +688,7 @@ class ControlChannel:
                 download_limit=self._download_limit,
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
+                backend_tls=self._backend_data_tls,
             )
         )
         self.log.info("active mapping", client=f"{command.host}:{command.port}", listening=f"{listen_host}:{port}")

@@ -37,7 +37,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..protocol import Tally
 
 #: How a session ended, as the ``reason`` label of ftpfix_sessions_ended_total.
-SESSION_ENDS = ("quit", "timeout", "limit", "backend_down", "error", "client_hung_up", "shutdown", "other")
+SESSION_ENDS = (
+    "quit",
+    "timeout",
+    "limit",
+    "backend_down",
+    "error",
+    "client_hung_up",
+    "shutdown",
+    "tls_handshake",
+    "other",
+)
 
 #: ftpfix_refusals_total{kind}: strangers on data ports, PORT/EPRT bounce
 #: attempts, over-long command lines, the access lists, the session limits,
@@ -171,6 +181,8 @@ def session_end(reason: str) -> str:
         return "timeout"
     if "over-long" in text:
         return "limit"
+    if text.startswith("tls handshake failed"):
+        return "tls_handshake"
     if text.startswith("client"):
         return "client_hung_up"
     if text.startswith("backend"):

@@ -86,6 +86,7 @@ def preflight(config: Config, *, dry_run: bool) -> list[Problem]:
     problems = [_normalised(note) for note in config.notes]
     if dry_run:
         problems += _control_listeners(config)
+        problems += _implicit_listeners(config)
     problems += _backend(config)
     problems += _public_address(config)
     problems += _passive_listen_address(config)
@@ -156,6 +157,40 @@ def _control_listeners(config: Config) -> Iterator[Problem]:
             f"cannot be listened on: {_why(error)}",
             "name addresses of this machine, or 0.0.0.0 and :: for all",
         )
+
+
+def _implicit_listeners(config: Config) -> Iterator[Problem]:
+    """``[tls] implicit_port`` can be bound on each address: a port below 1024
+    needs the right to bind it, and another server may hold 990 already."""
+    port = config.tls.implicit_port
+    if not port:
+        return
+    for address in config.listen.address:
+        try:
+            with socket.socket(family(address), socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, port))
+        except PermissionError:
+            yield Problem(
+                Severity.ERROR,
+                "[tls] implicit_port",
+                str(port),
+                f"cannot be bound on {address}: it needs the right to bind privileged ports",
+                f"run ftpfix with CAP_NET_BIND_SERVICE or net.ipv4.ip_unprivileged_port_start <= {port}",
+            )
+        except OSError as error:
+            if ":" in address and error.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # as for the control port: IPv6 is missing here
+            severity = Severity.WARNING if error.errno == errno.EADDRINUSE else Severity.ERROR
+            yield Problem(
+                severity,
+                "[tls] implicit_port",
+                str(port),
+                f"cannot be bound on {address}: {_why(error)}",
+                "stop what holds it (is ftpfix running already?) or pick another port"
+                if severity is Severity.WARNING
+                else "name addresses of this machine in [listen] address",
+            )
 
 
 def _backend(config: Config) -> Iterator[Problem]:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -100,7 +100,9 @@ class Arrival:
     the address and port the client dialed on the balancer, when a header said
     so. ``via`` is the balancer that sent the header. ``rest`` is what the
     peer sent after the header: the client's first bytes. ``greeted`` is True
-    when ftpfix already sent ``OWN_GREETING``.
+    when ftpfix already sent ``OWN_GREETING``. ``accepted`` is when the
+    connection came (trio time): ``login_timeout`` runs from then, the wait
+    for the header included.
     """
 
     client: tuple[str, int]
@@ -108,6 +110,7 @@ class Arrival:
     via: str | None = None
     rest: bytes = b""
     greeted: bool = False
+    accepted: float | None = field(default=None, compare=False)
 
 
 def trusted(config: Config, host: str) -> bool:
@@ -120,12 +123,19 @@ def trusted(config: Config, host: str) -> bool:
 
 
 async def receive_proxy_header(
-    stream: trio.abc.Stream, peer: tuple[str, int], login_timeout: float, log: FilteringBoundLogger
+    stream: trio.abc.Stream,
+    peer: tuple[str, int],
+    login_timeout: float,
+    log: FilteringBoundLogger,
+    *,
+    greet: bool = True,
 ) -> Arrival | None:
     """Read a trusted peer's PROXY header; None (logged) if the connection must close.
 
     ``login_timeout`` bounds the wait for a header that comes with the
-    client's first command (see the module).
+    client's first command (see the module). ``greet`` False: never greet
+    in plain text meanwhile (the implicit FTPS port, where the client speaks
+    first, with its ClientHello, and a plain 220 would break its handshake).
     """
     where = {"proxy": f"{peer[0]}:{peer[1]}"}
     received = b""
@@ -137,10 +147,10 @@ async def receive_proxy_header(
             if not received:
                 log.info("balancer closed before sending a PROXY header (a TCP health check?)", **where)
                 return None
-        if not received:
+        if not received and greet:
             await stream.send_all(OWN_GREETING)
             greeted = True
-        deadline = started + (login_timeout if greeted else PROXY_HEADER_TIMEOUT)
+        deadline = started + (login_timeout if greeted or not received else PROXY_HEADER_TIMEOUT)
         first_byte = trio.current_time() if received else None
         header = parse(received)
         while header is None:
@@ -181,8 +191,10 @@ async def receive_proxy_header(
             version=header.version,
             **where,
         )
-        return Arrival(client=peer, via=peer[0], rest=rest, greeted=greeted)
-    return Arrival(client=header.client, dialed=header.dialed, via=peer[0], rest=rest, greeted=greeted)
+        return Arrival(client=peer, via=peer[0], rest=rest, greeted=greeted, accepted=started)
+    return Arrival(
+        client=header.client, dialed=header.dialed, via=peer[0], rest=rest, greeted=greeted, accepted=started
+    )
 
 
 #: Seconds between looks at a data connection's header while it is

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..config import Backend, Config
+from ..config import Backend, BackendTls, Config
+from .backend_tls import backend_context
 from .proxied import backend_header
 from .stopping import Stopping
 
@@ -36,12 +37,17 @@ async def greets(backend: Backend) -> str | None:
     """
     try:
         with trio.fail_after(backend.connect_timeout):
-            stream = await trio.open_tcp_stream(backend.address, backend.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(backend.address, backend.port)
             try:
                 if header := backend_header(backend.proxy_protocol, None, None):
                     # A backend that expects a PROXY header waits for it
                     # before it greets: this check is ftpfix's own connection.
                     await stream.send_all(header)
+                if backend.tls == BackendTls.IMPLICIT:
+                    # The greeting comes inside TLS (after any PROXY header);
+                    # a certificate that fails verification fails every
+                    # session, so it fails this too.
+                    stream = trio.SSLStream(stream, backend_context(backend), server_hostname=backend.address)
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < GREETING_PREFIX:
                     chunk = await stream.receive_some(GREETING_PREFIX - len(greeting))

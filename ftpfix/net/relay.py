@@ -348,43 +348,64 @@ async def relay(
 TLS_CHUNK_SIZE = 256 * 1024
 
 
+def _bottom_socket(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    layer: object = stream
+    while not isinstance(layer, trio.SocketStream):
+        layer = layer.transport_stream  # type: ignore[attr-defined]
+    return layer.socket
+
+
 async def relay_tls(
-    client: trio.SSLStream[trio.SocketStream],
-    backend: socket.socket,
+    client: trio.abc.Stream,
+    backend: socket.socket | trio.abc.Stream,
     stats: RelayStats,
     upload_limit: TokenBucket | None = None,
     download_limit: TokenBucket | None = None,
     *,
     stall_timeout: float = float("inf"),
     delivered: trio.Event | None = None,
+    download: bool = True,
 ) -> None:
-    """Relay plaintext between a protected data connection (``client``, TLS
-    done) and the backend's plain ``backend`` socket, until both directions end.
+    """Relay plaintext between two data connections of which at least one is
+    TLS, until both directions end: ``client`` (a ``trio.SSLStream`` with its
+    handshake done, or a ``trio.SocketStream``) and ``backend`` (a plain
+    socket, or a ``trio.SSLStream`` when ftpfix speaks TLS to the backend).
+    ``download`` says which way the transfer goes: TLS has no half-close, so
+    only an upload's end from the client ends the backend's stream.
 
     Splice cannot see into TLS, so both directions go through trio streams.
-    TLS has no half-close, so the ends map this way:
+    The ends map this way:
 
-    - the client's close_notify is its end of an upload: the backend gets a
-      FIN. A TLS stream that ends without close_notify (a reset, or a TCP FIN
-      alone, which an attacker can forge: the truncation attack) is a failure,
-      so the backend gets a reset and never stores the fragment;
-    - the backend's FIN is the end of a download: the client gets
-      close_notify and the connection closes (``delivered`` is set then).
+    - the client's end of an upload (close_notify, or a FIN from a plain
+      client) is passed on as the backend's kind of end: a FIN to a plain
+      backend, close_notify and a close to a TLS one. A TLS stream that ends
+      without close_notify (a reset, or a TCP FIN alone, which an attacker
+      can forge: the truncation attack) is a failure, so the other side gets
+      a reset and never stores the fragment;
+    - the backend's end of a download (its FIN, or close_notify) becomes the
+      client's: close_notify and a close for a TLS client, a FIN for a plain
+      one (``delivered`` is set then).
 
     Resource handling and error handling: as ``relay``. The caller closes the
-    sockets; ``client``'s transport is closed here once the download ends.
+    sockets; the streams' transports may be closed here once their side ended.
     """
     stats.last_progress = trio.current_time()
-    backend_stream = trio.SocketStream(trio.socket.from_stdlib_socket(backend))
-    raw_client = client.transport_stream.socket
+    backend_stream = (
+        backend if isinstance(backend, trio.abc.Stream) else trio.SocketStream(trio.socket.from_stdlib_socket(backend))
+    )
+    client_tls = isinstance(client, trio.SSLStream)
+    backend_tls = isinstance(backend_stream, trio.SSLStream)
+    raw = (_bottom_socket(client), _bottom_socket(backend_stream))
     download_done = False
+    upload_done = False
+    download_scope = trio.CancelScope()
 
     def fail(reason: str, nursery: trio.Nursery) -> None:
         if stats.error is None:
             stats.error = reason
-        reset_on_close(backend)
-        with contextlib.suppress(OSError):
-            raw_client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        for sock in raw:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         nursery.cancel_scope.cancel()
 
     async def pace(bucket: TokenBucket | None, count: int) -> None:
@@ -392,6 +413,7 @@ async def relay_tls(
             await trio.sleep(delay)
 
     async def upload(nursery: trio.Nursery) -> None:
+        nonlocal upload_done
         try:
             while data := await client.receive_some(TLS_CHUNK_SIZE):
                 await backend_stream.send_all(data)
@@ -405,32 +427,72 @@ async def relay_tls(
         except trio.BrokenResourceError as error:
             if download_done:
                 return  # the client hung up after its download: nothing was lost
-            fail(f"the client's TLS stream broke off without close_notify ({error.__cause__ or error})", nursery)
+            side = "client's TLS stream" if client_tls else "client's data connection"
+            fail(
+                f"the {side} broke off{' without close_notify' if client_tls else ''} ({error.__cause__ or error})",
+                nursery,
+            )
             return
         except OSError as error:
             fail(f"client to server: {error.strerror or error}", nursery)
             return
-        _shutdown_write(backend)
-
-    async def download(nursery: trio.Nursery) -> None:
-        nonlocal download_done
-        try:
-            while data := await backend_stream.receive_some(TLS_CHUNK_SIZE):
-                await client.send_all(data)
-                stats.download += len(data)
-                stats.last_progress = trio.current_time()
-                await pace(download_limit, len(data))
-            download_done = True
-            # close_notify, then the TCP end: TLS's way of saying "that was all".
-            await client.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            cause = error.__cause__ or error
-            fail(f"server to client: {getattr(cause, 'strerror', None) or cause}", nursery)
+        upload_done = True
+        if not backend_tls:
+            _shutdown_write(raw[1])  # type: ignore[arg-type]
             return
+        if download:
+            return  # a client that half-closes during a download: the backend's stream goes on
+        # TLS cannot half-close: the upload's end is close_notify and the
+        # connection's end; the backend sends nothing on an upload's
+        # connection, so the other direction stops first.
+        download_scope.cancel()
+        try:
+            await backend_stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            fail(f"client to server: the server's TLS stream broke off ({error.__cause__ or error})", nursery)
+            return
+        # And the client, which waits for the other direction's end (ftplib's
+        # unwrap() waits for close_notify), gets it now.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await send_end_to_client()
         if delivered is not None:
             delivered.set()
-        # The backend has finished; give the client a while to finish too.
-        nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + CLIENT_LINGER)
+        nursery.cancel_scope.cancel()
+
+    async def send_end_to_client() -> None:
+        if client_tls:
+            # close_notify, then the TCP end: TLS's way of saying "that was all".
+            await client.aclose()
+        else:
+            await client.send_eof()
+
+    async def download_task(nursery: trio.Nursery) -> None:
+        nonlocal download_done
+        with download_scope:
+            try:
+                while data := await backend_stream.receive_some(TLS_CHUNK_SIZE):
+                    await client.send_all(data)
+                    stats.download += len(data)
+                    stats.last_progress = trio.current_time()
+                    await pace(download_limit, len(data))
+                download_done = True
+                if backend_tls and download:
+                    # The backend's close_notify ended the file. It waits for
+                    # ours (or the close) before it sends 226 (vsftpd's
+                    # SSL_shutdown), so it gets both now, not when the client
+                    # gets round to closing its end.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await backend_stream.aclose()
+                await send_end_to_client()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                cause = error.__cause__ or error
+                what = "the server's TLS stream broke off without close_notify: " if backend_tls else ""
+                fail(f"server to client: {what}{getattr(cause, 'strerror', None) or cause}", nursery)
+                return
+            if delivered is not None:
+                delivered.set()
+            # The backend has finished; give the client a while to finish too.
+            nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + CLIENT_LINGER)
 
     async def watch_for_stall(nursery: trio.Nursery) -> None:
         while not download_done:
@@ -441,8 +503,16 @@ async def relay_tls(
                 return
             await trio.sleep_until(min(deadline, now + STALL_SAMPLE))
 
+    async def both(nursery: trio.Nursery) -> None:
+        # Once both directions are over, the relay is: the stall watch sleeps
+        # up to STALL_SAMPLE and must not hold the sockets open meanwhile (a
+        # TLS backend sends its 226 only once its data connection closed).
+        async with trio.open_nursery() as directions:
+            directions.start_soon(upload, nursery)
+            directions.start_soon(download_task, nursery)
+        nursery.cancel_scope.cancel()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(upload, nursery)
-        nursery.start_soon(download, nursery)
+        nursery.start_soon(both, nursery)
         if stall_timeout < float("inf"):
             nursery.start_soon(watch_for_stall, nursery)

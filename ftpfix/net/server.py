@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +17,7 @@ import trio
 
 from ..config import Config, ConfigError, load_config, render
 from ..ports import PortPool, PortRange
+from ..protocol.grammar import SHUTTING_DOWN
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
 from .edge import handle_client
@@ -27,6 +29,7 @@ from .public import PublicAddress
 from .readiness import Readiness, keep_checking
 from .stopping import Stopping
 from .streams import say_last
+from .tls import HandshakeFailed, accept_tls, server_context
 from .transferlog import XFERLOG
 
 __all__ = ["Server", "StartupError", "run", "serve"]
@@ -112,15 +115,22 @@ class Server:
             XFERLOG.configure(self.generation.config.log.xferlog)
             return
         old = self.generation.config
-        if (config.listen.address, config.listen.port, config.active.source_port, config.metrics.listen) != (
+        if (
+            config.listen.address,
+            config.listen.port,
+            config.active.source_port,
+            config.metrics.listen,
+            config.tls.implicit_port,
+        ) != (
             old.listen.address,
             old.listen.port,
             old.active.source_port,
             old.metrics.listen,
+            old.tls.implicit_port,
         ):
             self.log.warning(
-                "[listen] address and port, [active] source_port and [metrics] listen changes take effect "
-                "only after a restart"
+                "[listen] address and port, [active] source_port, [metrics] listen and [tls] implicit_port "
+                "changes take effect only after a restart"
             )
         self.generation = self._build(config)
         METRICS.config_reloads.labels("ok").inc()
@@ -128,8 +138,9 @@ class Server:
         await self.keep_public_address_fresh(nursery)
         self.log.info("config reloaded", path=str(path), sessions=self.admission.total)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """Admit one connection and serve it.
+    async def handle(self, stream: trio.SocketStream, *, implicit: bool = False) -> None:
+        """Admit one connection and serve it; ``implicit``: it came in on the
+        implicit FTPS port, and speaks TLS from its first byte.
 
         Error handling: this is the failure boundary of one connection (trio's
         serve_listeners lets a handler's exception crash the server). A peer
@@ -159,11 +170,28 @@ class Server:
                     return
                 self.awaiting_headers += 1
                 try:
-                    arrival = await receive_proxy_header(
-                        stream, (host, peer[1]), generation.config.limits.login_timeout, self.log
-                    )
+                    # SIGTERM ends the wait: nothing is in flight yet, so the
+                    # connection is idle and gets its 421 at once, like a session.
+                    with trio.CancelScope() as waiting, self.stopping.waking(waiting.cancel):
+                        if self.stopping.is_set():
+                            waiting.cancel()
+                        arrival = await receive_proxy_header(
+                            stream,
+                            (host, peer[1]),
+                            generation.config.limits.login_timeout,
+                            self.log,
+                            greet=not implicit,
+                        )
                 finally:
                     self.awaiting_headers -= 1
+                if waiting.cancelled_caught or (arrival is not None and self.stopping.is_set()):
+                    self.log.info(
+                        "shutting down: closing a connection that was waiting for its PROXY header", proxy=host
+                    )
+                    if not implicit:  # a client of the implicit port expects TLS, not a plain 421
+                        await say_last(stream, SHUTTING_DOWN)
+                    await trio.aclose_forcefully(stream)
+                    return
                 if arrival is None:
                     METRICS.refusals.labels("proxy_header").inc()
                     await trio.aclose_forcefully(stream)
@@ -174,7 +202,7 @@ class Server:
             if refusal is not None:
                 METRICS.refusals.labels("access" if refusal.startswith(b"421 Access") else "limit").inc()
                 self.log.warning("session refused", client=host, reason=refusal[4:-2].decode())
-                await say_last(stream, refusal)
+                await say_last(await self._refusal_channel(stream, generation.config) if implicit else stream, refusal)
                 await trio.aclose_forcefully(stream)
                 return
             try:
@@ -186,12 +214,28 @@ class Server:
                     generation.public,
                     self.stopping,
                     arrival,
+                    implicit=implicit,
                 )
             finally:
                 self.admission.leave(host)
         except Exception:
             self.log.exception("session crashed: this is a bug in ftpfix", client=host)
             await trio.aclose_forcefully(stream)
+
+    async def _refusal_channel(self, stream: trio.SocketStream, config: Config) -> trio.abc.Stream:
+        """Where an implicit FTPS client can read its 421: a TLS stream, after
+        a handshake that may take only ``REFUSAL_HANDSHAKE_TIMEOUT`` seconds
+        (a refused client must not hold ftpfix as long as an admitted one).
+        Plain text, which the client cannot read, if that fails."""
+        try:
+            return await accept_tls(stream, server_context(config.tls), REFUSAL_HANDSHAKE_TIMEOUT)
+        except (HandshakeFailed, OSError, ssl.SSLError):
+            return stream
+
+
+#: Seconds a refused implicit FTPS client has to finish its handshake and
+#: be told why (a 421) over TLS.
+REFUSAL_HANDSHAKE_TIMEOUT = 2.0
 
 
 async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
@@ -219,6 +263,38 @@ async def open_control_listeners(config: Config) -> list[trio.SocketListener]:
     return listeners
 
 
+async def open_implicit_listeners(config: Config) -> list[trio.SocketListener]:
+    """A listener on ``[tls] implicit_port`` of each ``[listen] address``, or
+    none if the port is 0. As ``open_control_listeners``, errors included.
+    """
+    port = config.tls.implicit_port
+    if not port:
+        return []
+    log = structlog.get_logger("ftpfix")
+    listeners: list[trio.SocketListener] = []
+    for address in config.listen.address:
+        try:
+            listeners += await trio.open_tcp_listeners(port, host=address)
+        except OSError as error:
+            if ":" in address and error.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                log.warning("IPv6 is not available; implicit FTPS on IPv4 only", address=address)
+                continue
+            for listener in listeners:
+                await listener.aclose()
+            hint = " (a port below 1024 needs CAP_NET_BIND_SERVICE)" if error.errno == errno.EACCES else ""
+            raise StartupError(
+                f"cannot listen on [{address}]:{port} ([tls] implicit_port): {error.strerror or error}{hint}"
+            ) from None
+    if not listeners:
+        raise StartupError("no implicit FTPS listener could be opened ([tls] implicit_port)")
+    return listeners
+
+
+def _names(listeners: list[trio.SocketListener]) -> list[str]:
+    bound = [listener.socket.getsockname()[:2] for listener in listeners]
+    return [f"{host}:{port}" if ":" not in host else f"[{host}]:{port}" for host, port in bound]
+
+
 async def serve(
     config: Config,
     stop: trio.Event,
@@ -239,18 +315,23 @@ async def serve(
     log = structlog.get_logger("ftpfix")
     await refuse_or_warn(config)
     listeners = await open_control_listeners(config)
+    try:
+        implicit_listeners = await open_implicit_listeners(config)
+    except StartupError:
+        for listener in listeners:
+            await listener.aclose()
+        raise
     probe_listeners = []
     if config.metrics.listen is not None:
         try:
             probe_listeners = await open_health_listeners(config.metrics.listen)
         except OSError as error:
-            for listener in listeners:
+            for listener in listeners + implicit_listeners:
                 await listener.aclose()
             raise StartupError(
                 f"cannot listen on [metrics] listen = {config.metrics.listen}: {error.strerror or error}"
             ) from None
     server = Server(config, raise_descriptor_limit())
-    bound = [listener.socket.getsockname()[:2] for listener in listeners]
     probes: list[str] = []
     async with trio.open_nursery() as background:
         await server.keep_public_address_fresh(background)
@@ -265,9 +346,19 @@ async def serve(
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(partial(trio.serve_listeners, server.handle, listeners, handler_nursery=sessions))
+                if implicit_listeners:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            partial(server.handle, implicit=True),
+                            implicit_listeners,
+                            handler_nursery=sessions,
+                        )
+                    )
                 log.info(
                     "listening",
-                    control=[f"{host}:{port}" if ":" not in host else f"[{host}]:{port}" for host, port in bound],
+                    control=_names(listeners),
+                    **({"implicit_tls": _names(implicit_listeners)} if implicit_listeners else {}),
                     backend=f"{config.backend.address}:{config.backend.port}",
                     public_address=config.passive.public_address,
                     passive_ports=str(config.passive.ports),

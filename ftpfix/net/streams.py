@@ -71,7 +71,19 @@ class ControlStream:
         )
 
     def readable_now(self) -> bool:
-        """True if bytes (or the end) can be read without waiting."""
+        """True if bytes (or the end) can be read without waiting.
+
+        Through TLS (a backend spoken to in FTPS), only bytes already
+        decrypted count: a readable socket may hold nothing but a TLS record
+        without data (a TLS 1.3 session ticket), and reading it would wait
+        for the next reply with this one held back.
+        """
+        layer = self.stream
+        if getattr(layer, "waiting", False):
+            return True  # the greeting read while TLS was set up (backend_tls.Prefixed)
+        layer = getattr(layer, "transport_stream", layer) if hasattr(layer, "waiting") else layer
+        if isinstance(layer, trio.SSLStream):
+            return bool(layer.pending())
         if self.socket is None:
             return False
         return bool(_poll(self.socket.fileno(), select.POLLIN))

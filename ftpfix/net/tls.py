@@ -49,6 +49,38 @@ def server_context(tls: Tls) -> ssl.SSLContext:
     return context
 
 
+class HandshakeFailed(Exception):
+    """A TLS handshake did not complete; the message says why, for the log."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a handshake or a TLS stream failed, as the log says it."""
+    if isinstance(error, trio.TooSlowError):
+        return "timed out"
+    cause = error.__cause__ or error
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or cause.strerror or str(cause)
+    return str(cause) or type(cause).__name__
+
+
+async def accept_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext, timeout: float = HANDSHAKE_TIMEOUT
+) -> trio.SSLStream[trio.abc.Stream]:
+    """``stream`` with a TLS handshake done, ftpfix as the TLS server.
+
+    Error handling: raises HandshakeFailed if the peer sends something that
+    is not TLS, closes or resets mid-handshake, or does not finish within
+    ``timeout`` seconds. ``stream`` is left to the caller to close.
+    """
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
+        raise HandshakeFailed(failure_reason(error)) from None
+    return tls
+
+
 def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:
     """The negotiated version and cipher, for the log."""
     cipher = stream.cipher()

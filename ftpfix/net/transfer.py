@@ -47,10 +47,11 @@ from structlog.typing import FilteringBoundLogger
 from ..config import AcceptDataFrom
 from ..ports import PortPool
 from .addresses import normalize_host
+from .backend_tls import BackendTlsFailed
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .proxied import receive_data_header
-from .relay import RelayStats, TokenBucket, relay, reset_on_close
+from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
 from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
 
@@ -60,6 +61,11 @@ KNOCK_TIMEOUT = 1.0
 
 #: Refused strangers a transfer remembers for its log line.
 STRANGERS_LOGGED = 4
+
+#: Connections from outside ``accept_data_from`` a TLS-bound transfer holds
+#: until its TLS session decides (``Transfer._accept_peer_or_held``); more
+#: are refused at once, so nobody can pile up descriptors on a data port.
+MAX_HELD = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,7 @@ class Transfer:
         download_limit: TokenBucket | None = None,
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
+        backend_tls: Callable[[trio.SocketStream], Awaitable[trio.SSLStream[trio.SocketStream]]] | None = None,
         proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     ) -> None:
         self.port = port
@@ -129,6 +136,7 @@ class Transfer:
         self._limits = (upload_limit, download_limit)
         self._tls = tls
         self._require_session_reuse = require_session_reuse
+        self._backend_tls = backend_tls  # secures the backend's side, resuming its control session
         self._scope = trio.CancelScope()
         self._accepted = trio.Event()
         self._delivered = trio.Event()
@@ -143,6 +151,9 @@ class Transfer:
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
         self._strangers: list[str] = []  # refused peers, for the log
+        self._held: list[socket.socket] = []  # strangers that may yet prove their TLS session
+        self._more_held = trio.Event()
+        self._tentative = False  # the accepted peer is a held stranger: its TLS session decides
         #: Balancers whose data connections start with a PROXY header naming
         #: the real peer (``[listen] trusted_proxies``, with proxy_protocol on).
         self._proxies = proxies
@@ -297,10 +308,11 @@ class Transfer:
                 # level the port was opened with moved files in the clear
                 # after PROT C, PASV, PROT P (red team).
                 await self._told.wait()
-                if self._protected:
+                if self._protected and self._backend_tls is None:
                     # The backend has its data connection already (it may
                     # answer 150 only then, and the client may handshake
-                    # only after the 150); the client's TLS comes now.
+                    # only after the 150); the client's TLS comes now. The
+                    # common FTPS case has a path of its own (tlsdata.py).
                     secured = await self._secure_data(client)
                     if secured is None:
                         return
@@ -314,7 +326,7 @@ class Transfer:
                         stall_timeout=self._timeouts.stall,
                         delivered=self._delivered,
                     )
-                else:
+                elif not self._protected and self._backend_tls is None:
                     self.connected = True
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._end_after_download, backend)
@@ -328,6 +340,27 @@ class Transfer:
                             delivered=self._delivered,
                         )
                         nursery.cancel_scope.cancel()
+                else:
+                    # The backend's TLS first: a server may answer 150 only
+                    # once its data connection is secured, and the client
+                    # may handshake only after the 150.
+                    backend_side = await self._secure_backend(backend)
+                    if backend_side is None:
+                        return
+                    client_side = await self._secure(client) if self._protected else _stream(client)
+                    if client_side is None:
+                        return
+                    self.connected = True
+                    await relay_tls(
+                        client_side,
+                        backend_side,
+                        self.stats,
+                        upload,
+                        download,
+                        stall_timeout=self._timeouts.stall,
+                        delivered=self._delivered,
+                        download=self._download,
+                    )
                 if self.stats.error is not None:
                     self._fail(self.stats.error)
         except OSError as error:
@@ -336,6 +369,10 @@ class Transfer:
             self._log.warning("data connection failed: out of resources", port=self.port, error=error.strerror)
             self._fail("ftpfix is out of resources, try again later")
         finally:
+            for sock in self._held:  # strangers that never proved anything
+                reset_on_close(sock)
+                sock.close()
+            self._held.clear()
             for sock in (accepted, dialed):
                 if sock is not None:
                     if self.failure is not None:
@@ -363,7 +400,7 @@ class Transfer:
     async def _accept(self) -> socket.socket | None:
         with trio.move_on_after(self._timeouts.accept) as waiting:
             try:
-                accepted = await self._accept_peer()
+                accepted = await self._accept_peer_or_held()
             except trio.ClosedResourceError:
                 self._fail("the data port was closed")
                 return None
@@ -406,6 +443,51 @@ class Transfer:
             )
         return f"a stranger, outside {self.peers}: port stealing (RFC 2577 section 5)?"
 
+    @property
+    def _binds_sessions(self) -> bool:
+        """True if a protected data connection must resume this control
+        session's TLS session: then that binding, stronger than any address
+        check, may admit a data connection from outside ``peers``."""
+        return self._tls is not None and self._require_session_reuse and not self.active
+
+    async def _accept_peer_or_held(self) -> socket.socket:
+        """The first connection from ``peers``; or, once the transfer command
+        went out protected and none came, the first held stranger.
+
+        A stranger is held, not refused, where sessions are bound
+        (``_binds_sessions``; issue 10 left this to TLS): a client behind
+        carrier-grade NAT may open its data connection from another address
+        than its control connection. Whether it may stay is decided by its
+        handshake (``_secure`` requires it to resume this control session's
+        TLS session), which can only come after the backend's 150, so after
+        the accept. A thief's connection fails that check and is reset; an
+        unprotected transfer (PROT C) never takes a held stranger, so the
+        address check stands as before for it.
+        """
+        if not self._binds_sessions:
+            return await self._accept_peer()
+        chosen: list[socket.socket] = []
+        async with trio.open_nursery() as nursery:
+
+            async def welcome() -> None:
+                chosen.append(await self._accept_peer())
+                nursery.cancel_scope.cancel()
+
+            async def held() -> None:
+                await self._told.wait()
+                if not self._protected:
+                    return  # the address check alone decides, as without TLS
+                while not self._held:
+                    await self._more_held.wait()
+                    self._more_held = trio.Event()
+                chosen.append(self._held.pop(0))
+                self._tentative = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(welcome)
+            nursery.start_soon(held)
+        return chosen[0]
+
     async def _accept_peer(self) -> socket.socket:
         """The first connection on the listener from an address in ``peers``.
 
@@ -442,6 +524,18 @@ class Transfer:
                     sock.close()
                     continue
                 host = real
+            if not self._welcome(host) and self._binds_sessions and len(self._held) < MAX_HELD:
+                self._log.info(
+                    "data connection from outside accept_data_from held: it must resume this session's TLS session",
+                    peer=host,
+                    port=self.port,
+                )
+                if len(self._strangers) < STRANGERS_LOGGED:
+                    self._strangers.append(host)
+                sock.setblocking(False)
+                self._held.append(sock)
+                self._more_held.set()
+                continue
             if not self._welcome(host):
                 self._log.warning("data connection from a stranger refused", peer=host, port=self.port)
                 METRICS.refusals.labels("stranger").inc()
@@ -469,6 +563,19 @@ class Transfer:
             self._fail(f"cannot connect to the {who}")
             return None
 
+    async def _secure_backend(self, backend: socket.socket) -> socket.socket | trio.SSLStream[trio.SocketStream] | None:
+        """The backend's data connection, TLS done if ftpfix speaks TLS to the
+        backend (``backend_tls.data_session``); None, with ``failure`` set, if
+        that failed."""
+        if self._backend_tls is None:
+            return backend
+        try:
+            return await self._backend_tls(_stream(backend))
+        except BackendTlsFailed as error:
+            self._log.warning("backend TLS failed", side="backend data", port=self.port, error=str(error))
+            self._fail("the TLS handshake with the server's data connection failed")
+            return None
+
     async def _secure(self, client: socket.socket) -> trio.SSLStream[trio.SocketStream] | None:
         """The client's data connection with TLS done, ftpfix as the TLS server
         (RFC 4217: the FTP server is the TLS server on data connections,
@@ -480,7 +587,7 @@ class Transfer:
             # PROT P is refused before AUTH, so this is a bug; fail closed.
             self._fail("TLS is not set up for this session")
             return None
-        stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(client)), self._tls, server_side=True)
+        stream = trio.SSLStream(_stream(client), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
@@ -489,15 +596,30 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._require_session_reuse and not stream.session_reused:
+        return stream if self._bound(stream.session_reused) else None
+
+    def _bound(self, session_reused: bool) -> bool:
+        """Whether a protected data connection may go on: it resumed this
+        control session's TLS session, or need not. False, with ``failure``
+        set and the refusal logged, if not."""
+        if self._tentative and session_reused:
+            self._log.info(
+                "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
+                port=self.port,
+            )
+        if (self._require_session_reuse or self._tentative) and not session_reused:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
-                "data connection refused: it did not resume the control session's TLS session", port=self.port
+                "data connection refused: it did not resume the control session's TLS session",
+                port=self.port,
+                **({"from_outside": str(self.peers)} if self._tentative else {}),
             )
+            if self._tentative:
+                METRICS.refusals.labels("stranger").inc()
             self._fail("the data connection must resume the TLS session of its control connection")
-            return None
-        return stream
+            return False
+        return True
 
     async def _secure_data(self, client: socket.socket) -> TlsConnection | None:
         """As ``_secure``, for a backend side that is plain: the handshake
@@ -515,15 +637,7 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._require_session_reuse and not secured.tls.session_reused:
-            # Each control session has a context of its own (tls.py), so a
-            # resumed session is necessarily this control session's.
-            self._log.warning(
-                "data connection refused: it did not resume the control session's TLS session", port=self.port
-            )
-            self._fail("the data connection must resume the TLS session of its control connection")
-            return None
-        return secured
+        return secured if self._bound(secured.tls.session_reused) else None
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
@@ -563,6 +677,11 @@ class Transfer:
         self._close_listener()
         if self._pooled:
             self._pool.release(self.port)
+
+
+def _stream(sock: socket.socket) -> trio.SocketStream:
+    """``sock`` as a trio stream; closing either closes the same descriptor."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -62,7 +62,9 @@ class Policy:
     nothing.
 
     ``tls`` says whether ftpfix answers AUTH TLS, PBSZ and PROT itself
-    (``TlsMode``); the backend never sees them.
+    (``TlsMode``); the backend never sees them. Nor does it when
+    ``backend_tls`` is on: then ftpfix speaks TLS to the backend itself, and
+    a client's PBSZ or PROT must not change the backend's protection level.
 
     ``passive_ports`` is ftpfix's own public passive range, the ports a 227
     from ftpfix names; ``SITE FTPFIX`` reports it to a diagnosing client.
@@ -78,4 +80,5 @@ class Policy:
     backend_port: int = 21
     backend_passive_ports: range | None = None
     tls: TlsMode = TlsMode.OFF
+    backend_tls: bool = False
     passive_ports: range | None = None

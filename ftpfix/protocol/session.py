@@ -229,6 +229,7 @@ class Session:
         policy: Policy | None = None,
         client: IPv4Address | IPv6Address | None = None,
         *,
+        implicit_tls: bool = False,
         greeted: bool = False,
     ) -> None:
         self.policy = policy if policy is not None else Policy()
@@ -258,12 +259,16 @@ class Session:
         self.data_lost: str | None = None
         #: True once a QUIT was answered: the session ends as the client asked.
         self.quit = False
-        #: True once the client's control connection is TLS (AUTH TLS, RFC 4217).
-        self.tls_active = False
+        #: True once the client's control connection is TLS (AUTH TLS, RFC 4217),
+        #: or from the start on the implicit FTPS port.
+        self.tls_active = implicit_tls
         #: True after PBSZ (RFC 4217 section 8: PROT needs it first).
-        self.pbsz = False
-        #: True after PROT P: data connections are TLS too.
-        self.protected = False
+        self.pbsz = implicit_tls
+        #: True after PROT P: data connections are TLS too. Implicit FTPS
+        #: protects them from the start, as its clients expect (curl, lftp,
+        #: FileZilla assume PROT P on port 990; they may still send PBSZ and
+        #: PROT, and PROT C is honoured).
+        self.protected = implicit_tls
         #: The verb the client's last PASV arrived as: b"PASV", or the alias
         #: it was repaired from (b"P@SW", the SMC Barricade's mangling); None
         #: before the first. ``SITE FTPFIX`` tells a diagnosing client.
@@ -344,8 +349,15 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """True when no command is outstanding: nothing would be cut short by a 421."""
-        return not self._pending and self._deferred is None and not self.paused
+        """True when no command is outstanding: nothing would be cut short by a 421.
+
+        A greeting the backend has not sent yet is no command of the client's:
+        a 421 may take its place (RFC 959 allows 421 as the greeting).
+        """
+        outstanding = len(self._pending)
+        if outstanding and isinstance(self._pending[0], _Forwarded) and self._pending[0].verb == GREETING:
+            outstanding -= 1
+        return not outstanding and self._deferred is None and not self.paused
 
     @property
     def can_advance(self) -> bool:

@@ -414,7 +414,7 @@ def _prot(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
 
 
 def _ccc(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
-    if session.policy.tls is TlsMode.OFF:
+    if session.policy.tls is TlsMode.OFF and not session.policy.backend_tls:
         session.forward(verb, argument, out)
         return
     # RFC 4217 section 6: CCC is optional. ftpfix keeps the control channel
@@ -423,10 +423,12 @@ def _ccc(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> 
 
 
 def _tls_or_forward(handler: Handler) -> Handler:
-    """``handler`` when ftpfix terminates TLS; otherwise the verb goes to the backend as before."""
+    """``handler`` when ftpfix terminates TLS, or speaks TLS to the backend
+    itself (a client's PROT C must not reach a backend whose data connections
+    ftpfix protects); otherwise the verb goes to the backend as before."""
 
     def dispatch(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:
-        if session.policy.tls is TlsMode.OFF:
+        if session.policy.tls is TlsMode.OFF and not session.policy.backend_tls:
             session.forward(verb, argument, out)
         else:
             handler(session, verb, argument, out)

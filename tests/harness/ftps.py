@@ -4,6 +4,7 @@ or do not resume the control connection's TLS session on data connections."""
 from __future__ import annotations
 
 import ftplib
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,14 @@ def make_certificates(folder: Path, name: str = "ftpfix.test", addresses: tuple[
     return Certificates(certificate, key, trusted)
 
 
-def tls_section(certs: Certificates, *, mode: str = "optional", reuse: bool = True) -> str:
+def tls_section(certs: Certificates, *, mode: str = "optional", reuse: bool = True, implicit_port: int = 0) -> str:
     return f"""
 [tls]
 mode = "{mode}"
 certificate = "{certs.certificate}"
 key = "{certs.key}"
 require_session_reuse = {"true" if reuse else "false"}
+implicit_port = {implicit_port}
 """
 
 
@@ -65,3 +67,24 @@ class ReusingFTP_TLS(ftplib.FTP_TLS):
             session = self.foreign_session or (self.sock.session if self.reuse else None)
             conn = self.context.wrap_socket(conn, server_hostname=self.host, session=session)
         return conn, size
+
+
+class ImplicitFTP_TLS(ReusingFTP_TLS):
+    """Implicit FTPS (port 990 style): TLS from the first byte, before the
+    greeting, and data connections protected without PBSZ or PROT, as curl's
+    ``ftps://`` and lftp's do. ftplib has no such mode of its own."""
+
+    def connect(self, host="", port=0, timeout=-999, source_address=None):  # type: ignore[no-untyped-def]
+        if host:
+            self.host = host
+        if port:
+            self.port = port
+        if timeout != -999:
+            self.timeout = timeout
+        raw = socket.create_connection((self.host, self.port), self.timeout, source_address=source_address)
+        self.af = raw.family
+        self.sock = self.context.wrap_socket(raw, server_hostname=self.host)
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self.welcome = self.getresp()
+        self._prot_p = True
+        return self.welcome

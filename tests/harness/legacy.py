@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .netns import in_netns
@@ -66,6 +68,16 @@ def installed() -> list[str]:
     return [kind for kind, (package, path) in PACKAGES.items() if (package_root(package) / path).exists()]
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for a legacy server: its certificate and key (made at test time),
+    and whether it speaks TLS from the first byte (implicit) or after AUTH TLS."""
+
+    certificate: Path
+    key: Path
+    implicit: bool = False
+
+
 @dataclass
 class LegacyServer:
     """A running legacy FTP server and what a client needs to use it."""
@@ -79,6 +91,7 @@ class LegacyServer:
     workdir: Path
     process: subprocess.Popen[bytes]
     netns: str | None = None
+    tls: ServerTls | None = None
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,22 +117,29 @@ def start(
     port: int | None = None,
     netns: str | None = None,
     passive_ports: tuple[int, int] | None = None,
+    tls: ServerTls | None = None,
 ) -> LegacyServer:
     """Start a ``kind`` server listening on ``host:port`` and wait for its banner.
 
     ``passive_ports`` (first, last) confines the ports the server opens for
-    PASV; by default it picks any port above 1023.
+    PASV; by default it picks any port above 1023. ``tls`` makes it an FTPS
+    server that requires TLS for logins and data (vsftpd and pure-ftpd).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     files = workdir / "files"
     files.mkdir(exist_ok=True)
     port = port if port is not None else free_port(host)
-    command, user, password = _prepare[kind](workdir, files, host, port, passive_ports=passive_ports)
+    prepare = _prepare[kind]
+    if tls is not None:
+        if kind not in _prepare_tls:
+            raise NotImplementedError(f"the harness has no TLS set-up for {kind}")
+        prepare = partial(_prepare_tls[kind], tls=tls)
+    command, user, password = prepare(workdir, files, host, port, passive_ports=passive_ports)
     log = (workdir / "server.log").open("ab")
     process = subprocess.Popen(in_netns(netns, command), stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    server = LegacyServer(kind, host, port, user, password, files, workdir, process, netns)
+    server = LegacyServer(kind, host, port, user, password, files, workdir, process, netns, tls)
     try:
-        wait_for_banner(host, port, netns=netns, process=process)
+        wait_for_banner(host, port, netns=netns, process=process, implicit_tls=tls is not None and tls.implicit)
     except Exception:  # noqa: BLE001 - any failure to start: stop it and show its log
         server.stop()
         raise RuntimeError(f"{kind} did not start; its log:\n{server.log.read_text(errors='replace')}") from None
@@ -159,8 +179,10 @@ def wait_for_banner(
     netns: str | None = None,
     process: subprocess.Popen[bytes] | None = None,
     timeout: float = 15.0,
+    implicit_tls: bool = False,
 ) -> None:
-    """Wait until ``host:port`` answers with a 220 greeting."""
+    """Wait until ``host:port`` answers with a 220 greeting (inside TLS, for
+    an implicit FTPS server, whose certificate is not checked here)."""
     if netns is not None:
         probe = (
             "import socket,sys,time\n"
@@ -181,7 +203,13 @@ def wait_for_banner(
             raise RuntimeError(f"exited with status {process.returncode}")
         try:
             with socket.create_connection((host, port), timeout=1) as sock:
-                banner = sock.recv(512)
+                if implicit_tls:
+                    context = ssl.create_default_context()
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    with context.wrap_socket(sock, server_hostname=host) as tls:
+                        banner = tls.recv(512)
+                else:
+                    banner = sock.recv(512)
         except OSError:
             banner = b""
         if banner.startswith(b"220"):
@@ -321,7 +349,56 @@ AuthPAM off
 """
 
 
+def _vsftpd_tls(
+    workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None, *, tls: ServerTls
+) -> tuple[list[str], str, str]:
+    """vsftpd as Debian users run it with FTPS: TLS required for logins and
+    data, and every data connection must resume the control connection's
+    TLS session (require_ssl_reuse, Debian's default with ssl_enable): the
+    setting ProFTPD's mod_proxy fails against."""
+    command, user, password = _vsftpd(workdir, files, host, port, passive_ports)
+    config = workdir / "vsftpd.conf"
+    config.write_text(
+        config.read_text()
+        + "\n".join(
+            [
+                "ssl_enable=YES",
+                f"rsa_cert_file={tls.certificate}",
+                f"rsa_private_key_file={tls.key}",
+                "allow_anon_ssl=YES",
+                "force_anon_logins_ssl=YES",
+                "force_anon_data_ssl=YES",
+                "force_local_logins_ssl=YES",
+                "force_local_data_ssl=YES",
+                "require_ssl_reuse=YES",
+                # vsftpd 3.0.3's own default is DES-CBC3-SHA, which OpenSSL 3 no longer offers.
+                "ssl_ciphers=HIGH",
+                f"implicit_ssl={'YES' if tls.implicit else 'NO'}",
+                "debug_ssl=YES",
+                "log_ftp_protocol=YES",
+                f"vsftpd_log_file={workdir / 'vsftpd.log'}",
+                "dual_log_enable=YES",
+                "",
+            ]
+        )
+    )
+    return command, user, password
+
+
+def _pure_ftpd_tls(
+    workdir: Path, files: Path, host: str, port: int, passive_ports: tuple[int, int] | None = None, *, tls: ServerTls
+) -> tuple[list[str], str, str]:
+    """pure-ftpd with -Y 2: no login without TLS on the control connection;
+    -2 names the certificate and key files (Debian's build reads
+    /etc/ssl/private/pure-ftpd.pem without it)."""
+    if tls.implicit:
+        raise NotImplementedError("pure-ftpd has no implicit FTPS")
+    command, user, password = _pure_ftpd(workdir, files, host, port, passive_ports)
+    return [*command, "-Y", "2", "-2", f"{tls.certificate},{tls.key}"], user, password
+
+
 _prepare = {"vsftpd": _vsftpd, "pure-ftpd": _pure_ftpd, "proftpd": _proftpd}
+_prepare_tls = {"vsftpd": _vsftpd_tls, "pure-ftpd": _pure_ftpd_tls}
 
 
 def ensure_clean(path: Path) -> Path:

@@ -236,3 +236,45 @@ def test_lftp_ssl_force_protect_data(proxy, backend, certs, big_file: Path, tmp_
     assert sha256(backend.files / "uploaded.bin") == sha256(big_file)
     assert not proxy.events("data connection refused: it did not resume the control session's TLS session")
     assert proxy.events("tls started")
+
+
+def test_ftplib_active_mode_protected(proxy, backend, certs, big_file: Path, tmp_path: Path) -> None:
+    """PORT with PROT P: ftpfix dials the client's port and is the TLS server
+    on that connection (RFC 4217: the FTP server's role, whichever end
+    dials); ftplib's data connections resume the control session. 16 MiB each way."""
+    legacy.put_file(backend, "download.bin", big_file.read_bytes())
+    ftp = login(proxy, backend, certs)
+    ftp.set_pasv(False)
+    got = io.BytesIO()
+    ftp.retrbinary("RETR download.bin", got.write)
+    downloaded = tmp_path / "downloaded.bin"
+    downloaded.write_bytes(got.getvalue())
+    assert sha256(downloaded) == sha256(big_file)
+    with big_file.open("rb") as source:
+        ftp.storbinary("STOR uploaded.bin", source)
+    assert sha256(backend.files / "uploaded.bin") == sha256(big_file)
+    ftp.quit()
+    assert [(event["verb"], event["mode"], event["code"]) for event in proxy.events("transfer")] == [
+        ("RETR", "active_tls", 226),
+        ("STOR", "active_tls", 226),
+    ]
+
+
+def test_lftp_active_mode_protected(proxy, backend, certs, big_file: Path, tmp_path: Path) -> None:
+    """lftp with ftp:ssl-force, ftp:ssl-protect-data and ftp:passive-mode no:
+    PORT and PROT P through ftpfix (curl 7.88 hangs here, curl #10666). 16 MiB each way."""
+    require_programs("lftp")
+    legacy.put_file(backend, "download.bin", big_file.read_bytes())
+    got = tmp_path / "downloaded.bin"
+    script = (
+        "set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ftp:passive-mode no; "
+        f"set ssl:ca-file {certs.ca}; set ssl:check-hostname no; set net:max-retries 1; set net:timeout 30; "
+        f"open -u {backend.user},{backend.password} -p {proxy.port} {proxy.host}; "
+        f"get download.bin -o {got}; put {big_file} -o uploaded.bin; bye"
+    )
+    run = subprocess.run(["lftp", "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert sha256(got) == sha256(big_file)
+    assert sha256(backend.files / "uploaded.bin") == sha256(big_file)
+    assert {event["mode"] for event in proxy.events("transfer") if event["verb"] in ("RETR", "STOR")} == {"active_tls"}
+    assert not proxy.events("data connection refused: it did not resume the control session's TLS session")

@@ -262,3 +262,65 @@ def test_version() -> None:
     result = ftpfix("--version")
     assert result.returncode == 0
     assert result.stdout == f"ftpfix {importlib.metadata.version('ftpfix')}\n"
+
+
+def test_implicit_port_that_is_taken_is_reported(tmp_path: Path) -> None:
+    """``[tls] implicit_port`` is bound by check, on each address: a port
+    another process holds is a warning that names the key."""
+    import socket
+
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        text = CLEAN + (
+            f'\n[tls]\nmode = "optional"\ncertificate = "{certs.certificate}"\nkey = "{certs.key}"\n'
+            f"implicit_port = {port}\n"
+        )
+        result = check(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    [problem] = problem_lines(result)
+    assert problem.startswith(f"warning: [tls] implicit_port = {port} cannot be bound on 127.0.0.1"), problem
+    assert "is ftpfix running already?" in problem
+    # Free again: nothing to say.
+    assert problem_lines(check(tmp_path, text)) == []
+
+
+def test_a_bad_backend_tls_ca_is_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    text = CLEAN.replace("port = 2121", f'port = 2121\ntls = "explicit"\ntls_ca = "{bad}"')
+    result = check(tmp_path, text)
+    assert result.returncode == 2
+    assert f"[backend] tls_ca: {bad} is not a PEM CA bundle" in result.stderr
+    missing = CLEAN.replace("port = 2121", 'port = 2121\ntls = "explicit"\ntls_ca = "/nonexistent/ca.pem"')
+    result = check(tmp_path, missing)
+    assert result.returncode == 2
+    assert "[backend] tls_ca: /nonexistent/ca.pem does not exist" in result.stderr
+
+
+def test_run_refuses_an_implicit_port_it_cannot_bind(tmp_path: Path) -> None:
+    """run: a taken [tls] implicit_port stops ftpfix at start, naming the key,
+    instead of serving without the listener clients were promised."""
+    import socket
+
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "ftpfix.toml"
+        path.write_text(
+            CLEAN.replace("port = 2100", "port = 0")
+            + f'\n[tls]\nmode = "optional"\ncertificate = "{certs.certificate}"\nkey = "{certs.key}"\n'
+            f"implicit_port = {port}\n"
+        )
+        result = ftpfix("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen on [127.0.0.1]:{port} ([tls] implicit_port): Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

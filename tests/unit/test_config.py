@@ -165,11 +165,36 @@ def test_tls_files_are_checked_at_start(tmp_path) -> None:
         parse_config(_tls_document(mode="optional", certificate=str(certs.certificate), key=str(other.key)))
     with pytest.raises(ConfigError, match=r"\[tls\] min_version: 'TLSv1.0' is not one of"):
         parse_config(_tls_document(min_version="TLSv1.0"))
-    with pytest.raises(ConfigError, match=r"\[tls\] implicit_port: 990: implicit FTPS is not implemented yet"):
+    with pytest.raises(ConfigError, match=r'\[tls\] implicit_port: 990 needs \[tls\] mode = "optional"'):
         parse_config(_tls_document(implicit_port=990))
+    files = {"certificate": str(certs.certificate), "key": str(certs.key)}
+    assert parse_config(_tls_document(mode="optional", implicit_port=990, **files)).tls.implicit_port == 990
+    with pytest.raises(ConfigError, match=r"\[tls\] implicit_port: 21 is \[listen\] port too"):
+        parse_config(_tls_document(mode="optional", implicit_port=21, **files))
+
+
+def test_backend_tls_keys(tmp_path) -> None:
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "a")
     document = _tls_document()
-    document["backend"]["tls"] = "explicit"
-    with pytest.raises(ConfigError, match=r"\[backend\] tls: 'explicit' is not supported yet"):
+    document["backend"].update(tls="explicit", tls_ca=str(certs.ca))
+    config = parse_config(document)
+    assert (config.backend.tls, config.backend.tls_verify, config.backend.tls_ca) == ("explicit", True, str(certs.ca))
+    document["backend"]["tls"] = "starttls"
+    with pytest.raises(ConfigError, match=r"\[backend\] tls: 'starttls' is not one of"):
+        parse_config(document)
+    document["backend"].update(tls="implicit", tls_ca="/nonexistent/ca.pem")
+    with pytest.raises(ConfigError, match=r"\[backend\] tls_ca: /nonexistent/ca.pem does not exist"):
+        parse_config(document)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    document["backend"]["tls_ca"] = str(garbage)
+    with pytest.raises(ConfigError, match=r"\[backend\] tls_ca: .*garbage.pem is not a PEM CA bundle"):
+        parse_config(document)
+    document["backend"]["tls_ca"] = ""
+    document["active"] = {"mode": "passthrough"}
+    with pytest.raises(ConfigError, match=r'\[active\] mode: "passthrough" cannot work with \[backend\] tls'):
         parse_config(document)
 
 

@@ -107,3 +107,25 @@ def test_compose_stops_after_the_grace() -> None:
     assert "setcap" not in _uncommented(ROOT / "Dockerfile")
     assert re.search(r"--require-hashes[\s\\]+-r /tmp/requirements.lock", dockerfile)
     assert "COPY deploy/requirements.lock" in dockerfile and "--no-deps" in dockerfile
+
+
+def test_the_examples_ftps_keys_load_when_uncommented(tmp_path: Path) -> None:
+    """The commented [tls] section and [backend] tls keys of deploy/ftpfix.toml
+    are real keys with valid values: uncommented (with test files), they load."""
+    from tests.harness.ftps import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    text = (DEPLOY / "ftpfix.toml").read_text()
+    for key in ("tls = ", "tls_verify = ", "tls_ca = ", "[tls]", "mode = ", "certificate = ", "key = "):
+        text = text.replace(f"# {key}", key)
+    for key in ("implicit_port = ", "require_session_reuse = ", "min_version = "):
+        text = text.replace(f"# {key}", key)
+    text = text.replace('tls = "off"', 'tls = "explicit"')
+    text = text.replace("/etc/ftpfix/tls/backend-ca.pem", str(certs.ca))
+    text = text.replace("/etc/ftpfix/tls/fullchain.pem", str(certs.certificate))
+    text = text.replace("/etc/ftpfix/tls/privkey.pem", str(certs.key))
+    path = tmp_path / "ftpfix.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert (config.backend.tls, config.backend.tls_verify, config.backend.tls_ca) == ("explicit", True, str(certs.ca))
+    assert (config.tls.mode, config.tls.implicit_port, config.tls.min_version) == ("optional", 990, "TLSv1.2")

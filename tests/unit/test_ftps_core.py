@@ -3,6 +3,8 @@ as transcripts of events in and commands out. The backend never sees any of them
 
 from __future__ import annotations
 
+from functools import partial
+
 from ftpfix.protocol import (
     CancelTransfer,
     DataReceived,
@@ -104,3 +106,49 @@ def test_feat_lists_ftpfix_tls_features_not_the_backends() -> None:
     out = sent(core.receive(DataReceived(Side.SERVER, b"211-Features:\r\n AUTH SSL\r\n MDTM\r\n211 End\r\n")))
     features = b"211-Features:\r\n MDTM\r\n EPRT\r\n EPSV\r\n AUTH TLS\r\n PBSZ\r\n PROT\r\n211 End\r\n"
     assert out == [SendTo(Side.CLIENT, features)]
+
+
+def fed(core: Session, data: bytes, *, byte_at_a_time: bool) -> list:
+    """What the core says to ``data`` from the client, given whole or one byte at a time."""
+    if not byte_at_a_time:
+        return client(core, data)
+    return [command for i in range(len(data)) for command in client(core, data[i : i + 1])]
+
+
+def test_implicit_session_starts_protected() -> None:
+    """The implicit FTPS port: TLS is on before the greeting, data
+    connections are protected from the start; PBSZ and PROT are still
+    answered (clients send them anyway), AUTH gets 503, PROT C is honoured."""
+    for byte_at_a_time in (False, True):
+        core = Session(Policy(tls=TlsMode.OPTIONAL), implicit_tls=True)
+        assert (core.tls_active, core.pbsz, core.protected) == (True, True, True)
+        assert sent(core.receive(GREETING)) == [SendTo(Side.CLIENT, b"220 ready\r\n")]
+        say = partial(fed, core, byte_at_a_time=byte_at_a_time)
+        assert say(b"AUTH TLS\r\n")[0].data.startswith(b"503")
+        assert say(b"PBSZ 0\r\n") == [SendTo(Side.CLIENT, b"200 PBSZ=0\r\n")]
+        assert say(b"PROT C\r\n") == [SendTo(Side.CLIENT, b"200 Protection level set to C.\r\n")]
+        assert not core.protected
+        assert say(b"PROT P\r\n") == [SendTo(Side.CLIENT, b"200 Protection level set to P.\r\n")]
+        assert core.protected
+
+
+def test_required_mode_lets_an_implicit_session_log_in() -> None:
+    core = Session(Policy(tls=TlsMode.REQUIRED), implicit_tls=True)
+    core.receive(GREETING)
+    assert client(core, b"USER alice\r\n") == [SendTo(Side.SERVER, b"USER alice\r\n")]
+
+
+def test_backend_tls_keeps_pbsz_prot_and_ccc_from_the_backend() -> None:
+    """With TLS to the backend, ftpfix set the backend's PBSZ and PROT itself;
+    a plain client's PBSZ, PROT or CCC must never reach it (a PROT C would
+    unprotect the backend's data connections behind ftpfix's back, a CCC
+    would desynchronise its TLS)."""
+    core = Session(Policy(tls=TlsMode.OFF, backend_tls=True))
+    core.receive(GREETING)
+    assert client(core, b"PBSZ 0\r\n")[0].data.startswith(b"503")
+    assert client(core, b"PROT C\r\n")[0].data.startswith(b"503")
+    assert client(core, b"CCC\r\n")[0].data.startswith(b"502")
+    assert client(core, b"AUTH TLS\r\n")[0].data.startswith(b"502")
+    assert client(core, b"USER alice\r\n") == [SendTo(Side.SERVER, b"USER alice\r\n")]
+    core.receive(DataReceived(Side.SERVER, b"331 password\r\n"))
+    assert client(core, b"PASS secret\r\n") == [SendTo(Side.SERVER, b"PASS secret\r\n")]

@@ -44,7 +44,7 @@ class Balancer:
         await self.stream.aclose()
 
 
-def run(script, *, login_timeout: float = LOGIN_TIMEOUT) -> tuple[Arrival | None, bytes, float]:
+def run(script, *, login_timeout: float = LOGIN_TIMEOUT, greet: bool = True) -> tuple[Arrival | None, bytes, float]:
     """Run the reader against ``script(balancer)``; return its result, all
     the balancer heard, and how long the reader took."""
     result: list = []
@@ -62,7 +62,7 @@ def run(script, *, login_timeout: float = LOGIN_TIMEOUT) -> tuple[Arrival | None
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(play)
-            arrival = await receive_proxy_header(ours, PEER, login_timeout, structlog.get_logger())
+            arrival = await receive_proxy_header(ours, PEER, login_timeout, structlog.get_logger(), greet=greet)
             took = trio.current_time() - started
             await ours.aclose()
             nursery.cancel_scope.cancel()
@@ -107,6 +107,27 @@ def test_a_balancer_that_waits_for_the_client_gets_ftpfixs_greeting_first() -> N
     assert said == OWN_GREETING
     assert arrival == Arrival(client=CLIENT, dialed=DIALED, via=PEER[0], rest=b"USER alice\r\n", greeted=True)
     assert took >= 20 + PROXY_HEADER_WAIT
+
+
+def test_on_the_implicit_port_ftpfix_never_greets_in_plain_text() -> None:
+    """Implicit FTPS behind a balancer that holds its header until the client
+    speaks: the client's first bytes are its ClientHello, after the header;
+    a plain 220 meanwhile would break its handshake, so none is sent."""
+    hello = b"\x16\x03\x01\x02\x00\x01"  # the start of a ClientHello
+
+    async def script(stream) -> None:
+        await trio.sleep(3)  # longer than PROXY_HEADER_WAIT
+        await stream.send_all(format_v2(CLIENT, DIALED) + hello)
+
+    arrival, said, _ = run(script, greet=False)
+    assert said == b""
+    assert arrival == Arrival(client=CLIENT, dialed=DIALED, via=PEER[0], rest=hello, greeted=False)
+
+    async def silent(stream) -> None:
+        await trio.sleep(1000)
+
+    arrival, said, took = run(silent, login_timeout=30, greet=False)
+    assert arrival is None and said == b"" and 30 <= took < 31
 
 
 def test_no_header_within_the_login_timeout() -> None:
