@@ -259,6 +259,7 @@ class FtpsBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.failures: list[str] = []
+        self.notes: list[str] = []
 
     def setup(self) -> None:
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -374,8 +375,12 @@ class FtpsBench:
                     target.port, self.certs, self.args.handshake_seconds, processes=2, threads=self.args.threads
                 )
                 rates.append(rate)
-                if errors:
+                if errors and target.name == "ftpfix":
                     self.failures.append(f"{target.name} handshakes: {errors[:3]}")
+                elif errors:
+                    # A peer's own failures are measured, not ftpfix's fault
+                    # (mod_proxy drops a session now and then under the burst).
+                    self.notes.append(f"{target.name} handshakes: {len(errors)}+ failed, e.g. {errors[:2]}")
                 print(f"{target.name} handshakes {rate:.0f}/s", flush=True)
             target.handshakes = statistics.median(rates)
 
@@ -463,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m tests.bench.ftps", *(argv if argv is not None else sys.argv[1:])])
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {command}, load average at start {load[0]:.2f} {load[1]:.2f}:")
     print(bench.table())
+    for note in bench.notes:
+        print(f"note: {note}")
     for failure in bench.failures:
         print(f"FAILED: {failure}")
     return 1 if bench.failures else 0
