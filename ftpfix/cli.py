@@ -59,6 +59,11 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--implicit", action="store_true", help="implicit FTPS: TLS from the first byte (port 990)")
     command.add_argument("--ca", help="trust this CA bundle (PEM) when checking the certificate")
     command.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the password even over TLS whose certificate is not trusted (as curl -k)",
+    )
+    command.add_argument(
         "--private",
         action="append",
         metavar="NETWORK",
@@ -70,6 +75,10 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+#: Longest ``--timeout`` or ``--port-timeout`` of ``ftpfix diagnose``: a day.
+MAX_TIMEOUT = 86400
+
+
 def diagnose(arguments: argparse.Namespace) -> int:
     """``ftpfix diagnose URL`` or ``ftpfix diagnose --config FILE``: exit 0, 1, or 2 on bad usage."""
     from .diagnose import run_host, run_url
@@ -79,8 +88,9 @@ def diagnose(arguments: argparse.Namespace) -> int:
             "ftpfix diagnose: give a URL (run from outside) or --config FILE (run on the ftpfix host)", file=sys.stderr
         )
         return 2
-    if arguments.timeout <= 0 or arguments.port_timeout <= 0:
-        print("ftpfix diagnose: timeouts must be positive", file=sys.stderr)
+    # Written so that NaN fails too; inf and huge values once ended in a traceback from a thread.
+    if not all(0 < seconds <= MAX_TIMEOUT for seconds in (arguments.timeout, arguments.port_timeout)):
+        print(f"ftpfix diagnose: timeouts must be positive seconds, at most {MAX_TIMEOUT}", file=sys.stderr)
         return 2
     return run_url(arguments) if arguments.url is not None else run_host(arguments)
 
