@@ -72,7 +72,7 @@ from .public import PublicAddress
 from .relay import TokenBucket
 from .stopping import Stopping
 from .streams import ControlStream
-from .tls import HandshakeFailed, accept_tls, describe, server_context
+from .tls import HandshakeFailed, accept_tls, acknowledge_now, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -539,6 +539,7 @@ class ControlChannel:
             self.log.warning("TLS handshake failed", side="client", error=str(error))
             self.close_reason = f"TLS handshake failed: {error}"
             return None
+        acknowledge_now(self.streams[Side.CLIENT].socket)
         self.streams[Side.CLIENT] = ControlStream(stream)
         self.tls_summary = describe(stream)
         self._start_reader(Side.CLIENT)

@@ -51,6 +51,7 @@ from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
+from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
@@ -286,7 +287,25 @@ class Transfer:
                 # level the port was opened with moved files in the clear
                 # after PROT C, PASV, PROT P (red team).
                 await self._told.wait()
-                if not self._protected and self._backend_tls is None:
+                if self._protected and self._backend_tls is None:
+                    # The backend has its data connection already (it may
+                    # answer 150 only then, and the client may handshake
+                    # only after the 150); the client's TLS comes now. The
+                    # common FTPS case has a path of its own (tlsdata.py).
+                    secured = await self._secure_data(client)
+                    if secured is None:
+                        return
+                    self.connected = True
+                    await relay_tls_plain(
+                        secured,
+                        backend,
+                        self.stats,
+                        upload,
+                        download,
+                        stall_timeout=self._timeouts.stall,
+                        delivered=self._delivered,
+                    )
+                elif not self._protected and self._backend_tls is None:
                     self.connected = True
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._end_after_download, backend)
@@ -487,12 +506,18 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        if self._tentative and stream.session_reused:
+        return stream if self._bound(stream.session_reused) else None
+
+    def _bound(self, session_reused: bool) -> bool:
+        """Whether a protected data connection may go on: it resumed this
+        control session's TLS session, or need not. False, with ``failure``
+        set and the refusal logged, if not."""
+        if self._tentative and session_reused:
             self._log.info(
                 "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
                 port=self.port,
             )
-        if (self._require_session_reuse or self._tentative) and not stream.session_reused:
+        if (self._require_session_reuse or self._tentative) and not session_reused:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
@@ -503,8 +528,26 @@ class Transfer:
             if self._tentative:
                 METRICS.refusals.labels("stranger").inc()
             self._fail("the data connection must resume the TLS session of its control connection")
+            return False
+        return True
+
+    async def _secure_data(self, client: socket.socket) -> TlsConnection | None:
+        """As ``_secure``, for a backend side that is plain: the handshake
+        driven by hand (``tlsdata.accept_data_tls``), for ``relay_tls_plain``.
+        """
+        if self._tls is None:
+            # PROT P is refused before AUTH, so this is a bug; fail closed.
+            self._fail("TLS is not set up for this session")
             return None
-        return stream
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                secured = await accept_data_tls(client, self._tls)
+        except (OSError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else _tls_error(error)
+            self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
+            self._fail("the TLS handshake on the data connection failed")
+            return None
+        return secured if self._bound(secured.tls.session_reused) else None
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
@@ -546,3 +589,12 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(normalize_host(host))
     except ValueError:
         return None
+
+
+def _tls_error(error: OSError) -> str:
+    """A failed handshake, said the way trio.SSLStream said it (the log's words)."""
+    if isinstance(error, ssl.SSLEOFError):
+        return "the client closed the connection during the TLS handshake"
+    if isinstance(error, ssl.SSLError):
+        return str(error)
+    return error.strerror or str(error)
