@@ -36,6 +36,21 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "check":
             command.add_argument("--strict", action="store_true", help="exit 1 on warnings too, not only on errors")
+    k8s = commands.add_parser(
+        "k8s",
+        help="print Kubernetes manifests: a StatefulSet of ftpfix replicas, one Service per pod with its passive slice",
+        description="Print Kubernetes manifests for --replicas pods of ftpfix, each leasing its slice of --ports.",
+    )
+    k8s.add_argument("--replicas", type=int, required=True, help="pods in the StatefulSet")
+    k8s.add_argument("--ports", help="the whole passive range, e.g. 50000-50029 (default: the config's)")
+    k8s.add_argument("--config", type=Path, default=None, help="the config for the ConfigMap (default: a template)")
+    k8s.add_argument("--image", default="ftpfix:latest", help="the container image (default: ftpfix:latest)")
+    k8s.add_argument("--name", default="ftpfix", help="the StatefulSet's name, and the prefix of the others")
+    k8s.add_argument(
+        "--domain", default="ftp.example.org", help="pod N advertises <name>-N.<domain> (default: ftp.example.org)"
+    )
+    k8s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: put the TLS Secret in the output")
+    k8s.add_argument("--tls-key", type=Path, help="its PEM key (the output then holds the key: do not commit it)")
     _diagnose_parser(commands)
     commands.choices["health"].add_argument(
         "--ready", action="store_true", help="ask /readyz (backend greeting lately, not draining) instead of /healthz"
@@ -59,6 +74,11 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--implicit", action="store_true", help="implicit FTPS: TLS from the first byte (port 990)")
     command.add_argument("--ca", help="trust this CA bundle (PEM) when checking the certificate")
     command.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the password even over TLS whose certificate is not trusted (as curl -k)",
+    )
+    command.add_argument(
         "--private",
         action="append",
         metavar="NETWORK",
@@ -70,6 +90,10 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+#: Longest ``--timeout`` or ``--port-timeout`` of ``ftpfix diagnose``: a day.
+MAX_TIMEOUT = 86400
+
+
 def diagnose(arguments: argparse.Namespace) -> int:
     """``ftpfix diagnose URL`` or ``ftpfix diagnose --config FILE``: exit 0, 1, or 2 on bad usage."""
     from .diagnose import run_host, run_url
@@ -79,8 +103,9 @@ def diagnose(arguments: argparse.Namespace) -> int:
             "ftpfix diagnose: give a URL (run from outside) or --config FILE (run on the ftpfix host)", file=sys.stderr
         )
         return 2
-    if arguments.timeout <= 0 or arguments.port_timeout <= 0:
-        print("ftpfix diagnose: timeouts must be positive", file=sys.stderr)
+    # Written so that NaN fails too; inf and huge values once ended in a traceback from a thread.
+    if not all(0 < seconds <= MAX_TIMEOUT for seconds in (arguments.timeout, arguments.port_timeout)):
+        print(f"ftpfix diagnose: timeouts must be positive seconds, at most {MAX_TIMEOUT}", file=sys.stderr)
         return 2
     return run_url(arguments) if arguments.url is not None else run_host(arguments)
 
@@ -95,6 +120,8 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "k8s":
+        return kubernetes(arguments, argv)
     if arguments.command == "diagnose":
         return diagnose(arguments)
     path = arguments.config or default_path()
@@ -122,6 +149,44 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(error).splitlines():
             print(f"ftpfix: {line}", file=sys.stderr)
     return 1 if failures else exit_status
+
+
+def kubernetes(arguments: argparse.Namespace, argv: list[str] | None) -> int:
+    """``ftpfix k8s``: print the manifests on stdout; exit 2 on a bad config or option."""
+    from . import k8s
+    from .config import _port_range
+    from .ports import PortRange
+
+    try:
+        if arguments.config is not None:
+            text = arguments.config.read_text()
+            where = str(arguments.config)
+        else:
+            text, where = k8s.DEFAULT_CONFIG, "<template>"
+        config, tls = k8s.read_config(text, where)
+        ports = None
+        if arguments.ports is not None:
+            parsed = _port_range(arguments.ports)
+            ports = parsed if isinstance(parsed, PortRange) else parsed.value
+        options = k8s.Options(
+            replicas=arguments.replicas,
+            ports=ports,
+            image=arguments.image,
+            name=arguments.name,
+            domain=arguments.domain,
+            tls_cert=arguments.tls_cert.read_bytes() if arguments.tls_cert else None,
+            tls_key=arguments.tls_key.read_bytes() if arguments.tls_key else None,
+        )
+        documents = k8s.manifests(text, config, tls, options)
+    except OSError as error:
+        print(f"ftpfix: k8s: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except (ConfigError, k8s.ManifestError, ValueError) as error:
+        print(f"ftpfix: k8s: {error}", file=sys.stderr)
+        return 2
+    command = "ftpfix " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(k8s.render_yaml(documents, k8s.header(options, ports or config.passive.ports, command, tls.on)), end="")
+    return 0
 
 
 def check(config: Config, path: Path, *, strict: bool) -> int:

@@ -13,6 +13,7 @@ import enum
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .logs import LogFormat
-from .ports import PortRange
+from .ports import PortRange, Slice
 from .protocol.commands import Level
 from .protocol.policy import DEFAULT_ALIASES, DEFAULT_MAX_LINE, ActiveMode, EpsvMode, Policy, TlsMode
 
@@ -218,6 +219,43 @@ def _count(maximum: int) -> Callable[[Any], int]:
     return parse
 
 
+#: A StatefulSet pod's name ends in "-N", its ordinal from 0 (ftpfix-0, ftpfix-1, ...).
+_ORDINAL = re.compile(r".*-(\d+)")
+
+
+def _slice(value: Any) -> Slice | Normalised | None:
+    """ "i/n" (1-based), "ordinal/n" (this pod's StatefulSet ordinal + 1, from
+    the host name's trailing "-N"), or "" for the whole range."""
+    if not isinstance(value, str):
+        raise ValueError(f'{value!r} is not a slice like "2/3", "ordinal/3" or ""')
+    text = value.strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+|ordinal)\s*/\s*(\d+)", text)
+    if match is None:
+        raise ValueError(f'{value!r} is not a slice like "2/3" (the second of three), "ordinal/3" or ""')
+    count = int(match.group(2))
+    if count < 1:
+        raise ValueError(f"{value!r}: there must be at least one slice")
+    if match.group(1) == "ordinal":
+        host = os.environ.get("HOSTNAME") or socket.gethostname()
+        ordinal = _ORDINAL.fullmatch(host)
+        if ordinal is None:
+            raise ValueError(
+                f'{value!r}: the host name {host!r} does not end in "-N" as a StatefulSet pod\'s does (ftpfix-0)'
+            )
+        index = int(ordinal.group(1)) + 1
+        if index > count:
+            raise ValueError(f"{value!r}: pod {host!r} has ordinal {index - 1}, but there are only {count} slices")
+        return Slice(index, count, host)
+    index = int(match.group(1))
+    if not 1 <= index <= count:
+        raise ValueError(f"{value!r}: slices are numbered from 1 to {count}")
+    if text != f"{index}/{count}":
+        return Normalised(Slice(index, count), _toml_value(value), _toml_value(f"{index}/{count}"))
+    return Slice(index, count)
+
+
 def _optional_port_range(value: Any) -> PortRange | Normalised | None:
     if value is False:
         return None
@@ -367,6 +405,17 @@ class Passive:
         AcceptDataFrom.SAME_ADDRESS,
         'who may connect to a passive port: "same-address" as the control connection, or "same-network" (/24, /64)',
     )
+    share_ports: bool = _key(
+        _boolean, True, "one port serves several clients at once, one mapping per client address (or network)"
+    )
+    slice: Slice | None = _key(
+        _slice, None, 'this replica\'s part of the range: "i/n" (1-based), "ordinal/n" (StatefulSet pod), "" for all'
+    )
+
+    @property
+    def leased_ports(self) -> PortRange:
+        """The ports this replica leases: its slice of ``ports``, or all of them."""
+        return self.slice.of(self.ports) if self.slice is not None else self.ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +584,7 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
     sections = {name: _build_section(name, cls, document.get(name, {}), where, notes) for name, cls in SECTIONS.items()}
     _check_tls(sections["tls"], sections["listen"], where)
     _check_backend_tls(sections["backend"], sections["active"], where)
+    _check_slice(sections["passive"], where)
     if sections["listen"].proxy_protocol and not sections["listen"].trusted_proxies:
         # Only a trusted peer's header is believed: with none, every header
         # would be refused, and every balanced client with it.
@@ -543,6 +593,16 @@ def parse_config(document: Mapping[str, Any], path: Path | None = None) -> Confi
             'networks (e.g. ["10.0.0.0/8"]); with none, every PROXY header is refused'
         )
     return Config(**sections, path=path, notes=tuple(notes))
+
+
+def _check_slice(passive: Passive, where: str) -> None:
+    """A slice needs a port of its own: refuse more slices than ports."""
+    if passive.slice is None:
+        return
+    try:
+        passive.slice.of(passive.ports)
+    except ValueError as error:
+        raise ConfigError(f"{where}: [passive] slice: {_toml_value(str(passive.slice))}: {error}") from None
 
 
 def _check_tls(tls: Tls, listen: Listen, where: str) -> None:
@@ -627,15 +687,32 @@ def load_config(path: Path) -> Config:
 PASSIVE_PORTS_VARIABLE = "FTPFIX_PASSIVE_PORTS"
 
 
+#: Overrides ``[passive] slice``, so that one image (one ConfigMap) serves every replica: e.g.
+#: ``FTPFIX_PASSIVE_SLICE=ordinal/3`` in a StatefulSet (see ``deploy/k8s/``).
+PASSIVE_SLICE_VARIABLE = "FTPFIX_PASSIVE_SLICE"
+
+#: Overrides ``[passive] public_address``: in a StatefulSet each pod advertises its own Service's
+#: address, e.g. ``$(POD_NAME).ftp.example.org`` (see ``deploy/k8s/``).
+PUBLIC_ADDRESS_VARIABLE = "FTPFIX_PUBLIC_ADDRESS"
+
+
 def _environment_overrides(document: dict[str, Any], path: Path) -> dict[str, Any]:
-    value = os.environ.get(PASSIVE_PORTS_VARIABLE, "").strip()
-    if not value or not isinstance(document.get("passive"), dict):
+    if not isinstance(document.get("passive"), dict):
         return document  # a missing [passive] is parse_config's error to name
-    try:
-        _port_range(value)
-    except ValueError as error:
-        raise ConfigError(f"${PASSIVE_PORTS_VARIABLE} (overrides {path}: [passive] ports): {error}") from None
-    return {**document, "passive": {**document["passive"], "ports": value}}
+    for variable, key, parse in (
+        (PASSIVE_PORTS_VARIABLE, "ports", _port_range),
+        (PASSIVE_SLICE_VARIABLE, "slice", _slice),
+        (PUBLIC_ADDRESS_VARIABLE, "public_address", _public_address),
+    ):
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            continue
+        try:
+            parse(value)
+        except ValueError as error:
+            raise ConfigError(f"${variable} (overrides {path}: [passive] {key}): {error}") from None
+        document = {**document, "passive": {**document["passive"], key: value}}
+    return document
 
 
 def default_path() -> Path:
@@ -656,6 +733,13 @@ def render(config: Config) -> str:
                 lines.append(f"# {spec.name} is not set{comment}")
                 continue
             lines.append(f"{spec.name} = {_toml_value(value)}{comment}")
+            if isinstance(value, Slice):
+                leased = config.passive.leased_ports
+                source = f" (from the host name {value.host}: ordinal {value.index - 1})" if value.host else ""
+                lines.append(
+                    f"# slice {value}{source} of {config.passive.ports}:"
+                    f" this replica leases {leased} ({len(leased)} ports)"
+                )
         lines.append("")
     return "\n".join(lines)
 

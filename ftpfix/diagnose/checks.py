@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,24 @@ SYMBOLS = {Status.OK: "✓", Status.WARN: "!", Status.FAIL: "✗", Status.SKIP: 
 WORDS = {Status.OK: "ok", Status.WARN: "warn", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 
 
+#: Unicode categories a terminal acts on rather than shows: controls (ESC
+#: starts a sequence that can clear the screen or set the title), format
+#: characters (a right-to-left override reorders what follows), lone
+#: surrogates (undecodable bytes), and the line and paragraph separators.
+_UNSHOWN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print: what a terminal would act on is written out (``\\x1b``).
+
+    Summaries quote what a server said (its greeting, its replies, the names in
+    its listing), and any server may be hostile: its escape sequences are shown,
+    never obeyed, and it cannot start a line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in _UNSHOWN else ch for ch in text)
+
+
 class Stage(enum.StrEnum):
     """The stages, in the order they run."""
 
@@ -94,11 +113,12 @@ class Check:
 
     def line(self, *, terminal: bool) -> str:
         """The line printed as the stage finishes, and its hint below it."""
+        summary, hint = shown(self.summary), shown(self.hint)
         if terminal:
-            text = f"{SYMBOLS[self.status]} {self.stage:<15} {self.summary}"
-            return text + (f"\n  → {self.hint}" if self.hint else "")
-        text = f"{WORDS[self.status]:<4} {self.stage}: {self.summary}"
-        return text + (f"\n     to fix: {self.hint}" if self.hint else "")
+            text = f"{SYMBOLS[self.status]} {self.stage:<15} {summary}"
+            return text + (f"\n  → {hint}" if hint else "")
+        text = f"{WORDS[self.status]:<4} {self.stage}: {summary}"
+        return text + (f"\n     to fix: {hint}" if hint else "")
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +128,26 @@ class Check:
             "hint": self.hint,
             **({"data": self.data} if self.data else {}),
         }
+
+
+#: Stages that only PASV's 227 decides: a 227 cannot name an IPv6 address.
+PASV_ONLY = frozenset({Stage.PASV, Stage.ADDRESS, Stage.DATA_PASSIVE})
+
+
+def over_ipv6(check: Check, *, range_known: bool) -> Check:
+    """``check`` for a server dialed over IPv6, where clients use EPSV (RFC 2428): a failure of
+    PASV, its 227 or a round trip over it is a warning. So are the ports only a 227 named; ports of
+    a range ftpfix told are EPSV's too, and stay as they are."""
+    passive_only = check.stage in PASV_ONLY or (check.stage == Stage.PORTS and not range_known)
+    if check.status is not Status.FAIL or not passive_only:
+        return check
+    return Check(
+        check.stage,
+        Status.WARN,
+        f"{check.summary} (dialed over IPv6, where clients use EPSV, RFC 2428: only IPv4 clients need PASV)",
+        check.hint,
+        data=check.data,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +325,21 @@ def login(user: str, code: int | None, text: str) -> Check:
         "check the user name and password (--user, --password-file); anonymous is tried by default"
         if code in (530, 331, 332)
         else "see the server's log for why",
+    )
+
+
+def password_withheld(seen: TlsSeen) -> Check | None:
+    """A FAIL when a password must not go over this TLS: whoever sits in the
+    middle of a connection whose certificate is not trusted, or names another
+    host, would read it. None when it may go."""
+    if seen.trusted and seen.name_matches is not False:
+        return None
+    why = "does not name the host dialed" if seen.trusted else "is not trusted"
+    return Check(
+        Stage.LOGIN,
+        Status.FAIL,
+        f"password not sent: the certificate {why}, so a man in the middle would read it",
+        "pass --ca FILE to trust the server's CA, or --insecure to send the password anyway (as curl -k)",
     )
 
 
@@ -519,16 +574,31 @@ class RoundTrip:
     seconds: float = 0.0
     error: str | None = None
     via: str = ""  # the address the data connection went to, when not the 227's
+    file_refused: bool = False  # the LIST came through; the server refused the RETR's file (550)
+    elsewhere: bool = False  # the data connection was accepted, yet the server said none came (425)
 
 
 def data(stage: Stage, trip: RoundTrip) -> Check:
     facts = {"listing_bytes": trip.listing_bytes, "retr": trip.retr_name, "retr_bytes": trip.retr_bytes}
+    if trip.error is not None and trip.file_refused:
+        return Check(
+            stage,
+            Status.WARN,
+            f"LIST {trip.listing_bytes} bytes, but {trip.error}",
+            f"the data connection works; the server will not send {trip.retr_name}: name a file this user may"
+            " read (not a folder) in the URL's path, or none to fetch the first small file listed",
+            data=facts,
+        )
     if trip.error is not None:
         return Check(
             stage,
             Status.FAIL,
             f"data round trip failed: {trip.error}",
-            "see the stages above; the server's log says why it refused",
+            "the data connection was accepted, yet the server says none came: either the router forwards the"
+            " passive ports to another host than the FTP server (the ftpfix host, with ftpfix in front), or"
+            " something on the way answers for them, or the server refused it (its log says which)"
+            if trip.elsewhere
+            else "see the stages above; the server's log says why it refused",
             data=facts,
         )
     text = f"LIST {trip.listing_bytes} bytes"
@@ -583,7 +653,7 @@ class Verdict:
     exit_status: int
 
     def line(self) -> str:
-        return f"verdict: {self.text}"
+        return f"verdict: {shown(self.text)}"
 
     def as_json(self) -> dict[str, Any]:
         return {"status": str(self.status), "stage": str(self.stage) if self.stage else None, "text": self.text}

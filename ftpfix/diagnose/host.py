@@ -88,7 +88,7 @@ def backend_greeting(config: Config, timeout: float) -> Check:
         )
     control = Control(sock, seconds)
     try:
-        code, lines = control.reply()
+        code, lines = control.past_preliminary(*control.reply())  # "120 ready in n minutes", then 220
     except (WireError, OSError) as failure:
         return Check("backend", Status.FAIL, f"{where} connected but sent no greeting: {failure}", "check the server")
     finally:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import checks
 from .certificates import inspect_tls, sni, tls_context
@@ -97,6 +97,12 @@ class Options:
     active: bool = False
     private: tuple[Network, ...] = ()
     ca: str | None = None
+    #: Send a password over TLS whose certificate is not trusted (curl -k).
+    insecure: bool = False
+
+
+#: Users whose password is no secret (RFC 1635): sent over any TLS.
+ANONYMOUS_USERS = ("anonymous", "ftp")
 
 
 class _Lost(Exception):
@@ -117,7 +123,6 @@ class _Run:
     dialed: str = ""
     ftpfix: FtpfixInfo | None = None
     pasv_ok: bool = False
-    address_ok: bool = False
     retr_bytes: int = 0
     retr_seconds: float = 0.0
     current: Stage = Stage.RESOLVE  # the stage under way, which fails if the connection breaks
@@ -133,8 +138,12 @@ class _Run:
         self.current = stage
 
     def report(self, check: Check) -> Check:
-        self.results.append(check)
-        self.emit(check)
+        """Record and show ``check``; returned as the stage concluded, for what runs next."""
+        shown = check
+        if ":" in self.dialed:
+            shown = checks.over_ipv6(check, range_known=self.ftpfix is not None and self.ftpfix.ports is not None)
+        self.results.append(shown)
+        self.emit(shown)
         return check
 
     def skip_rest(self, after: Stage, why: str) -> None:
@@ -228,7 +237,7 @@ def _session(run: _Run, connected: Check) -> None:
     # 3. greeting
     run.begin(Stage.GREETING)
     try:
-        code, lines = control.reply()
+        code, lines = control.past_preliminary(*control.reply())  # "120 ready in n minutes", then 220
         # A multi-line banner (pure-ftpd's is 5 lines) is summed up by its first.
         shown = lines[0].strip() + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
         greeted = run.report(checks.greeting(code, shown))
@@ -259,6 +268,11 @@ def _session(run: _Run, connected: Check) -> None:
             ca=options.ca,
         )
         run.report(checks.tls(seen, error, asked=True))
+        private = not options.insecure and target.user.lower() not in ANONYMOUS_USERS
+        if seen is not None and private and (refusal := checks.password_withheld(seen)):
+            run.begin(Stage.LOGIN)
+            run.report(refusal)
+            raise _Stop("the password was not sent")
     # 5. login
     run.begin(Stage.LOGIN)
     code, lines = _ask(control, f"USER {target.user}")
@@ -303,7 +317,7 @@ def _session(run: _Run, connected: Check) -> None:
             advertised = ipaddress.ip_address(".".join(map(str, numbers[:4])))
             dialed = ipaddress.ip_address(run.dialed)
             check = checks.address_227(dialed, advertised, run.ftpfix, options.private, run.own)
-            run.address_ok = run.report(check).status is Status.OK
+            run.report(check)
         # 8. every passive port
         run.begin(Stage.PORTS)
         started = time.monotonic()
@@ -445,8 +459,7 @@ def _ports(run: _Run) -> PortsSeen:
         finally:
             sock.close()
         try:
-            while code < 200:
-                code, _ = control.reply()
+            code, _ = control.past_preliminary(code, [])
         except (WireError, OSError) as error:
             raise _Lost(f"LIST: {error}") from None
     return PortsSeen(known, scanned, leased)
@@ -462,13 +475,15 @@ def _data_connect(run: _Run, mode: str) -> tuple[socket.socket, str] | str:
             return "PASV refused"
         host, port = mapping
         via = ""
-        if not run.address_ok:
-            # As curl does (--ftp-skip-pasv-ip): the 227's address is known wrong.
+        if host != run.dialed:
+            # As curl does (--ftp-skip-pasv-ip): never where a 227 says but to the address dialed. Not
+            # only when the first 227 was wrong: a hostile server could name the dialed address first,
+            # then any host of this LAN, and have this host probe it.
             host, via = run.dialed, f"{run.dialed}, not the 227's {host}"
     else:
         code, lines = _ask(control, "EPSV")
         match = _229.search(text(lines)) if code == 229 else None
-        if match is None:
+        if match is None or not 0 < int(match.group(2)) < 65536:  # (|||99999|) was a traceback
             return f"EPSV answered {text(lines)}"
         host, port, via = run.dialed, int(match.group(2)), ""
     outcome, sock, _, _ = dial(host, port, run.options.port_timeout)
@@ -493,8 +508,25 @@ def _session_of(control: Control | None) -> ssl.SSLSession | None:
     return control.sock.session if control is not None and isinstance(control.sock, ssl.SSLSocket) else None
 
 
-def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, str] | str:
-    """One transfer command over a fresh data connection: its bytes, or why it failed."""
+class _Refusal(str):
+    """A transfer command answered with an error reply, no data sent: why, and the code."""
+
+    code: int
+
+    def __new__(cls, code: int, why: str) -> Self:
+        refusal = super().__new__(cls, why)
+        refusal.code = code
+        return refusal
+
+
+#: Replies to a RETR that refuse the file, not the data connection: no such
+#: file, a folder, no permission (450, 550), a name the server will not take (553).
+FILE_REFUSALS = frozenset({450, 550, 553})
+
+
+def _transfer(run: _Run, mode: str, command: str, limit: int, *, cut: bool = False) -> tuple[bytes, str] | str:
+    """One transfer command over a fresh data connection: its bytes, or why it failed. With ``cut``,
+    past ``limit`` bytes the connection is closed and what came counts (the server's 426 for it too)."""
     control = run.control
     assert control is not None
     made = _data_connect(run, mode)
@@ -507,20 +539,26 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
     except (WireError, OSError) as error:
         sock.close()
         raise _Lost(f"{verb}: {error}") from None
+    failure = None
     try:
         if code >= 300:
-            return f"{verb} answered {text(lines)}"
+            return _Refusal(code, f"{verb} answered {text(lines)}")
         sock = _secure(run, sock)
-        payload = read_all(sock, run.options.timeout, limit, DATA_DEADLINE)
+        payload = read_all(sock, run.options.timeout, limit, DATA_DEADLINE, cut=cut)
     except (WireError, OSError) as error:
-        return f"{verb}: {error}"
+        failure = f"{verb}: {error}"
     finally:
         sock.close()
     try:
-        while code < 200:  # the 1xx came first; now the final reply
-            code, lines = control.reply()
+        # The 1xx came first; now the final reply, read even when the data connection failed (the
+        # server's 426 for it), or every later command would read the reply before its own.
+        code, lines = control.past_preliminary(code, lines)
     except (WireError, OSError) as error:
-        raise _Lost(f"{verb}: {error}") from None
+        raise _Lost(f"{failure or verb}: {error}") from None
+    if failure is not None:
+        return failure
+    if cut and len(payload) >= limit and code in (426, 450, 451):
+        return payload, via  # the server's word for the connection this host closed
     if code != 226 and code != 250:
         return f"{verb} ended with {text(lines)}"
     return payload, via
@@ -528,33 +566,51 @@ def _transfer(run: _Run, mode: str, command: str, limit: int) -> tuple[bytes, st
 
 def _round_trip(run: _Run, mode: str, name: str | None) -> RoundTrip:
     started = time.monotonic()
-    listing = _transfer(run, mode, "LIST", LIST_LIMIT)
+    # A big folder's listing is cut at LIST_LIMIT: what came shows the data path works.
+    listing = _transfer(run, mode, "LIST", LIST_LIMIT, cut=True)
     if isinstance(listing, str):
-        return RoundTrip(error=f"LIST: {listing}")
+        # A 425 although this host's data connection was accepted: it reached something else.
+        return RoundTrip(error=f"LIST: {listing}", elsewhere=isinstance(listing, _Refusal) and listing.code == 425)
     payload, via = listing
+    if len(payload) >= LIST_LIMIT:
+        payload = payload[: payload.rfind(b"\n") + 1]  # never a name cut short
+    files = _small_files(payload.decode("utf-8", "surrogateescape"))  # RETR sends these bytes back
     if name is None:
-        name = _small_file(payload.decode("utf-8", "replace"))
+        name = next(iter(files), None)
     if name is None:
         return RoundTrip(listing_bytes=len(payload), seconds=time.monotonic() - started, via=via)
     retr_started = time.monotonic()
     fetched = _transfer(run, mode, f"RETR {name}", RETR_LIMIT)
     if isinstance(fetched, str):
-        return RoundTrip(listing_bytes=len(payload), retr_name=name, error=f"RETR {name}: {fetched}")
+        refused = isinstance(fetched, _Refusal) and fetched.code in FILE_REFUSALS
+        return RoundTrip(
+            listing_bytes=len(payload),
+            retr_name=name,
+            error=f"RETR {name}: {fetched}",
+            file_refused=refused,
+            elsewhere=isinstance(fetched, _Refusal) and fetched.code == 425,
+        )
     seconds = time.monotonic() - retr_started
+    got, listed = len(fetched[0]), files.get(name)
+    if listed is not None and got < listed:  # the 226 says nothing of a transfer cut short on the way
+        return RoundTrip(
+            len(payload), name, got, error=f"RETR {name}: {got} of the {listed} bytes the listing gives arrived"
+        )
     if mode == "PASV" or run.retr_bytes == 0:
-        run.retr_bytes, run.retr_seconds = len(fetched[0]), seconds
-    return RoundTrip(len(payload), name, len(fetched[0]), time.monotonic() - started, via=via)
+        run.retr_bytes, run.retr_seconds = got, seconds
+    return RoundTrip(len(payload), name, got, time.monotonic() - started, via=via)
 
 
-def _small_file(listing: str) -> str | None:
-    """The first regular file of at most RETR_LIMIT bytes in a Unix-style LIST."""
+def _small_files(listing: str) -> dict[str, int]:
+    """The regular files of at most RETR_LIMIT bytes in a Unix-style LIST, in its order, and their sizes."""
+    files: dict[str, int] = {}
     for line in listing.splitlines():
         parts = line.split(None, 8)
         if len(parts) == 9 and parts[0].startswith("-") and parts[4].isdigit() and int(parts[4]) <= RETR_LIMIT:
             name = parts[8]
             if name and not any(ch in name for ch in "\r\n\x00") and len(name) < 256:
-                return name
-    return None
+                files.setdefault(name, int(parts[4]))
+    return files
 
 
 def _active(run: _Run) -> Check:
@@ -590,6 +646,15 @@ def _active(run: _Run) -> Check:
     return checks.active(f"the server connected from {peer[0]}, LIST {len(payload)} bytes", None)
 
 
+#: Longest password line read from --password-file.
+MAX_PASSWORD = 4096
+
+
 def read_password(path: Path) -> str:
-    """The first line of a password file, without its end."""
-    return path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    """The first line of a password file, without its end. Read as a stream, not by its size: a
+    pipe (``--password-file <(pass show ftp)``) has none. ValueError past MAX_PASSWORD bytes."""
+    with path.open("rb") as stream:
+        line = stream.readline(MAX_PASSWORD + 1)
+    if len(line.rstrip(b"\r\n")) > MAX_PASSWORD:
+        raise ValueError(f"the first line is over {MAX_PASSWORD} bytes")
+    return line.rstrip(b"\r\n").decode("utf-8")

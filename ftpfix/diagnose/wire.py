@@ -29,6 +29,10 @@ MAX_LINE = 8 * 1024
 #: Most lines in one reply (a FEAT list is about 20; HELP about 40).
 MAX_REPLY_LINES = 512
 
+#: Most preliminary (1xx) replies before a final one: a server sends one
+#: (150, or 125), a few at most; an endless stream of them is a hostile server.
+MAX_PRELIMINARY = 16
+
 #: Most bytes read from one data connection: a LIST of a large folder fits.
 MAX_DATA = 16 * 1024 * 1024
 
@@ -56,7 +60,9 @@ class Control:
 
     def send(self, line: str) -> None:
         self.sock.settimeout(self.timeout)
-        self.sock.sendall(line.encode("latin-1") + b"\r\n")
+        # UTF-8 (RFC 2640) for what a user typed; surrogateescape gives back the very bytes of a name
+        # read from a listing that is not UTF-8 (decoded the same way).
+        self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def reply(self, timeout: float | None = None) -> tuple[int, list[str]]:
         """The next complete reply (RFC 959 section 4.2, multi-line included): its code and lines."""
@@ -82,9 +88,17 @@ class Control:
     def final(self, line: str, timeout: float | None = None) -> tuple[int, list[str]]:
         """``line``'s reply, past any 1xx."""
         code, lines = self.command(line, timeout)
-        while code < 200:
+        return self.past_preliminary(code, lines, timeout)
+
+    def past_preliminary(self, code: int, lines: list[str], timeout: float | None = None) -> tuple[int, list[str]]:
+        """The final reply after ``code``: any 1xx replies are read past, ``MAX_PRELIMINARY`` at most."""
+        for _ in range(MAX_PRELIMINARY):
+            if code >= 200:
+                return code, lines
             code, lines = self.reply(timeout)
-        return code, lines
+        if code >= 200:
+            return code, lines
+        raise WireError(f"over {MAX_PRELIMINARY} preliminary (1xx) replies and no final one")
 
     def _line(self, deadline: float) -> str:
         while b"\n" not in self._buffer:
@@ -147,10 +161,16 @@ def own_address(target: str, port: int) -> str | None:
 
 
 def read_all(
-    sock: socket.socket | ssl.SSLSocket, timeout: float, limit: int = MAX_DATA, total: float | None = None
+    sock: socket.socket | ssl.SSLSocket,
+    timeout: float,
+    limit: int = MAX_DATA,
+    total: float | None = None,
+    *,
+    cut: bool = False,
 ) -> bytes:
     """A data connection's bytes to its end. WireError after ``timeout`` seconds of
-    silence, past ``limit`` bytes, or when it is still sending after ``total`` seconds."""
+    silence, past ``limit`` bytes (with ``cut``: its first ``limit`` bytes instead), or
+    when it is still sending after ``total`` seconds."""
     chunks: list[bytes] = []
     size = 0
     deadline = None if total is None else time.monotonic() + total
@@ -168,6 +188,8 @@ def read_all(
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
+        if size > limit and cut:
+            return b"".join([*chunks, chunk])[:limit]
         if size > limit:
             raise WireError(f"the data connection sent over {limit} bytes")
         chunks.append(chunk)

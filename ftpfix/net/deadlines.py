@@ -33,10 +33,12 @@ class Expired:
 class Deadlines:
     """The clocks of one session; the dispatcher tells it what happened."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, started: float | None = None) -> None:
+        """``started``: when the client connected (trio time), from which
+        ``login_timeout`` runs; now if not given."""
         self.limits = limits
         now = trio.current_time()
-        self._started = now
+        self._started = now if started is None else started
         self._last_activity = now
         self._partial_since: float | None = None
         self._left_at: float | None = None  # the client closed its end by then

@@ -12,8 +12,6 @@ import socket
 
 import trio
 
-from ..ports import PortPool
-
 #: Connections a data listener queues. One is expected; a few more let it
 #: accept and close strangers while the real peer's SYN waits its turn.
 LISTEN_BACKLOG = 8
@@ -51,37 +49,6 @@ def open_active_listener(host: str) -> tuple[int, socket.socket]:
         listener.close()
         raise
     return listener.getsockname()[1], listener
-
-
-def open_passive_listener(pool: PortPool, host: str) -> tuple[int, socket.socket] | None:
-    """Lease a port from ``pool`` and listen on it, or None if none is free.
-
-    Error handling: a port that another process holds (EADDRINUSE) is given
-    back and the next one tried, so a stray listener in the range costs one
-    port, not the service. Any other error (an address that is not local,
-    no descriptor left) gives the port back and is raised.
-    """
-    for port in pool.candidates():
-        try:
-            listener = socket.socket(family(host), socket.SOCK_STREAM)
-        except OSError:
-            pool.release(port)
-            raise
-        try:
-            # SO_REUSEADDR: the port of a transfer that just ended sits in
-            # TIME_WAIT, and without it the next lease of that port would fail.
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.setblocking(False)
-            listener.bind((host, port))
-            listener.listen(LISTEN_BACKLOG)
-        except OSError as error:
-            listener.close()
-            pool.release(port)
-            if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                continue
-            raise
-        return port, listener
-    return None
 
 
 async def connect(address: tuple[str, int], timeout: float, source_port: int | None = None) -> socket.socket:

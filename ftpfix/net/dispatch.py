@@ -26,7 +26,6 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import AcceptDataFrom, BackendTls, Config
-from ..ports import PortPool
 from ..protocol import (
     AbortTransfer,
     ActiveFailed,
@@ -65,14 +64,15 @@ from ..protocol.grammar import SHUTTING_DOWN
 from ..protocol.grammar import reply as reply_line
 from .addresses import Endpoints, advertised_address
 from .backend_tls import data_session
+from .dataports import DataPorts, private_claim
 from .deadlines import Deadlines, Expired
-from .dial import open_active_listener, open_passive_listener
+from .dial import open_active_listener
 from .metrics import METRICS
 from .public import PublicAddress
 from .relay import TokenBucket
 from .stopping import Stopping
 from .streams import ControlStream
-from .tls import HandshakeFailed, accept_tls, describe, server_context
+from .tls import HandshakeFailed, accept_tls, acknowledge_now, describe, server_context
 from .transfer import Timeouts, Transfer
 from .transferlog import log_transfer
 
@@ -179,7 +179,7 @@ class ControlChannel:
     def __init__(
         self,
         config: Config,
-        pool: PortPool,
+        ports: DataPorts,
         public: PublicAddress,
         client: trio.abc.Stream,
         backend: trio.abc.Stream,
@@ -188,6 +188,7 @@ class ControlChannel:
         shutdown: Stopping | None = None,
         *,
         greeted: bool = False,
+        accepted: float | None = None,
         implicit_tls: tuple[ssl.SSLContext, tuple[str, str]] | None = None,
         backend_tls: trio.SSLStream[trio.abc.Stream] | None = None,
     ) -> None:
@@ -197,20 +198,27 @@ class ControlChannel:
         speaks TLS to it (``backend_tls.py``): its data connections resume
         that session."""
         self.config = config
-        self.pool = pool
+        self.ports = ports
         self.public = public
         self.streams = {Side.CLIENT: ControlStream(client), Side.SERVER: ControlStream(backend)}
         self.endpoints = endpoints
         self.log = log
         self.shutdown = shutdown
         client_address = ipaddress.ip_address(endpoints.client)
+        #: Who may make this session's passive data connections.
+        self._peers = config.passive.accept_data_from.network(endpoints.client)
+        #: Balancers whose passive data connections start with a PROXY header
+        #: naming the real peer ([listen] trusted_proxies, with proxy_protocol on).
+        self._proxies = config.listen.trusted_proxies if config.listen.proxy_protocol else ()
         self.core = Session(
             policy_of(config), client=client_address, greeted=greeted, implicit_tls=implicit_tls is not None
         )
         self.internal = any(client_address in network for network in config.passive.internal_networks)
         self.totals = SessionTotals()
         self.close_reason = "unknown"
-        self.deadlines = Deadlines(config.limits)
+        # login_timeout runs from ``accepted``, when the client connected
+        # (before a PROXY header and the backend's dial), if known.
+        self.deadlines = Deadlines(config.limits, accepted)
         self._transfer: Transfer | None = None  # the newest: the one commands use
         self._transfers: list[Transfer] = []  # every one still running
         self._nursery: trio.Nursery | None = None
@@ -531,6 +539,7 @@ class ControlChannel:
             self.log.warning("TLS handshake failed", side="client", error=str(error))
             self.close_reason = f"TLS handshake failed: {error}"
             return None
+        acknowledge_now(self.streams[Side.CLIENT].socket)
         self.streams[Side.CLIENT] = ControlStream(stream)
         self.tls_summary = describe(stream)
         self._start_reader(Side.CLIENT)
@@ -620,26 +629,34 @@ class ControlChannel:
             self.log.warning("too many data connections in one session", limit=MAX_TRANSFERS)
             return PassiveFailed("too many data connections at once")
         listen_host = self.config.passive.listen_address or self.endpoints.local
+        passive = self.config.passive
+        share = passive.share_ports
         try:
-            opened = open_passive_listener(self.pool, listen_host)
+            claim = self.ports.claim(listen_host, self._peers, share=share, proxies=self._proxies)
         except OSError as error:
             self.log.warning("cannot open a passive port", address=listen_host, error=error.strerror or str(error))
             return PassiveFailed("ftpfix cannot listen for it now")
-        if opened is None:
+        if claim is None:
             METRICS.pool_exhausted.inc()
-            self.log.warning(
-                "passive port pool exhausted", ports=str(self.config.passive.ports), leased=self.pool.leased
-            )
+            pool = self.ports.pool
+            if share and pool.leased == len(pool.ports):
+                # Every port is busy with this client's address (or network)
+                # already, or held alone: another client could still get one.
+                self.log.warning(
+                    "passive port pool exhausted for this client",
+                    ports=str(pool.ports),
+                    leases=pool.leases,
+                    accepted=str(self._peers),
+                )
+                return PassiveFailed("no free passive port for your address, try again later")
+            self.log.warning("passive port pool exhausted", ports=str(pool.ports), leased=pool.leased)
             return PassiveFailed("no free passive port, try again later")
-        port, listener = opened
+        port = claim.port
         backend = self.endpoints.backend
         self._start(
             Transfer(
-                port=port,
-                listener=listener,
-                peers=self.config.passive.accept_data_from.network(self.endpoints.client),
+                claim=claim,
                 target=(backend, command.backend_port),
-                pool=self.pool,
                 timeouts=self._timeouts(active=False),
                 log=self.log,
                 upload_limit=self._upload_limit,
@@ -647,7 +664,6 @@ class ControlChannel:
                 tls=self.tls_context,
                 require_session_reuse=self.config.tls.require_session_reuse,
                 backend_tls=self._backend_data_tls,
-                proxies=self.config.listen.trusted_proxies if self.config.listen.proxy_protocol else (),
             )
         )
         self.log.info(
@@ -670,15 +686,11 @@ class ControlChannel:
             return ActiveFailed("ftpfix cannot listen for the server now")
         self._start(
             Transfer(
-                port=port,
-                listener=listener,
-                peers=AcceptDataFrom.SAME_ADDRESS.network(self.endpoints.backend),
+                claim=private_claim(listener, AcceptDataFrom.SAME_ADDRESS.network(self.endpoints.backend), self.log),
                 target=(command.host, command.port),
-                pool=self.pool,
                 timeouts=self._timeouts(active=True),
                 log=self.log,
                 active=True,
-                pooled=False,
                 source_port=self.config.active.source_port,
                 upload_limit=self._upload_limit,
                 download_limit=self._download_limit,

@@ -19,11 +19,11 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import BackendTls, Config
-from ..ports import PortPool
 from ..protocol import FtpfixError, ProtocolError, Side
 from ..protocol.grammar import BACKEND_UNREACHABLE, SHUTTING_DOWN
 from .addresses import Endpoints, is_address, normalize_host
 from .backend_tls import BackendTlsFailed, Prefixed, secure_backend
+from .dataports import DataPorts
 from .dial import connect
 from .dispatch import ControlChannel
 from .metrics import METRICS, session_end
@@ -40,7 +40,7 @@ async def handle_client(
     stream: trio.SocketStream,
     client: tuple[str, int],
     config: Config,
-    pool: PortPool,
+    ports: DataPorts,
     public: PublicAddress,
     shutdown: Stopping | None = None,
     arrival: Arrival | None = None,
@@ -121,7 +121,7 @@ async def handle_client(
                 backend_tls_version = backend_tls.version()
             channel = ControlChannel(
                 config,
-                pool,
+                ports,
                 public,
                 control,
                 backend_side,
@@ -129,6 +129,7 @@ async def handle_client(
                 log,
                 shutdown,
                 greeted=arrival.greeted,
+                accepted=arrival.accepted if arrival.accepted is not None else started,
                 implicit_tls=implicit_tls,
                 backend_tls=backend_tls,
             )

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -100,7 +100,9 @@ class Arrival:
     the address and port the client dialed on the balancer, when a header said
     so. ``via`` is the balancer that sent the header. ``rest`` is what the
     peer sent after the header: the client's first bytes. ``greeted`` is True
-    when ftpfix already sent ``OWN_GREETING``.
+    when ftpfix already sent ``OWN_GREETING``. ``accepted`` is when the
+    connection came (trio time): ``login_timeout`` runs from then, the wait
+    for the header included.
     """
 
     client: tuple[str, int]
@@ -108,6 +110,7 @@ class Arrival:
     via: str | None = None
     rest: bytes = b""
     greeted: bool = False
+    accepted: float | None = field(default=None, compare=False)
 
 
 def trusted(config: Config, host: str) -> bool:
@@ -188,8 +191,10 @@ async def receive_proxy_header(
             version=header.version,
             **where,
         )
-        return Arrival(client=peer, via=peer[0], rest=rest, greeted=greeted)
-    return Arrival(client=header.client, dialed=header.dialed, via=peer[0], rest=rest, greeted=greeted)
+        return Arrival(client=peer, via=peer[0], rest=rest, greeted=greeted, accepted=started)
+    return Arrival(
+        client=header.client, dialed=header.dialed, via=peer[0], rest=rest, greeted=greeted, accepted=started
+    )
 
 
 #: Seconds between looks at a data connection's header while it is

@@ -17,8 +17,10 @@ import trio
 
 from ..config import Config, ConfigError, load_config, render
 from ..ports import PortPool, PortRange
+from ..protocol.grammar import SHUTTING_DOWN
 from .addresses import normalize_host
 from .admission import Admission, open_descriptors, raise_descriptor_limit
+from .dataports import DataPorts
 from .edge import handle_client
 from .health import Response, open_health_listeners, probe_routes, serve_health
 from .metrics import METRICS, config_hash
@@ -43,7 +45,7 @@ class Generation:
     """
 
     config: Config
-    pool: PortPool
+    ports: DataPorts
     public: PublicAddress
 
 
@@ -61,13 +63,13 @@ class Server:
         self.refusing_tls = 0
         #: Set on SIGTERM: idle sessions end at once, busy ones when idle.
         self.stopping = Stopping()
-        self._pools: dict[PortRange, PortPool] = {}
+        self._pools: dict[PortRange, DataPorts] = {}
         self.generation = self._build(config)
         self._refresh_scope: trio.CancelScope | None = None
         METRICS.watch(
             sessions=lambda: self.admission.total,
-            pool_size=lambda: len(self.generation.pool.ports),
-            leased=lambda: self.generation.pool.leased,
+            pool_size=lambda: len(self.generation.ports.pool.ports),
+            leased=lambda: self.generation.ports.pool.leased,
         )
         self._observe(config)
 
@@ -79,10 +81,14 @@ class Server:
             self.log.error("xferlog is off", error=XFERLOG.error)
 
     def _build(self, config: Config) -> Generation:
-        # Keep the pool of an unchanged range: its leases belong to live sessions.
-        pool = self._pools.setdefault(config.passive.ports, PortPool(config.passive.ports))
+        # Keep the pool of an unchanged range (this replica's slice of it):
+        # its leases and shared listeners belong to live sessions.
+        leased = config.passive.leased_ports
+        ports = self._pools.get(leased)
+        if ports is None:
+            ports = self._pools[leased] = DataPorts(PortPool(leased), self.log)
         public = PublicAddress(config.passive.public_address, config.passive.public_address_ttl, self.log)
-        return Generation(config, pool, public)
+        return Generation(config, ports, public)
 
     async def keep_public_address_fresh(self, nursery: trio.Nursery) -> None:
         """(Re)start the lookups of the current generation's public address."""
@@ -172,15 +178,28 @@ class Server:
                     return
                 self.awaiting_headers += 1
                 try:
-                    arrival = await receive_proxy_header(
-                        stream,
-                        (host, peer[1]),
-                        generation.config.limits.login_timeout,
-                        self.log,
-                        greet=not implicit,
-                    )
+                    # SIGTERM ends the wait: nothing is in flight yet, so the
+                    # connection is idle and gets its 421 at once, like a session.
+                    with trio.CancelScope() as waiting, self.stopping.waking(waiting.cancel):
+                        if self.stopping.is_set():
+                            waiting.cancel()
+                        arrival = await receive_proxy_header(
+                            stream,
+                            (host, peer[1]),
+                            generation.config.limits.login_timeout,
+                            self.log,
+                            greet=not implicit,
+                        )
                 finally:
                     self.awaiting_headers -= 1
+                if waiting.cancelled_caught or (arrival is not None and self.stopping.is_set()):
+                    self.log.info(
+                        "shutting down: closing a connection that was waiting for its PROXY header", proxy=host
+                    )
+                    if not implicit:  # a client of the implicit port expects TLS, not a plain 421
+                        await say_last(stream, SHUTTING_DOWN)
+                    await trio.aclose_forcefully(stream)
+                    return
                 if arrival is None:
                     METRICS.refusals.labels("proxy_header").inc()
                     await trio.aclose_forcefully(stream)
@@ -209,7 +228,7 @@ class Server:
                     stream,
                     (host, peer[1]),
                     generation.config,
-                    generation.pool,
+                    generation.ports,
                     generation.public,
                     self.stopping,
                     arrival,
@@ -369,7 +388,9 @@ async def serve(
                     **({"implicit_tls": _names(implicit_listeners)} if implicit_listeners else {}),
                     backend=f"{config.backend.address}:{config.backend.port}",
                     public_address=config.passive.public_address,
-                    passive_ports=str(config.passive.ports),
+                    passive_ports=str(config.passive.leased_ports),
+                    share_ports=config.passive.share_ports,
+                    **({"slice": f"{config.passive.slice} of {config.passive.ports}"} if config.passive.slice else {}),
                     **({"probes": probes} if probes else {}),
                 )
                 task_status.started(server)

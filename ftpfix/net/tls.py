@@ -28,6 +28,7 @@ pick up a renewed certificate (a reload or not) without a restart.
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 import trio
@@ -127,3 +128,23 @@ def describe(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[str, str]:
     """The negotiated version and cipher, for the log."""
     cipher = stream.cipher()
     return stream.version() or "?", cipher[0] if cipher else "?"
+
+
+def acknowledge_now(sock: socket.socket | trio.socket.SocketType | None) -> None:
+    """Send the ACK of what ``sock`` has received now, not at the delayed-ACK timer.
+
+    Called once a TLS handshake is done. trio's SSLStream holds a TLS 1.3
+    server's session tickets back until the first write (trio issue 819,
+    OpenSSL issue 7948), and on FTP's control connection the client speaks
+    next, so nothing carries the ACK of the client's Finished. A client with
+    Nagle on (TCP_NODELAY off: Python's ftplib, many others) holds its first
+    command until that ACK comes: 40 ms per session on Linux, which capped
+    control-port TLS sessions at a sixth of vsftpd's (tests/bench/ftps.py).
+    Setting TCP_QUICKACK sends a pending ACK at once (tcp(7)).
+    """
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except OSError:
+        pass  # not TCP, or already gone: nothing to acknowledge

@@ -34,7 +34,6 @@ it answers now and the client gets its 425 within the accept timeout.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import socket
 import ssl
@@ -45,26 +44,18 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from ..config import AcceptDataFrom
-from ..ports import PortPool
 from .addresses import normalize_host
 from .backend_tls import BackendTlsFailed
+from .dataports import Claim
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
-from .proxied import receive_data_header
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
 from .tls import HANDSHAKE_TIMEOUT
+from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
 #: that will never come (see ``Transfer.abort`` and ``unmade``).
 KNOCK_TIMEOUT = 1.0
-
-#: Refused strangers a transfer remembers for its log line.
-STRANGERS_LOGGED = 4
-
-#: Connections from outside ``accept_data_from`` a TLS-bound transfer holds
-#: until its TLS session decides (``Transfer._accept_peer_or_held``); more
-#: are refused at once, so nobody can pile up descriptors on a data port.
-MAX_HELD = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,25 +91,20 @@ class Transfer:
     def __init__(
         self,
         *,
-        port: int,
-        listener: socket.socket,
-        peers: ipaddress.IPv4Network | ipaddress.IPv6Network,
+        claim: Claim,
         target: tuple[str, int],
-        pool: PortPool,
         timeouts: Timeouts,
         log: FilteringBoundLogger,
         active: bool = False,
-        pooled: bool = True,
         source_port: int | None = None,
         upload_limit: TokenBucket | None = None,
         download_limit: TokenBucket | None = None,
         tls: ssl.SSLContext | None = None,
         require_session_reuse: bool = True,
         backend_tls: Callable[[trio.SocketStream], Awaitable[trio.SSLStream[trio.SocketStream]]] | None = None,
-        proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     ) -> None:
-        self.port = port
-        self.peers = peers
+        self.port = claim.port
+        self.peers = claim.peers
         self.target = target
         self.active = active
         self.stats = RelayStats()
@@ -126,9 +112,7 @@ class Transfer:
         self.connected = False
         #: Why the transfer did not deliver everything, once it did not.
         self.failure: str | None = None
-        self._listener = listener
-        self._pool = pool
-        self._pooled = pooled
+        self._claim = claim
         self._timeouts = timeouts
         self._log = log
         self._source_port = source_port
@@ -141,7 +125,6 @@ class Transfer:
         self._delivered = trio.Event()
         self._finished = trio.Event()
         self._settled = trio.Event()  # run() has returned, knock included
-        self._released = False
         self._answered = False  # the backend has answered the transfer command
         self._aborted = False
         self._expected = False  # the transfer command went to the backend
@@ -149,13 +132,10 @@ class Transfer:
         self._protected = False  # TLS on the client's side (PROT P at the transfer command)
         self._dialed = False  # the other end of the data connection answered
         self._download = False  # the transfer command sends data to the client
-        self._strangers: list[str] = []  # refused peers, for the log
-        self._held: list[socket.socket] = []  # strangers that may yet prove their TLS session
-        self._more_held = trio.Event()
         self._tentative = False  # the accepted peer is a held stranger: its TLS session decides
-        #: Balancers whose data connections start with a PROXY header naming
-        #: the real peer (``[listen] trusted_proxies``, with proxy_protocol on).
-        self._proxies = proxies
+        # A stranger may be held for this transfer where sessions are bound
+        # (``_binds_sessions``): the data port asks the claim.
+        claim.holds = self._binds_sessions
 
     # -- what the dispatcher asks ---------------------------------------
 
@@ -307,7 +287,25 @@ class Transfer:
                 # level the port was opened with moved files in the clear
                 # after PROT C, PASV, PROT P (red team).
                 await self._told.wait()
-                if not self._protected and self._backend_tls is None:
+                if self._protected and self._backend_tls is None:
+                    # The backend has its data connection already (it may
+                    # answer 150 only then, and the client may handshake
+                    # only after the 150); the client's TLS comes now. The
+                    # common FTPS case has a path of its own (tlsdata.py).
+                    secured = await self._secure_data(client)
+                    if secured is None:
+                        return
+                    self.connected = True
+                    await relay_tls_plain(
+                        secured,
+                        backend,
+                        self.stats,
+                        upload,
+                        download,
+                        stall_timeout=self._timeouts.stall,
+                        delivered=self._delivered,
+                    )
+                elif not self._protected and self._backend_tls is None:
                     self.connected = True
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._end_after_download, backend)
@@ -350,10 +348,7 @@ class Transfer:
             self._log.warning("data connection failed: out of resources", port=self.port, error=error.strerror)
             self._fail("ftpfix is out of resources, try again later")
         finally:
-            for sock in self._held:  # strangers that never proved anything
-                reset_on_close(sock)
-                sock.close()
-            self._held.clear()
+            self._claim.drop_held()  # strangers that never proved anything
             for sock in (accepted, dialed):
                 if sock is not None:
                     if self.failure is not None:
@@ -390,7 +385,7 @@ class Transfer:
             return None
         # One data connection per transfer: stop listening at once. A passive
         # port stays leased until the transfer ends.
-        self._close_listener()
+        self._claim.withdraw()
         self._accepted.set()
         return accepted
 
@@ -398,13 +393,13 @@ class Transfer:
         """Log why nobody connected in time; return it as the client is told it."""
         who = "backend" if self.active else "client"
         seconds = f"{self._timeouts.accept:g} s"
-        if not self._strangers:
+        if not self._claim.strangers:
             self._log.info(f"data port released: the {who} never connected", port=self.port, waited=seconds)
             return f"nobody connected within {seconds}"
         self._log.warning(
             f"data port released: only other addresses connected, never the {who}",
             port=self.port,
-            refused=self._strangers,
+            refused=self._claim.strangers,
             accepted=str(self.peers),
             hint=self._hint(),
         )
@@ -416,7 +411,7 @@ class Transfer:
         if self.active:
             return None
         near = AcceptDataFrom.SAME_NETWORK.network(str(self.peers.network_address))
-        addresses = [address for stranger in self._strangers if (address := _address(stranger)) is not None]
+        addresses = [address for stranger in self._claim.strangers if (address := _address(stranger)) is not None]
         if self.peers.num_addresses == 1 and any(address in near for address in addresses):
             return (
                 f"an address in the client's network {near}: the client's other address behind carrier-grade "
@@ -446,91 +441,25 @@ class Transfer:
         address check stands as before for it.
         """
         if not self._binds_sessions:
-            return await self._accept_peer()
+            return await self._claim.accept()
         chosen: list[socket.socket] = []
         async with trio.open_nursery() as nursery:
 
             async def welcome() -> None:
-                chosen.append(await self._accept_peer())
+                chosen.append(await self._claim.accept())
                 nursery.cancel_scope.cancel()
 
             async def held() -> None:
                 await self._told.wait()
                 if not self._protected:
                     return  # the address check alone decides, as without TLS
-                while not self._held:
-                    await self._more_held.wait()
-                    self._more_held = trio.Event()
-                chosen.append(self._held.pop(0))
+                chosen.append(await self._claim.take_held())
                 self._tentative = True
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(welcome)
             nursery.start_soon(held)
         return chosen[0]
-
-    async def _accept_peer(self) -> socket.socket:
-        """The first connection on the listener from an address in ``peers``.
-
-        Error handling: a peer that gave up before accept() is skipped; running
-        out of descriptors raises OSError (see RESOURCE_ERRORS), since the
-        waiting connection would otherwise wake this loop forever.
-        """
-        listener = self._listener
-        while True:
-            if listener.fileno() == -1:
-                raise trio.ClosedResourceError("the data port was closed")
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                sock, peer = listener.accept()
-            except BlockingIOError:
-                continue  # the peer gave up between the wake-up and accept()
-            except OSError as error:
-                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if error.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("the data port was closed") from None
-                raise
-            host = str(peer[0])
-            if (
-                self._proxies
-                and (address := _address(host)) is not None
-                and any(address in network for network in self._proxies)
-            ):
-                sock.setblocking(False)
-                real = await receive_data_header(sock, host, self._log)
-                if real is None:
-                    METRICS.refusals.labels("proxy_header").inc()
-                    reset_on_close(sock)
-                    sock.close()
-                    continue
-                host = real
-            if not self._welcome(host) and self._binds_sessions and len(self._held) < MAX_HELD:
-                self._log.info(
-                    "data connection from outside accept_data_from held: it must resume this session's TLS session",
-                    peer=host,
-                    port=self.port,
-                )
-                if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(host)
-                sock.setblocking(False)
-                self._held.append(sock)
-                self._more_held.set()
-                continue
-            if not self._welcome(host):
-                self._log.warning("data connection from a stranger refused", peer=host, port=self.port)
-                METRICS.refusals.labels("stranger").inc()
-                if len(self._strangers) < STRANGERS_LOGGED:
-                    self._strangers.append(host)
-                reset_on_close(sock)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            return sock
-
-    def _welcome(self, host: str) -> bool:
-        address = _address(host)
-        return address is not None and address in self.peers
 
     async def _dial(self) -> socket.socket | None:
         try:
@@ -577,13 +506,18 @@ class Transfer:
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        resumed = stream.session_reused
-        if self._tentative and resumed:
+        return stream if self._bound(stream.session_reused) else None
+
+    def _bound(self, session_reused: bool) -> bool:
+        """Whether a protected data connection may go on: it resumed this
+        control session's TLS session, or need not. False, with ``failure``
+        set and the refusal logged, if not."""
+        if self._tentative and session_reused:
             self._log.info(
                 "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
                 port=self.port,
             )
-        if (self._require_session_reuse or self._tentative) and not resumed:
+        if (self._require_session_reuse or self._tentative) and not session_reused:
             # Each control session has a context of its own (tls.py), so a
             # resumed session is necessarily this control session's.
             self._log.warning(
@@ -594,8 +528,26 @@ class Transfer:
             if self._tentative:
                 METRICS.refusals.labels("stranger").inc()
             self._fail("the data connection must resume the TLS session of its control connection")
+            return False
+        return True
+
+    async def _secure_data(self, client: socket.socket) -> TlsConnection | None:
+        """As ``_secure``, for a backend side that is plain: the handshake
+        driven by hand (``tlsdata.accept_data_tls``), for ``relay_tls_plain``.
+        """
+        if self._tls is None:
+            # PROT P is refused before AUTH, so this is a bug; fail closed.
+            self._fail("TLS is not set up for this session")
             return None
-        return stream
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                secured = await accept_data_tls(client, self._tls)
+        except (OSError, trio.TooSlowError) as error:
+            why = "timed out" if isinstance(error, trio.TooSlowError) else _tls_error(error)
+            self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
+            self._fail("the TLS handshake on the data connection failed")
+            return None
+        return secured if self._bound(secured.tls.session_reused) else None
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
@@ -616,25 +568,14 @@ class Transfer:
         if self.failure is None and not self._finished.is_set():
             self.failure = reason
 
-    def _close_listener(self) -> None:
-        """Stop accepting; a task waiting on the listener is woken first."""
-        if self._listener.fileno() != -1:
-            trio.lowlevel.notify_closing(self._listener)
-            self._listener.close()
-
     def _release(self) -> None:
-        """Stop listening and give the port back, once.
+        """Stop waiting and give the port back, once.
 
         Idempotent, so the session can free a replaced transfer's port at once
         while its task's ``finally`` runs later and must not release the port
         again: by then a newer transfer may hold it.
         """
-        if self._released:
-            return
-        self._released = True
-        self._close_listener()
-        if self._pooled:
-            self._pool.release(self.port)
+        self._claim.release()
 
 
 def _stream(sock: socket.socket) -> trio.SocketStream:
@@ -648,3 +589,12 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(normalize_host(host))
     except ValueError:
         return None
+
+
+def _tls_error(error: OSError) -> str:
+    """A failed handshake, said the way trio.SSLStream said it (the log's words)."""
+    if isinstance(error, ssl.SSLEOFError):
+        return "the client closed the connection during the TLS handshake"
+    if isinstance(error, ssl.SSLError):
+        return str(error)
+    return error.strerror or str(error)

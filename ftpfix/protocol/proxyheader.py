@@ -157,7 +157,11 @@ def _parse_v1(data: bytes) -> Header | None:
 
 
 def _v1_address(text: bytes, version: int) -> str:
+    # 2.1: addresses as inet_ntop writes them. Python also takes an IPv6 scope
+    # ("fe80::1%eth0"), which would make one client many: refused.
     try:
+        if b"%" in text:
+            raise ValueError(text)
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise ProxyHeaderError(f"v1 header: {text[:48]!r} is not an IP address") from None

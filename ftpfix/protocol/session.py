@@ -215,6 +215,9 @@ class _Forwarded:
 @dataclass(slots=True)
 class _Local:
     reply: bytes
+    # Sent instead when the client has not logged in by the time the reply's
+    # turn comes: a pipelined USER and PASS before it may still log it in.
+    logged_out: bytes | None = None
 
 
 class Session:
@@ -349,8 +352,15 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """True when no command is outstanding: nothing would be cut short by a 421."""
-        return not self._pending and self._deferred is None and not self.paused
+        """True when no command is outstanding: nothing would be cut short by a 421.
+
+        A greeting the backend has not sent yet is no command of the client's:
+        a 421 may take its place (RFC 959 allows 421 as the greeting).
+        """
+        outstanding = len(self._pending)
+        if outstanding and isinstance(self._pending[0], _Forwarded) and self._pending[0].verb == GREETING:
+            outstanding -= 1
+        return not outstanding and self._deferred is None and not self.paused
 
     @property
     def can_advance(self) -> bool:
@@ -468,12 +478,17 @@ class Session:
         user = self.user if verb in LOGIN_VERBS else None
         self._pending.append(_Forwarded(verb, sent, user=user))
 
-    def answer(self, out: list[Command], text: bytes) -> None:
-        """Answer the client's command here, in its turn."""
+    def answer(self, out: list[Command], text: bytes, *, logged_out: bytes | None = None) -> None:
+        """Answer the client's command here, in its turn; with ``logged_out`` if, in its turn, the
+        client has not logged in (decided then, not now: a PASS may be pending before it)."""
+        local = _Local(text, logged_out)
         if self._pending:
-            self._pending.append(_Local(text))
+            self._pending.append(local)
         else:
-            out.append(SendTo(Side.CLIENT, text))
+            out.append(SendTo(Side.CLIENT, self._local_reply(local)))
+
+    def _local_reply(self, local: _Local) -> bytes:
+        return local.logged_out if local.logged_out is not None and not self.logged_in else local.reply
 
     def open_active(self, verb: bytes, command: OpenActive, out: list[Command]) -> None:
         """Ask the shell to listen for the backend's data connection; read no command meanwhile."""
@@ -904,7 +919,7 @@ class Session:
         """Send the replies ftpfix made up whose turn has come."""
         while self._pending and isinstance(head := self._pending[0], _Local):
             self._pending.popleft()
-            out.append(SendTo(Side.CLIENT, head.reply))
+            out.append(SendTo(Side.CLIENT, self._local_reply(head)))
 
 
 __all__ = ["TRANSITIONS", "Policy", "Session", "Waiting"]

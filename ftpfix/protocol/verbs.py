@@ -341,10 +341,8 @@ def _site(session: Session, verb: bytes, argument: bytes, out: list[Command]) ->
     if rest.strip(SEPARATORS):
         session.answer(out, reply("501 SITE FTPFIX takes no argument."))
         return
-    if not session.logged_in:
-        session.answer(out, reply("530 Log in first (SITE FTPFIX)."))
-        return
-    session.answer(out, site_ftpfix_reply(session))
+    # What the reply says is taken now, in the line's order; whether the client may read it, in its turn.
+    session.answer(out, site_ftpfix_reply(session), logged_out=reply("530 Log in first (SITE FTPFIX)."))
 
 
 def _refuse(session: Session, verb: bytes, argument: bytes, out: list[Command]) -> None:

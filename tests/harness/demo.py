@@ -15,6 +15,8 @@ from .proxy import ROOT
 
 BACKEND_PORT = 2121
 LISTEN_PORT = 2100
+#: Implicit FTPS (TLS from the first byte), 990 by convention.
+IMPLICIT_PORT = 2990
 PUBLIC_ADDRESS = "127.0.0.1"
 #: As many passive ports as the example config has.
 PASSIVE_PORT_COUNT = 20
@@ -58,10 +60,31 @@ port = {backend_port}
 public_address = "{public_address}"
 ports = "{ports}"
 
+[tls]
+# A self-signed pair made at start (openssl): clients must be told to accept
+# it (curl -k). Explicit FTPS on the control port, implicit on its own port.
+mode = "optional"
+certificate = "{certificate}"
+key = "{key}"
+implicit_port = {implicit_port}
+
 [log]
 level = "debug"
 format = "console"
 """
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for the demo's FTPS (never a committed key)."""
+    certificate, key = directory / "demo-cert.pem", directory / "demo-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-days", "30", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(certificate)],
+        check=True,
+        capture_output=True,
+    )
+    return certificate, key
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -72,7 +95,7 @@ def main() -> int:
     # Stop on Ctrl-C and on SIGTERM, even if started where SIGINT is ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    for port in (BACKEND_PORT, LISTEN_PORT):
+    for port in (BACKEND_PORT, LISTEN_PORT, IMPLICIT_PORT):
         if legacy.port_in_use(port):
             print(f"demo: port {port} on 127.0.0.1 is in use; stop whatever holds it and try again", file=sys.stderr)
             return 1
@@ -83,6 +106,7 @@ def main() -> int:
         legacy.put_file(server, "welcome.txt", b"Hello from a legacy ProFTPD, through ftpfix.\n")
         legacy.put_file(server, "random.bin", os.urandom(8 * 1024 * 1024))
         config = workdir / "ftpfix.toml"
+        certificate, key = self_signed(workdir)
         low, high = ephemeral_range()
         ports = passive_ports(low, high)
         config.write_text(
@@ -92,14 +116,19 @@ def main() -> int:
                 public_address=PUBLIC_ADDRESS,
                 ports=ports,
                 ephemeral=f"{low}-{high}",
+                certificate=certificate,
+                key=key,
+                implicit_port=IMPLICIT_PORT,
             )
         )
         url = f"ftp://{server.user}:{server.password}@127.0.0.1:{LISTEN_PORT}"
+        implicit = f"ftps://{server.user}:{server.password}@127.0.0.1:{IMPLICIT_PORT}"
         print(
             f"""
 ProFTPD 1.3.8 is listening on 127.0.0.1:{BACKEND_PORT} (user {server.user}, password {server.password}),
-files in {server.files}. ftpfix is in front of it on 127.0.0.1:{LISTEN_PORT}, passive ports {ports}
-(outside the kernel's ephemeral ports {low}-{high}); its config is {config}.
+files in {server.files}. ftpfix is in front of it on 127.0.0.1:{LISTEN_PORT} (FTP, and FTPS after
+AUTH TLS) and 127.0.0.1:{IMPLICIT_PORT} (implicit FTPS), passive ports {ports} (outside the kernel's
+ephemeral ports {low}-{high}); its config is {config}.
 
 Try it from another terminal. The first two trust the address in the 227, as an old
 client would; the third sends P@SW, as the SMC router makes clients do, and ProFTPD
@@ -109,6 +138,10 @@ answers it once ftpfix has turned it back into PASV:
   curl -v --disable-epsv --no-ftp-skip-pasv-ip {url}/random.bin -o /tmp/random.bin 2>&1 | grep -E '^< 227|^> PASV'
   curl -v -Q P@SW {url}/ 2>&1 | grep -E 'P@SW|^< 227'
   curl --no-ftp-skip-pasv-ip -T /etc/hostname {url}/uploaded.txt
+
+FTPS, which ProFTPD here does not speak: ftpfix terminates TLS (a self-signed certificate, hence -k):
+  curl --ssl-reqd -k {url}/welcome.txt
+  curl -k {implicit}/welcome.txt
 
 Without ftpfix, ProFTPD answers the router's P@SW with "500 P@SW not understood":
   curl -Q P@SW ftp://{server.user}:{server.password}@127.0.0.1:{BACKEND_PORT}/

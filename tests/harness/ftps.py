@@ -24,11 +24,12 @@ class Certificates:
         return context
 
 
-def make_certificates(folder: Path, name: str = "ftpfix.test") -> Certificates:
-    """A throwaway CA and a server certificate for ``name`` and 127.0.0.1; never committed."""
+def make_certificates(folder: Path, name: str = "ftpfix.test", addresses: tuple[str, ...] = ()) -> Certificates:
+    """A throwaway CA and a server certificate for ``name``, 127.0.0.1 and
+    ``addresses`` (the NAT lab's public address); never committed."""
     folder.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
-    server = ca.issue_cert(name, "127.0.0.1")
+    server = ca.issue_cert(name, "127.0.0.1", *addresses)
     certificate, key, trusted = folder / "fullchain.pem", folder / "privkey.pem", folder / "ca.pem"
     server.private_key_pem.write_to_path(str(key))
     with certificate.open("wb") as out:

@@ -197,6 +197,18 @@ table inet filter {{
 {smc_table}"""
         _run(*in_netns(self.router, ["nft", "-f", "-"]), input=ruleset)
 
+    def mangles_pasv(self) -> bool:
+        """Whether the router's SMC rule (PASV becomes P@SW) is loaded.
+
+        With FTPS the router cannot see into the control channel, so the rule
+        changes nothing there; the FTPS tests check it is on all the same, so
+        that they pass behind the very router that breaks plain FTP.
+        """
+        listing = subprocess.run(
+            in_netns(self.router, ["nft", "list", "table", "inet", "smc"]), capture_output=True, text=True, check=False
+        )
+        return listing.returncode == 0 and "0x50405357" in listing.stdout
+
     def down(self) -> None:
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)

@@ -8,6 +8,7 @@ every server works with every client.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,9 @@ import pytest
 from tests.conftest import require, require_programs, require_servers
 from tests.harness import legacy, matrix, natlab
 from tests.harness.clients import Endpoint, cells, sha256, transfer
+from tests.harness.ftps import Certificates, make_certificates, tls_section
 from tests.harness.netns import in_netns
-from tests.harness.proxy import Ftpfix, config_text, start_ftpfix
+from tests.harness.proxy import ROOT, Ftpfix, config_text, start_ftpfix
 
 pytestmark = [pytest.mark.nat, pytest.mark.root, pytest.mark.servers]
 
@@ -70,10 +72,20 @@ def lan_server(
 
 
 @pytest.fixture(scope="module")
+def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A certificate for the router's public address, which WAN clients dial."""
+    return make_certificates(tmp_path_factory.mktemp("certs"), addresses=(natlab.PUBLIC, natlab.FTPFIX_HOST))
+
+
+@pytest.fixture(scope="module")
 def lan_ftpfix(
-    lab: natlab.NatLab, lan_server: legacy.LegacyServer, tmp_path_factory: pytest.TempPathFactory
+    lab: natlab.NatLab,
+    lan_server: legacy.LegacyServer,
+    lab_certs: Certificates,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Ftpfix]:
-    """ftpfix on the LAN at 192.0.2.10:21, in front of ``lan_server``."""
+    """ftpfix on the LAN at 192.0.2.10:21, in front of ``lan_server``; TLS is
+    optional, so plain clients and FTPS clients share it, as in the field."""
     proxy = start_ftpfix(
         tmp_path_factory.mktemp("ftpfix"),
         config_text(
@@ -82,6 +94,7 @@ def lan_ftpfix(
             public_address=natlab.PUBLIC,
             ports=natlab.PASSIVE_PORTS,
             passive_extra='internal_networks = ["192.0.2.0/24"]',
+            extra=tls_section(lab_certs, mode="optional"),
         ),
         netns=lab.lan,
     )
@@ -213,3 +226,114 @@ def test_without_split_horizon_a_lan_client_is_sent_outside(
         assert proxy.events("passive mapping")[-1]["public"].startswith(natlab.PUBLIC + ":")
     finally:
         proxy.stop()
+
+
+# -- FTPS from the WAN ------------------------------------------------------
+#
+# Once the control channel is encrypted no router helper can read or rewrite
+# a 227: only a proxy that terminates TLS can. The SMC rule stays on (it has
+# nothing to mangle inside TLS); the client trusts the 227 it is sent, so the
+# transfers work only if ftpfix's rewrite to the public address is right.
+
+FTPLIB_TLS = """\
+import json, sys
+from tests.harness.ftps import ReusingFTP_TLS
+host, user, password, ca, download, upload, remote = sys.argv[1:]
+import ssl
+context = ssl.create_default_context(cafile=ca)
+context.check_hostname = False
+ftp = ReusingFTP_TLS(context=context, timeout=60)
+ftp.trust_server_pasv_ipv4_address = True
+replies = []
+sendcmd = ftp.sendcmd
+def recording(cmd):
+    reply = sendcmd(cmd)
+    if cmd == "PASV":
+        replies.append(reply)
+    return reply
+ftp.sendcmd = recording
+ftp.connect(host, 21)
+ftp.auth()
+ftp.login(user, password)
+ftp.prot_p()
+with open(download, "wb") as file:
+    ftp.retrbinary("RETR download-tls.bin", file.write, blocksize=1 << 16)
+with open(upload, "rb") as file:
+    ftp.storbinary("STOR " + remote, file, blocksize=1 << 16)
+version = ftp.sock.version()
+ftp.quit()
+print(json.dumps({"pasv": replies, "tls": version}))
+"""
+
+PUBLIC_227 = "227 Entering Passive Mode (203,0,113,1,"
+
+
+def test_ftps_with_curl_from_the_wan(
+    lab: natlab.NatLab,
+    lan_server: legacy.LegacyServer,
+    lan_ftpfix: Ftpfix,
+    lab_certs: Certificates,
+    big_file: Path,
+    tmp_path: Path,
+) -> None:
+    """curl --ssl-reqd, PROT P, PASV with the 227's address trusted: RETR and
+    STOR through the router that turns PASV into P@SW."""
+    assert lab.mangles_pasv()
+    legacy.put_file(lan_server, "download-tls.bin", big_file.read_bytes())
+    url = f"ftp://{natlab.PUBLIC}:21"
+    common = ["curl", "-v", "-sS", "--ssl-reqd", "--cacert", str(lab_certs.ca)]
+    common += ["--user", f"{lan_server.user}:{lan_server.password}", "--no-ftp-skip-pasv-ip", "--disable-epsv"]
+    common += ["--connect-timeout", "10", "--max-time", "100"]
+    downloaded = tmp_path / "downloaded.bin"
+    remote = f"uploaded-tls-curl-{lan_server.kind}.bin"
+    runs = [
+        [*common, "-o", str(downloaded), f"{url}/download-tls.bin"],
+        [*common, "-T", str(big_file), f"{url}/{remote}"],
+    ]
+    for argv in runs:
+        result = subprocess.run(in_netns(lab.wan, argv), capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        # curl -v shows the control replies it decrypted: the 227 it trusted.
+        seen = [line[2:] for line in result.stderr.splitlines() if line.startswith("< 227")]
+        assert seen and all(reply.startswith(PUBLIC_227) for reply in seen), seen
+        assert "SSL connection using TLSv1.3" in result.stderr or "SSL connection using TLSv1.2" in result.stderr
+    assert sha256(downloaded) == sha256(big_file)
+    assert sha256(lan_server.files / remote) == sha256(big_file)
+    # Both data connections were TLS, and ftpfix relayed them.
+    tls_transfers = [event for event in lan_ftpfix.events("transfer") if event.get("mode") == "passive_tls"]
+    assert {("RETR", 226), ("STOR", 226)} <= {(event["verb"], event["code"]) for event in tls_transfers}
+
+
+def test_ftps_with_ftplib_from_the_wan(
+    lab: natlab.NatLab,
+    lan_server: legacy.LegacyServer,
+    lan_ftpfix: Ftpfix,
+    lab_certs: Certificates,
+    big_file: Path,
+    tmp_path: Path,
+) -> None:
+    """ftplib's FTP_TLS (resuming the control session on its data
+    connections), PROT P, trusting the 227: RETR and STOR from the WAN."""
+    assert lab.mangles_pasv()
+    legacy.put_file(lan_server, "download-tls.bin", big_file.read_bytes())
+    downloaded = tmp_path / "downloaded.bin"
+    remote = f"uploaded-tls-ftplib-{lan_server.kind}.bin"
+    argv = [
+        sys.executable,
+        "-c",
+        FTPLIB_TLS,
+        natlab.PUBLIC,
+        lan_server.user,
+        lan_server.password,
+        str(lab_certs.ca),
+        str(downloaded),
+        str(big_file),
+        remote,
+    ]
+    result = subprocess.run(in_netns(lab.wan, argv), capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["pasv"]) == 2 and all(reply.startswith(PUBLIC_227) for reply in report["pasv"]), report
+    assert report["tls"] in ("TLSv1.2", "TLSv1.3")
+    assert sha256(downloaded) == sha256(big_file)
+    assert sha256(lan_server.files / remote) == sha256(big_file)

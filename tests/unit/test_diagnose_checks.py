@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from ftpfix.diagnose import UsageError, parse_target
+from ftpfix.diagnose import UsageError, parse_target, without_password
 from ftpfix.diagnose import checks as c
 from ftpfix.diagnose.checks import Outcome, PortsSeen, Stage, Status
 from ftpfix.diagnose.host import certificate_expiry, conntrack_helper
@@ -232,3 +232,42 @@ def test_certificate_expiry(tmp_path: Path) -> None:
         leaf.cert_chain_pems[0].write_to_path(str(path))
         assert certificate_expiry(path).status is status, days
     assert certificate_expiry(tmp_path / "missing.pem").status is Status.FAIL
+
+
+@pytest.mark.parametrize(
+    ("said", "printed"),
+    [
+        ("220 hello", "220 hello"),
+        ("220 café 日本 ✓", "220 café 日本 ✓"),
+        ("220 \x1b[2J\x1b]0;x\x07", "220 \\x1b[2J\\x1b]0;x\\x07"),
+        ("a\u202eb\x9bc", "a\\u202eb\\x9bc"),
+        ("two\nlines\u2028", "two\\nlines\\u2028"),
+        ("caf\udce9", "caf\\udce9"),
+    ],
+)
+def test_what_a_server_said_is_shown_never_obeyed(said: str, printed: str) -> None:
+    assert c.shown(said) == printed
+    check = c.Check(Stage.GREETING, Status.OK, said, said)
+    assert check.line(terminal=False) == f"ok   greeting: {printed}\n     to fix: {printed}"
+
+
+def test_over_ipv6_only_pasv_failures_are_warnings() -> None:
+    failed = c.Check(Stage.ADDRESS, Status.FAIL, "227 names 192.0.2.1")
+    assert c.over_ipv6(failed, range_known=True).status is Status.WARN
+    assert c.over_ipv6(c.Check(Stage.EPSV, Status.FAIL, "x"), range_known=True).status is Status.FAIL
+    ports = c.Check(Stage.PORTS, Status.FAIL, "50001 not forwarded")
+    assert c.over_ipv6(ports, range_known=True) is ports  # ftpfix's range serves EPSV too
+    assert c.over_ipv6(ports, range_known=False).status is Status.WARN
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ftp://bob:s3cret@h:21/x", "ftp://bob:***@h:21/x"),
+        ("bob:p@ss@h", "bob:***@h"),
+        ("ftp://bob@h", "ftp://bob@h"),
+        ("ftp://h/a:b@c", "ftp://h/a:b@c"),
+    ],
+)
+def test_urls_in_errors_hide_the_password(url: str, shown: str) -> None:
+    assert without_password(url) == shown

@@ -19,6 +19,7 @@ import trio.testing
 
 from ftpfix.config import Config, parse_config
 from ftpfix.net.addresses import Endpoints
+from ftpfix.net.dataports import DataPorts
 from ftpfix.net.dispatch import ControlChannel
 from ftpfix.net.public import PublicAddress
 from ftpfix.ports import PortPool
@@ -79,7 +80,9 @@ def run_session(backend: Backend, client: Client, *, timeout: float = 10) -> Con
         log = structlog.get_logger("test")
         public = PublicAddress(cfg.passive.public_address, 300, log)
         endpoints = Endpoints(client=LOCAL, local=LOCAL, backend=LOCAL, backend_local=LOCAL)
-        channel = ControlChannel(cfg, PortPool(cfg.passive.ports), public, proxy_client, proxy_backend, endpoints, log)
+        channel = ControlChannel(
+            cfg, DataPorts(PortPool(cfg.passive.ports), log), public, proxy_client, proxy_backend, endpoints, log
+        )
         result.append(channel)
         with trio.fail_after(timeout):
             async with trio.open_nursery() as nursery:
@@ -266,7 +269,9 @@ def test_a_reply_that_answers_no_command_ends_the_session_with_421() -> None:
         log = structlog.get_logger("test")
         public = PublicAddress(cfg.passive.public_address, 300, log)
         endpoints = Endpoints(client=LOCAL, local=LOCAL, backend=LOCAL, backend_local=LOCAL)
-        channel = ControlChannel(cfg, PortPool(cfg.passive.ports), public, proxy_client, proxy_backend, endpoints, log)
+        channel = ControlChannel(
+            cfg, DataPorts(PortPool(cfg.passive.ports), log), public, proxy_client, proxy_backend, endpoints, log
+        )
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backend, Lines(backend_end), backend_end)

@@ -100,6 +100,8 @@ def test_v1_unknown_is_the_balancers_own_connection(line: bytes) -> None:
         (b"PROXY TCP4 01.2.3.4 1.2.3.5 1 2\r\n", "not an IP address"),
         (b"PROXY TCP4 ::1 ::2 1 2\r\n", "not an IPv4 address"),
         (b"PROXY TCP6 1.2.3.4 1.2.3.5 1 2\r\n", "not an IPv6 address"),
+        (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "not an IP address"),
+        (b"PROXY TCP6 ::1 fe80::1%2 1 2\r\n", "not an IP address"),
         (b"PROXY TCP4 1.2.3.4 1.2.3.5 65536 2\r\n", "not a port"),
         (b"PROXY TCP4 1.2.3.4 1.2.3.5 021 2\r\n", "not a port"),
         (b"PROXY TCP4 1.2.3.4 1.2.3.5 -1 2\r\n", "not a port"),

@@ -1118,3 +1118,19 @@ def test_a_client_that_sends_quit_and_half_closes_during_a_transfer_gets_both_re
             Server(b"221 Bye\r\n") >> [to_client(b"221 Bye\r\n"), Close("quit")],
         ]
     )
+
+
+def test_a_greeting_not_yet_sent_leaves_the_session_idle() -> None:
+    """SIGTERM's drain ends idle sessions at once: one whose backend has not
+    greeted yet is idle (nothing of the client's is cut short), one with a
+    command pipelined behind the greeting is not."""
+    session = Session()
+    assert session.idle
+    session.receive(DataReceived(Side.CLIENT, b"NOO"))
+    assert session.idle
+    session.receive(DataReceived(Side.CLIENT, b"P\r\n"))
+    assert not session.idle
+    session.receive(DataReceived(Side.SERVER, GREETING.data))
+    assert not session.idle
+    session.receive(DataReceived(Side.SERVER, b"200 NOOP ok.\r\n"))
+    assert session.idle

@@ -131,3 +131,20 @@ def test_its_reply_waits_its_turn_behind_a_forwarded_command() -> None:
         ],
         policy=POLICY,
     )
+
+
+@pytest.mark.parametrize(
+    ("outcome", "answer"),
+    [(b"230 Logged in\r\n", site_reply("none")), (b"530 Login incorrect\r\n", b"530 Log in first (SITE FTPFIX).\r\n")],
+    ids=["logged-in", "refused"],
+)
+def test_pipelined_behind_a_login_it_is_answered_as_the_login_went(outcome: bytes, answer: bytes) -> None:
+    """USER, PASS and SITE FTPFIX in one write: whether the client has logged in is decided in the
+    SITE FTPFIX's turn, after the PASS's reply, not when its line arrived (it was a 530 either way)."""
+    steps = [
+        GREETING,
+        Client(b"USER alice\r\nPASS secret\r\nSITE FTPFIX\r\n"),
+        Server(b"331 Password required\r\n"),
+        Server(outcome),
+    ]
+    assert both_ways(steps, policy=POLICY)[-1].data == b"331 Password required\r\n" + outcome + answer
