@@ -9,16 +9,20 @@ import sys
 
 import pytest
 
-from tests.conftest import require_servers
+from tests.conftest import require, require_servers
+from tests.harness import haproxy
 from tests.harness.proxy import ROOT
 
 pytestmark = [pytest.mark.servers, pytest.mark.root]
 
 
-def test_the_shared_ports_benchmark_moves_intact_data() -> None:
+@pytest.mark.parametrize("through", [(), ("--haproxy",)], ids=["one-process", "haproxy-two-replicas"])
+def test_the_shared_ports_benchmark_moves_intact_data(through: tuple[str, ...]) -> None:
     require_servers("vsftpd")
+    if through:
+        require(haproxy.installed(), "HAProxy is not unpacked in tests/.cache (run tests/install-servers)")
     result = subprocess.run(
-        [sys.executable, "-m", "tests.bench.shared_ports", "--smoke"],
+        [sys.executable, "-m", "tests.bench.shared_ports", "--smoke", *through],
         cwd=ROOT,
         check=False,
         capture_output=True,
@@ -29,3 +33,7 @@ def test_the_shared_ports_benchmark_moves_intact_data() -> None:
     assert "all 60 mappings waiting at once: True" in result.stdout
     assert "intact (sha256): 60 of 60" in result.stdout
     assert "ports used: 10" in result.stdout
+    if through:
+        # Both replicas served transfers: the balancer spread the sessions.
+        served = result.stdout.split("transfers each served: [", 1)[1].split("]", 1)[0]
+        assert all(int(count) > 0 for count in served.split(",")), served
