@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 import trio
 
@@ -44,13 +45,66 @@ HANDSHAKE_TIMEOUT = 10.0
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
-def server_context(tls: Tls) -> ssl.SSLContext:
+class SessionContext(ssl.SSLContext):
+    """One control session's context, and what tells its own TLS session
+    from another a data connection may resume.
+
+    TLS 1.3 is simple: once the control handshake is done, the context
+    issues no more tickets (``_seal``), so a data connection that resumes
+    anything resumes the control connection's session. TLS 1.2 is not:
+    OpenSSL gives every full handshake on the context a ticket, so a data
+    connection refused for not resuming (a thief's) leaves with a ticket it
+    can resume on the next transfer. Python cannot stop that per
+    connection, but a resumed session keeps the time its full handshake
+    happened (``SSLSession.time``, in seconds): the control connection's
+    session has the control handshake's time, a thief's the time of its
+    own refused handshake. So that no data connection's full handshake can
+    fall in the control handshake's second, a data handshake waits for the
+    next second (``settle``: at most 1 s, only in the first second after
+    AUTH TLS). Should the clock step back into it anyway, the two cannot be
+    told apart, and the session's TLS 1.2 data connections are refused from
+    then on: a thief can then deny the transfer (as by racing the client to
+    the port), never take it.
+    """
+
+    #: When the control connection's TLS 1.2 session was made (None: TLS 1.3).
+    control_time: int | None = None
+    #: A refused TLS 1.2 data connection got its ticket in that same second.
+    ambiguous: bool = False
+
+    def settle(self) -> float:
+        """Seconds a data connection must wait before its handshake, so that
+        a full one cannot share the control session's time."""
+        if self.control_time is None:
+            return 0.0
+        return max(0.0, self.control_time + 1 - time.time())
+
+    def resumes_control(self, tls: ssl.SSLObject | trio.SSLStream[trio.abc.Stream]) -> bool:
+        """Whether a data connection's TLS resumed the control connection's own session."""
+        if not tls.session_reused:
+            return False
+        if self.control_time is None:
+            return True
+        session = tls.session
+        return session is not None and session.time == self.control_time and not self.ambiguous
+
+    def refused(self, tls: ssl.SSLObject | trio.SSLStream[trio.abc.Stream]) -> None:
+        """A data connection on this context was refused: note whether the
+        ticket its full TLS 1.2 handshake got could pass for the control's."""
+        if self.control_time is None or tls.session_reused:
+            return
+        session = tls.session
+        if session is None or session.time == self.control_time:
+            self.ambiguous = True
+
+
+def server_context(tls: Tls) -> SessionContext:
     """A new server context for one control session and its data connections.
 
     Error handling: raises OSError or ssl.SSLError if the files became
     unreadable or mismatched since the configuration was checked.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = SessionContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[tls.min_version]
     context.set_ciphers(CIPHERS)
     # Renegotiation lets a client make the server work on demand and has a
@@ -102,6 +156,8 @@ def _seal(context: ssl.SSLContext, control: trio.SSLStream[trio.abc.Stream]) -> 
     context.num_tickets = 0
     if control.version() == "TLSv1.3":
         context.minimum_version = ssl.TLSVersion.TLSv1_3
+    elif isinstance(context, SessionContext) and (session := control.session) is not None:
+        context.control_time = session.time
 
 
 #: Seconds a closing session may spend sending its close_notify.

@@ -50,7 +50,7 @@ from .dataports import Claim
 from .dial import RESOURCE_ERRORS, connect
 from .metrics import METRICS
 from .relay import RelayStats, TokenBucket, relay, relay_tls, reset_on_close
-from .tls import HANDSHAKE_TIMEOUT
+from .tls import HANDSHAKE_TIMEOUT, SessionContext
 from .tlsdata import TlsConnection, accept_data_tls, relay_tls_plain
 
 #: Seconds ftpfix spends dialing a backend that waits for a data connection
@@ -77,6 +77,21 @@ class Outcome:
 
     failure: str | None
     connected: bool
+
+
+#: Seconds past the control handshake's second that a data handshake waits
+#: beyond it, so that the wall clock has surely moved on.
+SETTLE_MARGIN = 0.005
+
+
+async def _settle(context: ssl.SSLContext) -> None:
+    """Wait until a data connection's full TLS 1.2 handshake could not pass
+    for the control connection's (``tls.SessionContext``)."""
+    if not isinstance(context, SessionContext):
+        return
+    # A sleep can end a little early on the wall clock; look again.
+    while (delay := context.settle()) > 0:
+        await trio.sleep(delay + SETTLE_MARGIN)
 
 
 class Transfer:
@@ -500,26 +515,30 @@ class Transfer:
         stream = trio.SSLStream(_stream(client), self._tls, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await _settle(self._tls)
                 await stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
             why = "timed out" if isinstance(error, trio.TooSlowError) else str(error.__cause__ or error)
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        return stream if self._bound(stream.session_reused) else None
+        return stream if self._bound(stream) else None
 
-    def _bound(self, session_reused: bool) -> bool:
+    def _bound(self, tls: ssl.SSLObject | trio.SSLStream[trio.SocketStream]) -> bool:
         """Whether a protected data connection may go on: it resumed this
         control session's TLS session, or need not. False, with ``failure``
         set and the refusal logged, if not."""
+        context = self._tls
+        # Each control session has a context of its own (tls.py); with TLS
+        # 1.2, SessionContext also tells its session from one a refused data
+        # connection's handshake was given.
+        session_reused = context.resumes_control(tls) if isinstance(context, SessionContext) else tls.session_reused
         if self._tentative and session_reused:
             self._log.info(
                 "data connection from outside accept_data_from accepted: it resumed this session's TLS session",
                 port=self.port,
             )
         if (self._require_session_reuse or self._tentative) and not session_reused:
-            # Each control session has a context of its own (tls.py), so a
-            # resumed session is necessarily this control session's.
             self._log.warning(
                 "data connection refused: it did not resume the control session's TLS session",
                 port=self.port,
@@ -527,6 +546,8 @@ class Transfer:
             )
             if self._tentative:
                 METRICS.refusals.labels("stranger").inc()
+            if isinstance(context, SessionContext):
+                context.refused(tls)
             self._fail("the data connection must resume the TLS session of its control connection")
             return False
         return True
@@ -541,13 +562,14 @@ class Transfer:
             return None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await _settle(self._tls)
                 secured = await accept_data_tls(client, self._tls)
         except (OSError, trio.TooSlowError) as error:
             why = "timed out" if isinstance(error, trio.TooSlowError) else _tls_error(error)
             self._log.warning("TLS handshake failed", side="client data", port=self.port, error=why)
             self._fail("the TLS handshake on the data connection failed")
             return None
-        return secured if self._bound(secured.tls.session_reused) else None
+        return secured if self._bound(secured.tls) else None
 
     async def _knock_and_reset(self) -> None:
         """The backend waits for a data connection that will never come (an
